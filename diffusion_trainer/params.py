@@ -1,0 +1,351 @@
+"""The one parameter schema: every name, type, default, limit and help text lives here.
+
+index.json's `parameters` and `parameters_ui` are generated from this class
+(`python -m diffusion_trainer.manifest`), and a test proves the two agree.
+`parse_params` is the only way parameters enter the program: it coerces the
+strings the Lab sends, accepts the Lab's bookkeeping keys, warns about unknown
+keys (suggesting the nearest known one) and reports every bad value at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+# Keys the Lab puts in a job's config that are not training parameters. They are
+# accepted quietly; `cli` reads the ones it needs (model_path, adaptor_output_dir…).
+LAB_BOOKKEEPING_KEYS = frozenset(
+    {
+        "model_path", "model_architecture", "model_filename", "model_file_path", "template_name",
+        "template_id", "type", "job_id", "adaptor_output_dir", "experiment_name", "experiment_id",
+        "run_sweeps", "sweep_config", "sweep_metric", "lower_is_better", "chatml_formatted_column",
+        "formatting_template", "formatting_chat_template", "plugin_name", "dataset_id", "name",
+        "description", "datasets", "_config", "_tlab_recipe_datasets", "_tlab_recipe_models",
+    }
+)
+LAB_BOOKKEEPING_PREFIXES = ("embedding_", "sweep_", "_tfl", "_tlab")
+
+# Why an adaptor name must be this plain: the Lab loads adapters from
+# adaptors/<model>/<secure_filename(adaptor_name)>, so any name that sanitising
+# would change is written to one folder and looked for in another.
+ADAPTOR_NAME_PATTERN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9-])?$")
+
+
+def _param(default: Any = ..., *, title: str, help: str, group: str, lab_form: bool = True,
+           widget: str | None = None, **limits: Any) -> Any:
+    extra: dict[str, Any] = {"group": group, "lab_form": lab_form}
+    if widget:
+        extra["widget"] = widget
+    return Field(default, title=title, description=help, json_schema_extra=extra, **limits)
+
+
+class TrainingParams(BaseModel):
+    """Everything a run can be told. Frozen: nothing rewrites a parameter mid-run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, protected_namespaces=())
+
+    # --- Run -----------------------------------------------------------------------------
+    adaptor_name: str = _param(
+        title="Adaptor Name", group="Run", max_length=128,
+        help="Name of the LoRA adaptor to create. Letters, digits, '.', '_' and '-' only; "
+             "it becomes the adaptor's folder name.")
+    trigger_word: str = _param(
+        "", title="Trigger Word", group="Run",
+        help="Optional word put in front of every caption (e.g. 'sks'), so prompts can call up "
+             "what the adaptor learned.")
+    model_name: str = _param(
+        title="Base Model", group="Run", lab_form=False,
+        help="Hub id or local folder of a diffusers pipeline (model_index.json), e.g. "
+             "'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
+    dataset_name: str = _param(
+        title="Dataset", group="Run", lab_form=False,
+        help="Hub id, a folder saved with datasets' save_to_disk, an imagefolder with "
+             "metadata.jsonl, or a folder of images with same-named .txt captions.")
+    output_dir: str = _param(
+        "./output", title="Output Directory", group="Run", lab_form=False,
+        help="Where a standalone run writes the adaptor, eval images and logs.")
+    seed: int = _param(
+        42, title="Seed", group="Run", ge=0, le=2**32 - 1,
+        help="Random seed for noise, timesteps, augmentation and eval images.")
+    num_train_epochs: int = _param(
+        100, title="Number of Training Epochs", group="Run", ge=1, le=1000,
+        help="Passes over the dataset.")
+    max_train_steps: int = _param(
+        0, title="Max Training Steps", group="Run", ge=0,
+        help="Stop after this many optimizer steps, even mid-epoch. 0 = no cap.")
+    train_batch_size: int = _param(
+        1, title="Train Batch Size", group="Run", ge=1, le=1024,
+        help="Images per batch on each device.")
+    gradient_accumulation_steps: int = _param(
+        1, title="Gradient Accumulation Steps", group="Run", ge=1, le=32,
+        help="Batches whose gradients are summed before each optimizer step; the effective "
+             "batch is train_batch_size x this.")
+
+    # --- Data ----------------------------------------------------------------------------
+    caption_column: str = _param(
+        "text", title="Caption Column", group="Data", min_length=1,
+        help="Dataset column holding each image's caption.")
+    image_column: str = _param(
+        "image", title="Image Column", group="Data", min_length=1,
+        help="Dataset column holding the images.")
+    caption_dropout_rate: float = _param(
+        0.0, title="Caption Dropout Rate", group="Data", ge=0.0, le=1.0,
+        help="Chance of training a sample with an empty caption, which keeps classifier-free "
+             "guidance working. 1.0 trains without captions.")
+    resolution: int = _param(
+        512, title="Image Resolution", group="Data", ge=64, le=2048,
+        help="Training images are resized and cropped to this square size (a multiple of 8; "
+             "16 for SD3 and Flux).")
+    center_crop: bool = _param(
+        False, title="Center Crop", group="Data",
+        help="Crop the centre of each resized image; off crops at a random place.")
+    image_interpolation_mode: Literal["lanczos", "bilinear", "bicubic", "nearest"] = _param(
+        "lanczos", title="Image Interpolation Mode", group="Data",
+        help="Filter used when resizing images.")
+
+    # --- Augmentation --------------------------------------------------------------------
+    random_flip: bool = _param(
+        False, title="Random Horizontal Flip", group="Augmentation",
+        help="Mirror half of the images. Leave off for text, logos or asymmetric subjects.")
+    color_jitter: bool = _param(
+        False, title="Enable Color Jitter", group="Augmentation",
+        help="Randomly vary brightness, contrast, saturation and hue by the amounts below.")
+    color_jitter_brightness: float = _param(
+        0.1, title="Color Jitter Brightness", group="Augmentation", ge=0.0, le=1.0,
+        help="Brightness varies by up to this fraction.")
+    color_jitter_contrast: float = _param(
+        0.1, title="Color Jitter Contrast", group="Augmentation", ge=0.0, le=1.0,
+        help="Contrast varies by up to this fraction.")
+    color_jitter_saturation: float = _param(
+        0.1, title="Color Jitter Saturation", group="Augmentation", ge=0.0, le=1.0,
+        help="Saturation varies by up to this fraction.")
+    color_jitter_hue: float = _param(
+        0.05, title="Color Jitter Hue", group="Augmentation", ge=0.0, le=0.5,
+        help="Hue shifts by up to this fraction of the colour wheel.")
+    random_rotation: bool = _param(
+        False, title="Enable Random Rotation", group="Augmentation",
+        help="Rotate some images by a small random angle.")
+    rotation_degrees: float = _param(
+        5, title="Random Rotation Degrees", group="Augmentation", ge=0, le=180,
+        help="Largest rotation, in degrees, either way.")
+    rotation_prob: float = _param(
+        0.3, title="Random Rotation Probability", group="Augmentation", ge=0.0, le=1.0,
+        help="Chance that an image is rotated.")
+
+    # --- LoRA ----------------------------------------------------------------------------
+    lora_r: int = _param(
+        8, title="LoRA Rank (r)", group="LoRA", ge=1, le=256, widget="RangeWidget",
+        help="Rank of the LoRA matrices: more capacity and a bigger file as it grows.")
+    lora_alpha: int = _param(
+        16, title="LoRA Alpha", group="LoRA", ge=1, le=512, widget="RangeWidget",
+        help="LoRA scale numerator: the update is scaled by alpha / r. Saved with the adaptor.")
+
+    # --- Optimizer -----------------------------------------------------------------------
+    learning_rate: float = _param(
+        1e-4, title="Learning Rate", group="Optimizer", gt=0.0, le=1.0,
+        help="AdamW learning rate for the LoRA weights.")
+    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = _param(
+        "constant", title="LR Scheduler", group="Optimizer",
+        help="How the learning rate changes over the run. 'constant' has no warmup.")
+    lr_warmup_steps: int = _param(
+        50, title="LR Warmup Steps", group="Optimizer", ge=0,
+        help="Optimizer steps over which the learning rate ramps up from 0 (not used by "
+             "'constant').")
+    adam_beta1: float = _param(
+        0.9, title="Adam Beta 1", group="Optimizer", ge=0.0, lt=1.0,
+        help="AdamW first-moment decay.")
+    adam_beta2: float = _param(
+        0.999, title="Adam Beta 2", group="Optimizer", ge=0.0, lt=1.0,
+        help="AdamW second-moment decay.")
+    adam_weight_decay: float = _param(
+        0.01, title="Adam Weight Decay", group="Optimizer", ge=0.0, le=1.0,
+        help="AdamW decoupled weight decay.")
+    adam_epsilon: float = _param(
+        1e-8, title="Adam Epsilon", group="Optimizer", gt=0.0, le=1e-2,
+        help="AdamW numerical-stability term.")
+    max_grad_norm: float = _param(
+        1.0, title="Max Grad Norm", group="Optimizer", ge=0.0,
+        help="Gradients are clipped to this total norm before each step. 0 = no clipping.")
+
+    # --- Loss ----------------------------------------------------------------------------
+    loss_type: Literal["l2", "huber"] = _param(
+        "l2", title="Loss Type", group="Loss",
+        help="'l2' is the usual mean squared error; 'huber' is the pseudo-Huber loss, "
+             "gentler on outliers.")
+    huber_c: float = _param(
+        0.1, title="Huber Loss Beta", group="Loss", gt=0.0, le=10.0,
+        help="Pseudo-Huber c: errors much smaller than c are treated as squared, larger as "
+             "absolute.")
+    prediction_type: Literal["epsilon", "v_prediction"] = _param(
+        "epsilon", title="Prediction Type", group="Loss",
+        help="What the UNet learns to predict (SD 1.x/2.x, SDXL). Left out of a standalone "
+             "config, the base model's own type is used; a different choice is trained as asked, "
+             "with a warning.")
+    snr_gamma: float = _param(
+        0, title="SNR Gamma", group="Loss", ge=0.0, le=100.0,
+        help="Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's value. "
+             "0 = off.")
+    min_snr_gamma: float = _param(
+        0, title="Min-SNR Gamma", group="Loss", ge=0.0, le=100.0,
+        help="The same Min-SNR-gamma weighting under kohya's name; set this or snr_gamma. "
+             "0 = off.")
+    noise_offset: float = _param(
+        0, title="Noise Offset", group="Loss", ge=0.0, le=1.0,
+        help="Adds this much per-channel constant noise, so the model can learn very dark or "
+             "bright images. 0.05-0.1 is typical.")
+
+    # --- Memory and speed ----------------------------------------------------------------
+    mixed_precision: Literal["no", "fp16", "bf16"] = _param(
+        "no", title="Mixed Precision", group="Memory and speed",
+        help="Keep the frozen base model in half precision (LoRA weights stay fp32). fp16 needs "
+             "a GPU; bf16 needs a recent GPU or works slowly on CPU.")
+    enable_xformers_memory_efficient_attention: bool = _param(
+        False, title="Enable xFormers Memory Efficient Attention", group="Memory and speed",
+        help="Use xFormers attention (CUDA only; ignored with a warning elsewhere). PyTorch's "
+             "own SDPA attention is used otherwise.")
+    gradient_checkpointing: bool = _param(
+        False, title="Enable Gradient Checkpointing", group="Memory and speed",
+        help="Recompute activations in the backward pass: much less memory, about 20-30% "
+             "slower.")
+
+    # --- EMA -----------------------------------------------------------------------------
+    use_ema: bool = _param(
+        False, title="Use EMA (Exponential Moving Average)", group="EMA",
+        help="Keep an exponential moving average of the LoRA weights; the average is what gets "
+             "saved and used for eval images.")
+    ema_decay: float = _param(
+        0.9999, title="EMA Decay Rate", group="EMA", ge=0.5, lt=1.0,
+        help="Weight kept from the average at each step (ramped up from 0 early in the run). "
+             "Closer to 1 averages over more steps.")
+
+    # --- Evaluation ----------------------------------------------------------------------
+    eval_prompt: str = _param(
+        "", title="Evaluation Prompt", group="Evaluation",
+        help="Prompt drawn with the adaptor during training and at the end. Empty = no eval "
+             "images.")
+    eval_steps: int = _param(
+        1, title="Evaluation Steps", group="Evaluation", ge=1,
+        help="Draw eval images every this many epochs (and at the end).")
+    eval_num_inference_steps: int = _param(
+        50, title="Evaluation Inference Steps", group="Evaluation", ge=1, le=200,
+        help="Denoising steps per eval image.")
+    eval_guidance_scale: float = _param(
+        7.5, title="Evaluation Guidance Scale", group="Evaluation", ge=0.0, le=30.0,
+        help="Classifier-free guidance for eval images; higher follows the prompt more closely.")
+
+    # --- Logging -------------------------------------------------------------------------
+    log_to_wandb: bool = _param(
+        True, title="Log to Weights and Biases", group="Logging",
+        help="Also log to W&B when it is configured (WANDB_API_KEY, or WANDB_MODE=offline). "
+             "TensorBoard logs are always written.")
+
+    @field_validator("adaptor_name")
+    @classmethod
+    def _safe_adaptor_name(cls, name: str) -> str:
+        if name in {".", ".."} or not ADAPTOR_NAME_PATTERN.match(name):
+            raise ValueError(
+                "must be a plain folder name: letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit and not ending in '.' or '_' (no spaces, slashes or '..')")
+        return name
+
+    @field_validator("model_name", "dataset_name")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("required: a hub id or a local path")
+        return value.strip()
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, resolution: int) -> int:
+        if resolution % 8:
+            raise ValueError(f"must be a multiple of 8 (e.g. {resolution - resolution % 8} or "
+                             f"{resolution - resolution % 8 + 8})")
+        return resolution
+
+    @field_validator("image_column")
+    @classmethod
+    def _distinct_columns(cls, image_column: str, info: ValidationInfo) -> str:
+        if image_column == info.data.get("caption_column"):
+            raise ValueError("must differ from caption_column")
+        return image_column
+
+    @field_validator("min_snr_gamma")
+    @classmethod
+    def _one_snr_gamma(cls, min_snr_gamma: float, info: ValidationInfo) -> float:
+        snr_gamma = info.data.get("snr_gamma") or 0
+        if snr_gamma and min_snr_gamma and snr_gamma != min_snr_gamma:
+            raise ValueError(f"is the same weighting as snr_gamma ({snr_gamma}); set only one "
+                             "of them, or both to the same value")
+        return min_snr_gamma
+
+    @property
+    def effective_snr_gamma(self) -> float:
+        """The Min-SNR gamma in force, whichever of its two names set it (0 = off)."""
+        return self.snr_gamma or self.min_snr_gamma
+
+
+class ParamsError(ValueError):
+    """Bad parameters: every problem, each naming the parameter and what is allowed."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("Invalid parameters:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+FIELDS = TrainingParams.model_fields
+_ENUM_FIELDS = {name for name, f in FIELDS.items() if getattr(f.annotation, "__origin__", None) is Literal}
+
+
+def is_lab_bookkeeping(key: str) -> bool:
+    return key in LAB_BOOKKEEPING_KEYS or key.startswith(LAB_BOOKKEEPING_PREFIXES)
+
+
+def _clean(name: str, value: Any) -> Any:
+    """Undo what the Lab's form does to values: strings for everything, '' for unset."""
+    annotation = FIELDS[name].annotation
+    if isinstance(value, str):
+        value = value.strip()
+        if name in _ENUM_FIELDS:
+            return value.lower()
+        if annotation is int and re.fullmatch(r"[+-]?\d+\.0*", value):
+            return value.split(".")[0]
+    return value
+
+
+def _is_unset(name: str, value: Any) -> bool:
+    return value is None or (value == "" and FIELDS[name].annotation is not str)
+
+
+def _describe(error: dict) -> str:
+    name = ".".join(str(part) for part in error["loc"]) or "parameters"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{name}: required. {FIELDS[name].description}"
+    message = message.replace("Input should be", "must be")
+    return f"{name}: {message} (got {error['input']!r})"
+
+
+def parse_params(raw: Mapping[str, Any]) -> tuple[TrainingParams, list[str]]:
+    """Validate raw parameters (from JSON, flags or the Lab).
+
+    Returns the parameters and the warnings to show (unknown keys). Raises
+    ParamsError listing every problem at once.
+    """
+    known: dict[str, Any] = {}
+    warnings: list[str] = []
+    for key, value in raw.items():
+        if key in FIELDS:
+            if not _is_unset(key, value):
+                known[key] = _clean(key, value)
+        elif not is_lab_bookkeeping(key):
+            close = difflib.get_close_matches(key, FIELDS.keys(), n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            warnings.append(f"Unknown parameter '{key}' is ignored.{hint}")
+    try:
+        return TrainingParams.model_validate(known), warnings
+    except ValidationError as exc:
+        raise ParamsError([_describe(e) for e in exc.errors()]) from None
