@@ -1,0 +1,96 @@
+"""Writing the adapter folder atomically: built in a temporary folder beside the target,
+then renamed into place, so a crash never leaves a half-written adapter."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+INFO_NAME = "tlab_adaptor_info.json"
+
+
+def write_adapter_dir(target: Path, write_contents: Callable[[Path], None]) -> Path:
+    """Call write_contents(tmp_dir), then swap tmp_dir in for `target`.
+
+    An older adapter at `target` is replaced only once the new one is complete.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        write_contents(staging)
+        _swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    if not target.exists():
+        staging.rename(target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    retired.rmdir()
+    target.rename(retired)
+    try:
+        staging.rename(target)
+    except BaseException:
+        retired.rename(target)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def adaptor_info(*, architecture: str, base_model: str, rank: int, alpha: int,
+                 target_modules: list[str], trigger_word: str, parameters: dict[str, Any],
+                 steps_trained: int, epochs_trained: int, final_loss: float | None,
+                 prediction_type: str | None, stopped_early: bool) -> dict[str, Any]:
+    return {
+        "model_architecture": architecture,
+        "base_model": base_model,
+        "lora_config": {"r": rank, "lora_alpha": alpha, "target_modules": sorted(target_modules)},
+        "trigger_word": trigger_word,
+        "prediction_type": prediction_type,
+        "steps_trained": steps_trained,
+        "epochs_trained": epochs_trained,
+        "final_loss": final_loss,
+        "stopped_early": stopped_early,
+        "parameters": parameters,
+        "tlab_trainer_used": True,
+    }
+
+
+def write_info(directory: Path, info: dict[str, Any]) -> None:
+    (directory / INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
+def write_model_card(directory: Path, name: str, info: dict[str, Any], pipeline_class: str) -> None:
+    trigger = info["trigger_word"]
+    prompt = f"{trigger} ..." if trigger else "your prompt"
+    lora = info["lora_config"]
+    status = "stopped early at" if info["stopped_early"] else "trained for"
+    loss = f"{info['final_loss']:.4f}" if info["final_loss"] is not None else "n/a"
+    text = f"""# {name}
+
+A LoRA adapter for `{info['base_model']}` ({info['model_architecture']}), made with Diffusion Trainer.
+
+- Trigger word: {f'`{trigger}`' if trigger else '(none)'}
+- LoRA rank {lora['r']}, alpha {lora['lora_alpha']} (scale {lora['lora_alpha'] / lora['r']:g}) on {', '.join(lora['target_modules'])}
+- {status} {info['steps_trained']} optimizer steps ({info['epochs_trained']} epochs); last logged loss {loss}
+
+```python
+import torch
+from diffusers import {pipeline_class}
+
+pipe = {pipeline_class}.from_pretrained("{info['base_model']}", torch_dtype=torch.float16).to("cuda")
+pipe.load_lora_weights("{name}", weight_name="{WEIGHTS_NAME}")
+image = pipe("{prompt}").images[0]
+```
+
+Every training parameter is in `{INFO_NAME}`.
+"""
+    (directory / "README.md").write_text(text)

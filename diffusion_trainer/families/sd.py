@@ -1,0 +1,49 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, a UNet, DDPM noise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+
+from ..objectives import DDPMObjective, NoisyBatch
+from .base import Conditioning, ModelFamily
+
+
+class StableDiffusion(ModelFamily):
+    pipeline_class = StableDiffusionPipeline
+    label = "Stable Diffusion 1.x/2.x"
+    load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+
+    def configure_objective(self, params: Any, prediction_type: str | None) -> None:
+        prediction_type = prediction_type or "epsilon"
+        self.objective = DDPMObjective(self.pipeline.scheduler.config, prediction_type,
+                                       params.effective_snr_gamma, params.noise_offset)
+        # Eval images must be sampled in the parameterisation the adapter was trained in.
+        scheduler = self.pipeline.scheduler
+        self.pipeline.scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        return {"encoder_hidden_states": self._clip_hidden_states(
+            self.pipeline.tokenizer, self.pipeline.text_encoder, prompts)}
+
+    @staticmethod
+    def _clip_hidden_states(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt")
+        mask = None
+        if getattr(text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(text_encoder.device)
+        return text_encoder(tokens.input_ids.to(text_encoder.device), attention_mask=mask)[0]
+
+    def predict(self, denoiser: torch.nn.Module, noisy: NoisyBatch, conditioning: Conditioning,
+                batch: dict[str, Any]) -> torch.Tensor:
+        return denoiser(noisy.model_input, noisy.timesteps,
+                        encoder_hidden_states=conditioning["encoder_hidden_states"], return_dict=False)[0]
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        # PEFT names the UNet's LoRA keys its own way; the SD loaders expect diffusers' names.
+        return convert_state_dict_to_diffusers(super().lora_state_dict())
