@@ -1,0 +1,228 @@
+"""Training data: where image+caption pairs come from, and how each image becomes a tensor.
+
+Sources: a hub id, a folder saved with `save_to_disk`, an imagefolder with metadata.jsonl
+(or .csv), or a folder of images with same-named .txt captions. Each sample's transform is
+seeded from (seed, epoch, index), so a run is repeatable whatever the worker count, and
+records the original size and the crop it made (SDXL conditions on both).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision import transforms
+from torchvision.transforms import functional as TF
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+INTERPOLATION = {
+    "lanczos": transforms.InterpolationMode.LANCZOS,
+    "bilinear": transforms.InterpolationMode.BILINEAR,
+    "bicubic": transforms.InterpolationMode.BICUBIC,
+    "nearest": transforms.InterpolationMode.NEAREST,
+}
+
+
+# --- sources -----------------------------------------------------------------------------
+
+def load_records(dataset_name: str, image_column: str, caption_column: str,
+                 lab_datasets_dir: Path | None = None):
+    """The dataset's training split as a `datasets.Dataset`, with both columns checked."""
+    path = Path(dataset_name).expanduser()
+    if not path.exists() and lab_datasets_dir is not None and (lab_datasets_dir / dataset_name).is_dir():
+        path = lab_datasets_dir / dataset_name
+    if path.is_dir():
+        records = _load_folder(path, image_column, caption_column)
+    elif path.exists():
+        raise InputError(f"dataset_name: '{dataset_name}' is a file; give a dataset folder or a hub id.")
+    elif dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1:
+        raise InputError(f"dataset_name: there is no folder '{dataset_name}'.")
+    else:
+        records = _load_hub(dataset_name)
+    _check_columns(records, dataset_name, image_column, caption_column)
+    return records
+
+
+def _load_hub(dataset_id: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(dataset_id, split="train")
+    except Exception as exc:
+        raise InputError(f"dataset_name: could not load '{dataset_id}' from the hub "
+                         f"({type(exc).__name__}: {exc}).") from None
+
+
+def _load_folder(path: Path, image_column: str, caption_column: str):
+    import datasets
+
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            split = "train" if "train" in loaded else next(iter(loaded))
+            loaded = loaded[split]
+        return loaded
+    if (path / "metadata.jsonl").is_file() or (path / "metadata.csv").is_file():
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+    return _load_captioned_images(path, image_column, caption_column)
+
+
+def _load_captioned_images(path: Path, image_column: str, caption_column: str):
+    import datasets
+
+    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise InputError(f"dataset_name: folder '{path}' holds no images "
+                         f"({', '.join(sorted(IMAGE_SUFFIXES))}), no metadata.jsonl and no saved dataset.")
+    uncaptioned = [p.name for p in images if not p.with_suffix(".txt").is_file()]
+    if uncaptioned:
+        raise InputError(f"dataset_name: {len(uncaptioned)} image(s) in '{path}' have no caption file "
+                         f"(e.g. {uncaptioned[0]} needs {Path(uncaptioned[0]).stem}.txt beside it), and "
+                         "there is no metadata.jsonl.")
+    captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in images]
+    table = datasets.Dataset.from_dict({image_column: [str(p) for p in images], caption_column: captions})
+    return table.cast_column(image_column, datasets.Image())
+
+
+def _check_columns(records, dataset_name: str, image_column: str, caption_column: str) -> None:
+    if len(records) == 0:
+        raise InputError(f"dataset_name: '{dataset_name}' has no training rows.")
+    columns = list(records.column_names)
+    for name, column in (("image_column", image_column), ("caption_column", caption_column)):
+        if column not in columns:
+            raise InputError(f"{name}: '{column}' is not a column of '{dataset_name}'; its columns "
+                             f"are: {', '.join(columns)}.")
+
+
+# --- captions ----------------------------------------------------------------------------
+
+def caption_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):  # several captions per image: use the first
+        value = value[0] if value else ""
+    return "" if value is None else str(value).strip()
+
+
+def with_trigger(caption: str, trigger_word: str) -> str:
+    """The caption with the trigger word in front, unless it already holds it as a word."""
+    trigger = trigger_word.strip()
+    if not trigger or re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption):
+        return caption
+    return f"{trigger} {caption}" if caption else trigger
+
+
+def drop_captions(captions: list[str], rate: float) -> list[str]:
+    """Replace each caption by the empty one with probability `rate` (torch's seeded RNG)."""
+    if rate <= 0:
+        return list(captions)
+    keep = torch.rand(len(captions)) >= rate
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+# --- images ------------------------------------------------------------------------------
+
+def to_rgb(image: Any) -> Image.Image:
+    """A PIL RGB image, turned upright per its EXIF orientation, transparency over white."""
+    if not isinstance(image, Image.Image):
+        image = Image.open(image)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Transformed:
+    pixels: torch.Tensor  # 3 x H x W in [-1, 1]
+    original_size: tuple[int, int]  # (height, width) before resizing
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+    flipped: bool
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class ImageTransform:
+    """Resize the short side, crop to a square, then the optional augmentations."""
+
+    def __init__(self, params: Any):
+        self.size = params.resolution
+        self.interpolation = INTERPOLATION[params.image_interpolation_mode]
+        self.center_crop = params.center_crop
+        self.flip = params.random_flip
+        self.jitter = transforms.ColorJitter(
+            brightness=params.color_jitter_brightness, contrast=params.color_jitter_contrast,
+            saturation=params.color_jitter_saturation, hue=params.color_jitter_hue,
+        ) if params.color_jitter else None
+        self.rotation = transforms.RandomRotation(params.rotation_degrees) if params.random_rotation else None
+        self.rotation_prob = params.rotation_prob
+
+    @property
+    def augments(self) -> bool:
+        """True when the same image can come out differently from one epoch to the next."""
+        return bool(self.flip or self.jitter or self.rotation or not self.center_crop)
+
+    def __call__(self, image: Image.Image, seed: int) -> Transformed:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            original_size = (image.height, image.width)
+            image = TF.resize(image, self.size, interpolation=self.interpolation)
+            flipped = bool(self.flip and torch.rand(()) < 0.5)
+            if flipped:
+                image = TF.hflip(image)
+            if self.center_crop:
+                top = max(0, round((image.height - self.size) / 2))
+                left = max(0, round((image.width - self.size) / 2))
+            else:
+                top, left, _, _ = transforms.RandomCrop.get_params(image, (self.size, self.size))
+            image = TF.crop(image, top, left, self.size, self.size)
+            if self.jitter is not None:
+                image = self.jitter(image)
+            if self.rotation is not None and torch.rand(()) < self.rotation_prob:
+                image = self.rotation(image)
+            pixels = TF.normalize(TF.to_tensor(image), [0.5], [0.5])
+        return Transformed(pixels, original_size, (top, left), flipped)
+
+
+class TrainingSamples(torch.utils.data.Dataset):
+    """Each item: index, pixel_values, caption (trigger word in), original_size, crop_top_left."""
+
+    def __init__(self, records, image_column: str, captions: list[str], transform: ImageTransform,
+                 seed: int):
+        self.records = records
+        self.image_column = image_column
+        self.captions = captions
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = to_rgb(self.records[index][self.image_column])
+        out = self.transform(image, sample_seed(self.seed, self.epoch, index))
+        return {
+            "index": index,
+            "pixel_values": out.pixels,
+            "caption": self.captions[index],
+            "original_size": torch.tensor(out.original_size),
+            "crop_top_left": torch.tensor(out.crop_top_left),
+        }
+
+
+def build_samples(records, params: Any) -> TrainingSamples:
+    captions = [with_trigger(caption_text(c), params.trigger_word) for c in records[params.caption_column]]
+    return TrainingSamples(records, params.image_column, captions, ImageTransform(params), params.seed)

@@ -1,0 +1,69 @@
+"""Eval images: the eval prompt drawn with the LoRA as trained so far, at a fixed seed."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class Evaluator:
+    def __init__(self, family: Any, params: Any, out_dir: Path | None, accelerator: Any,
+                 ema: Any = None):
+        self.family = family
+        self.params = params
+        self.out_dir = out_dir
+        self.accelerator = accelerator
+        self.ema = ema
+        self.images: list[Path] = []
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.params.eval_prompt.strip()) and self.out_dir is not None
+
+    def due(self, epoch: int) -> bool:
+        return self.enabled and epoch % self.params.eval_steps == 0
+
+    def run(self, tag: str, step: int) -> Path | None:
+        """Draw the eval prompt, save `<tag>.png`, log it to the trackers, return its path."""
+        if not self.enabled or not self.accelerator.is_main_process:
+            return None
+        image = self.draw(self.params.eval_prompt.strip(), self.params.seed)
+        path = self.out_dir / f"{tag}.png"
+        partial = path.with_suffix(".png.partial")
+        image.save(partial, format="PNG")
+        os.replace(partial, path)  # the Lab lists this folder: never show half a file
+        self.images.append(path)
+        self._log(tag, image, step)
+        return path
+
+    @torch.no_grad()
+    def draw(self, prompt: str, seed: int) -> Image.Image:
+        averaged = self.ema.applied() if self.ema is not None else nullcontext()
+        with averaged, self.accelerator.autocast():
+            pipeline = self.family.eval_pipeline()
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            result = pipeline(
+                prompt=prompt,
+                num_inference_steps=self.params.eval_num_inference_steps,
+                height=self.params.resolution,
+                width=self.params.resolution,
+                generator=generator,
+                **self.family.eval_call_kwargs(self.params.eval_guidance_scale),
+            )
+        return result.images[0]
+
+    def _log(self, tag: str, image: Image.Image, step: int) -> None:
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(f"eval/{self.params.eval_prompt.strip()}", np.asarray(image),
+                                         step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"eval": [wandb.Image(image, caption=f"{tag}: {self.params.eval_prompt}")]}, step=step)

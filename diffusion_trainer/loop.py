@@ -1,0 +1,102 @@
+"""The training loop: one pass over batches, with no architecture names in it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .objectives import weighted_loss
+
+LOG_EVERY_STEPS = 10  # the loss is read (a host sync) this often, or once a second if slower
+
+
+@dataclass
+class Training:
+    """Everything the loop touches, prepared by `train.py`."""
+
+    accelerator: Any
+    family: Any
+    denoiser: torch.nn.Module  # as accelerate prepared it (may be wrapped)
+    trainable: list[torch.nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    dataloader: Any
+    samples: Any
+    inputs: Any
+    evaluator: Any
+    reporter: Any
+    ema: Any
+    loss_type: str
+    huber_c: float
+    max_grad_norm: float
+    num_epochs: int
+    total_steps: int
+
+
+@dataclass
+class Outcome:
+    steps: int = 0
+    epochs: int = 0
+    stopped: bool = False
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.losses[-1][1] if self.losses else None
+
+
+def batch_loss(t: Training, batch: dict[str, Any]) -> torch.Tensor:
+    latents = t.inputs.latents(batch)
+    conditioning = t.inputs.conditioning(batch)
+    noisy = t.family.noisy_input_and_target(latents)
+    prediction = t.family.predict(t.denoiser, noisy, conditioning, batch)
+    return weighted_loss(prediction, noisy.target, noisy.loss_weights, t.loss_type, t.huber_c)
+
+
+def run(t: Training) -> Outcome:
+    acc, out = t.accelerator, Outcome()
+    window_loss, window_batches, last_read = torch.zeros((), device=acc.device), 0, time.monotonic()
+    t.denoiser.train()
+    t.reporter.begin(t.total_steps)
+    try:
+        for epoch in range(1, t.num_epochs + 1):
+            out.epochs = epoch
+            t.samples.set_epoch(epoch)
+            for batch in t.dataloader:
+                with acc.accumulate(t.denoiser):
+                    loss = batch_loss(t, batch)
+                    acc.backward(loss)  # accelerate divides by the accumulation steps
+                    if acc.sync_gradients and t.max_grad_norm > 0:
+                        acc.clip_grad_norm_(t.trainable, t.max_grad_norm)
+                    t.optimizer.step()
+                    t.lr_scheduler.step()
+                    t.optimizer.zero_grad(set_to_none=True)
+                window_loss += loss.detach()
+                window_batches += 1
+                if not acc.sync_gradients:
+                    continue
+                out.steps += 1
+                if t.ema is not None:
+                    t.ema.step()
+                t.reporter.advance(out.steps)
+                done = out.steps >= t.total_steps
+                if done or out.steps % LOG_EVERY_STEPS == 0 or time.monotonic() - last_read >= 1.0:
+                    mean_loss = (window_loss / window_batches).item()
+                    window_loss.zero_()
+                    window_batches, last_read = 0, time.monotonic()
+                    out.losses.append((out.steps, mean_loss))
+                    metrics = {"loss": mean_loss, "lr": t.lr_scheduler.get_last_lr()[0]}
+                    acc.log({**metrics, "epoch": epoch}, step=out.steps)
+                    t.reporter.report(out.steps, t.total_steps, metrics)
+                if t.reporter.stop_requested():
+                    out.stopped = True
+                if done or out.stopped:
+                    return out
+            if t.evaluator.due(epoch):
+                t.evaluator.run(f"epoch_{epoch:04d}", out.steps)
+        return out
+    finally:
+        t.reporter.end_progress()

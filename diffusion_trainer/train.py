@@ -1,0 +1,246 @@
+"""One training run, start to finish: check inputs, load, train, save, evaluate.
+
+Cheap checks (model family, resolution, dataset and its columns) come before any weights
+are loaded, and nothing is written until they pass.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import adapter, loop
+from .data import build_samples, load_records
+from .errors import InputError
+from .evaluate import Evaluator
+from .families import family_for
+from .inputs import EncodedInputs
+from .lora import LoraEMA, attach_lora, lora_metadata
+from .params import TrainingParams
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    adapter_dir: Path
+    eval_images_dir: Path
+    logs_dir: Path
+
+    @classmethod
+    def standalone(cls, params: TrainingParams) -> "RunPaths":
+        root = Path(params.output_dir).expanduser()
+        name = params.adaptor_name
+        return cls(root / name, root / "eval_images" / name, root / "logs" / name)
+
+
+@dataclass
+class RunResult:
+    status: str  # "completed" or "stopped"
+    paths: RunPaths
+    steps: int
+    epochs: int
+    final_loss: float | None
+    losses: list[tuple[int, float]]
+    eval_images: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Decisions about this machine, made once from the parameters."""
+
+    mixed_precision: str
+    use_xformers: bool
+
+
+def decide_runtime(params: TrainingParams, reporter: Any) -> Runtime:
+    cuda = torch.cuda.is_available()
+    precision = params.mixed_precision
+    if precision == "fp16" and not cuda:
+        reporter.warn("mixed_precision=fp16 needs a CUDA GPU; training in fp32 on this machine.")
+        precision = "no"
+    xformers = params.enable_xformers_memory_efficient_attention
+    if xformers and not cuda:
+        reporter.warn("enable_xformers_memory_efficient_attention needs a CUDA GPU; using PyTorch's "
+                      "SDPA attention instead.")
+        xformers = False
+    return Runtime(precision, xformers)
+
+
+def choose_prediction_type(params: TrainingParams, family: Any, reporter: Any) -> str | None:
+    """The model's own prediction type unless the run asks for another (then say so loudly)."""
+    own = family.model_prediction_type()
+    if own is None:
+        return None
+    if "prediction_type" not in params.model_fields_set:
+        return own
+    if params.prediction_type != own:
+        reporter.warn(
+            f"{'!' * 70}\n  prediction_type={params.prediction_type} but this base model was trained "
+            f"with {own}.\n  Training as asked: the adapter will only work with a scheduler set to "
+            f"{params.prediction_type}.\n  Leave prediction_type out (or set it to {own}) to keep the "
+            f"model's own.\n{'!' * 70}")
+    return params.prediction_type
+
+
+def make_accelerator(params: TrainingParams, runtime: Runtime, paths: RunPaths, reporter: Any):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
+
+    # Accelerate keeps one state per process; a new run may need another precision.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    trackers = ["tensorboard"]
+    if params.log_to_wandb:
+        ready, reason = wandb_ready()
+        if ready:
+            trackers.append("wandb")
+        elif reason:
+            reporter.warn(f"log_to_wandb is on but {reason}; logging to TensorBoard only.")
+    return Accelerator(
+        mixed_precision=runtime.mixed_precision,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(paths.logs_dir), logging_dir=str(paths.logs_dir)),
+    )
+
+
+def wandb_ready() -> tuple[bool, str]:
+    """(usable, why not). Offline mode needs no account; no key and no offline mode: skip."""
+    if importlib.util.find_spec("wandb") is None:
+        return False, "the wandb package is not installed"
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode == "disabled":
+        return False, ""
+    if mode in {"offline", "dryrun"} or os.environ.get("WANDB_API_KEY"):
+        return True, ""
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return True, ""
+    return False, "W&B is not configured (no WANDB_API_KEY, no `wandb login`, WANDB_MODE is not offline)"
+
+
+def tracker_config(params: TrainingParams) -> dict[str, Any]:
+    return {k: v for k, v in params.model_dump().items() if isinstance(v, (int, float, str, bool))}
+
+
+def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
+                 lab_datasets_dir: Path | None = None) -> RunResult:
+    started = time.monotonic()
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    # --- cheap checks first: nothing is loaded or written until these pass ---------------
+    family_cls = family_for(params.model_name)
+    if params.resolution % family_cls.resolution_multiple:
+        raise InputError(f"resolution: {family_cls.label} needs a multiple of "
+                         f"{family_cls.resolution_multiple} (got {params.resolution}).")
+    records = load_records(params.dataset_name, params.image_column, params.caption_column, lab_datasets_dir)
+    runtime = decide_runtime(params, reporter)
+    for name, why in family_cls.inapplicable_params.items():
+        if name in params.model_fields_set:
+            reporter.info(f"{name} does not apply to {family_cls.label}: {why}")
+    if params.lr_scheduler == "constant" and params.lr_warmup_steps:
+        reporter.info(f"lr_warmup_steps={params.lr_warmup_steps} is not used by lr_scheduler=constant "
+                      "(choose constant_with_warmup for a warmup).")
+
+    # --- model -----------------------------------------------------------------------------
+    accelerator = make_accelerator(params, runtime, paths, reporter)
+    set_seed(params.seed)
+    weight_dtype = WEIGHT_DTYPES[runtime.mixed_precision]
+    reporter.info(f"Loading {family_cls.label} from {params.model_name} "
+                  f"(base weights {str(weight_dtype).removeprefix('torch.')}) on {accelerator.device}.")
+    family = family_cls.load(params.model_name, weight_dtype)
+    prediction_type = choose_prediction_type(params, family, reporter)
+    family.configure_objective(params, prediction_type)
+    family.pipeline.to(accelerator.device)
+    for module in family.frozen_modules:
+        module.requires_grad_(False)
+    denoiser = family.denoiser
+    trainable = attach_lora(denoiser, params.lora_r, params.lora_alpha, family.lora_target_modules)
+    if params.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if runtime.use_xformers:
+        try:
+            denoiser.enable_xformers_memory_efficient_attention()
+        except Exception as exc:  # not installed, or built for another torch/CUDA
+            reporter.warn(f"xFormers could not be enabled ({exc}); using PyTorch's SDPA attention.")
+
+    # --- data and optimizer ------------------------------------------------------------------
+    samples = build_samples(records, params)
+    dataloader = torch.utils.data.DataLoader(
+        samples, batch_size=params.train_batch_size, shuffle=True,
+        generator=torch.Generator().manual_seed(params.seed))
+    updates_per_epoch = math.ceil(len(dataloader) / params.gradient_accumulation_steps)
+    total_steps = params.num_train_epochs * updates_per_epoch
+    if params.max_train_steps:
+        total_steps = min(total_steps, params.max_train_steps)
+    num_epochs = math.ceil(total_steps / updates_per_epoch)
+    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, betas=(params.adam_beta1, params.adam_beta2),
+                                  weight_decay=params.adam_weight_decay, eps=params.adam_epsilon)
+    lr_scheduler = get_scheduler(params.lr_scheduler, optimizer,
+                                 num_warmup_steps=params.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=total_steps * accelerator.num_processes)
+    prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
+    ema = LoraEMA(trainable, params.ema_decay) if params.use_ema else None
+
+    # --- outputs -----------------------------------------------------------------------------
+    wandb_kwargs = {"name": params.adaptor_name, "dir": str(paths.logs_dir)}
+    if os.environ.get("WANDB_MODE"):
+        wandb_kwargs["mode"] = os.environ["WANDB_MODE"].lower()  # not whatever an earlier import fixed
+    accelerator.init_trackers("diffusion_trainer", config=tracker_config(params), init_kwargs={"wandb": wandb_kwargs})
+    evaluator = Evaluator(family, params, paths.eval_images_dir if params.eval_prompt.strip() else None,
+                          accelerator, ema)
+    if evaluator.enabled:
+        paths.eval_images_dir.mkdir(parents=True, exist_ok=True)
+    reporter.record_outputs(eval_images_dir=evaluator.out_dir, tensorboard_dir=paths.logs_dir)
+    reporter.info(f"Training {len(samples)} images for {total_steps} optimizer steps ({num_epochs} epochs, "
+                  f"batch {params.train_batch_size} x {params.gradient_accumulation_steps} accumulation).")
+
+    outcome = loop.run(loop.Training(
+        accelerator=accelerator, family=family, denoiser=prepared, trainable=trainable,
+        optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, samples=samples,
+        inputs=EncodedInputs(family, params.caption_dropout_rate, accelerator.device),
+        evaluator=evaluator, reporter=reporter, ema=ema, loss_type=params.loss_type,
+        huber_c=params.huber_c, max_grad_norm=params.max_grad_norm, num_epochs=num_epochs,
+        total_steps=total_steps))
+
+    # --- save, then the final eval image -------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_adapter(family, params, paths.adapter_dir, outcome, prediction_type, ema)
+        evaluator.run("final", outcome.steps)
+    accelerator.end_training()
+    return RunResult("stopped" if outcome.stopped else "completed", paths, outcome.steps, outcome.epochs,
+                     outcome.final_loss, outcome.losses, evaluator.images, time.monotonic() - started)
+
+
+def save_adapter(family: Any, params: TrainingParams, target: Path, outcome: loop.Outcome,
+                 prediction_type: str | None, ema: LoraEMA | None) -> Path:
+    metadata = lora_metadata(family.denoiser)
+    info = adapter.adaptor_info(
+        architecture=family.pipeline_class.__name__, base_model=params.model_name, rank=params.lora_r,
+        alpha=params.lora_alpha, target_modules=list(family.lora_target_modules),
+        trigger_word=params.trigger_word, parameters=params.model_dump(), steps_trained=outcome.steps,
+        epochs_trained=outcome.epochs, final_loss=outcome.final_loss, prediction_type=prediction_type,
+        stopped_early=outcome.stopped)
+
+    def write(directory: Path) -> None:
+        if ema is not None:
+            with ema.applied():
+                family.save_adapter(directory, metadata)
+        else:
+            family.save_adapter(directory, metadata)
+        adapter.write_info(directory, info)
+        adapter.write_model_card(directory, params.adaptor_name, info, family.pipeline_class.__name__)
+
+    return adapter.write_adapter_dir(target, write)

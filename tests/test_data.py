@@ -1,0 +1,196 @@
+"""What the loader yields: augmentations, crops, captions, and the dataset layouts it reads."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+import torch
+from conftest import train
+from PIL import Image
+from transformers import CLIPTextModel
+
+from diffusion_trainer import shapes
+from diffusion_trainer.data import build_samples, load_records, to_rgb
+from diffusion_trainer.errors import InputError
+from diffusion_trainer.params import parse_params
+
+OFF = {"center_crop": True, "random_flip": False, "color_jitter": False, "random_rotation": False}
+
+
+def params(**values):
+    return parse_params({"adaptor_name": "a", "model_name": "m/m", "dataset_name": "d", "resolution": 64,
+                         **OFF, **values})[0]
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """Asymmetric pictures, some wider than tall, so every augmentation has something to change."""
+    folder = tmp_path_factory.mktemp("asym")
+    for i in range(4):
+        image = Image.new("RGB", (96 if i % 2 else 64, 64), (230, 230, 230))
+        image.paste(shapes.draw("triangle", (200, 30, 30), 0.5, (0.3, 0.4), (230, 230, 230)), (0, 0))
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a red triangle {i}")
+    return load_records(str(folder), "image", "text")
+
+
+def epochs_of(records, p, epochs=(1, 2, 3)):
+    samples = build_samples(records, p)
+    out = []
+    for epoch in epochs:
+        samples.set_epoch(epoch)
+        out.append(torch.stack([samples[i]["pixel_values"] for i in range(len(samples))]))
+    return out
+
+
+def test_with_every_augmentation_off_the_images_are_identical_every_epoch(records):
+    first, *rest = epochs_of(records, params())
+    assert all(torch.equal(first, other) for other in rest)
+
+
+@pytest.mark.parametrize("flag", [
+    {"random_flip": True},
+    {"center_crop": False},
+    {"color_jitter": True, "color_jitter_brightness": 0.5, "color_jitter_contrast": 0, "color_jitter_saturation": 0, "color_jitter_hue": 0},
+    {"color_jitter": True, "color_jitter_brightness": 0, "color_jitter_contrast": 0.5, "color_jitter_saturation": 0, "color_jitter_hue": 0},
+    {"color_jitter": True, "color_jitter_brightness": 0, "color_jitter_contrast": 0, "color_jitter_saturation": 0.5, "color_jitter_hue": 0},
+    {"color_jitter": True, "color_jitter_brightness": 0, "color_jitter_contrast": 0, "color_jitter_saturation": 0, "color_jitter_hue": 0.2},
+    {"random_rotation": True, "rotation_degrees": 20, "rotation_prob": 1.0},
+], ids=["flip", "random_crop", "brightness", "contrast", "saturation", "hue", "rotation"])
+def test_each_augmentation_changes_what_the_loader_yields(records, flag):
+    baseline = epochs_of(records, params())[0]
+    augmented = epochs_of(records, params(**flag))
+    assert any(not torch.equal(baseline, epoch) for epoch in augmented)
+    assert any(not torch.equal(augmented[0], epoch) for epoch in augmented[1:])  # and differs epoch to epoch
+
+
+def test_rotation_probability_zero_never_rotates(records):
+    baseline = epochs_of(records, params())[0]
+    assert all(torch.equal(baseline, e) for e in epochs_of(records, params(random_rotation=True, rotation_prob=0.0)))
+
+
+def test_a_flipped_image_is_the_mirror_of_the_unflipped_one(records):
+    baseline = epochs_of(records, params())[0]
+    flipped_any = False
+    for epoch in epochs_of(records, params(random_flip=True)):
+        for plain, maybe in zip(baseline, epoch):
+            if not torch.equal(plain, maybe):
+                assert torch.equal(maybe, plain.flip(-1))
+                flipped_any = True
+    assert flipped_any
+
+
+def test_original_size_and_crop_are_recorded_as_made(records):
+    samples = build_samples(records, params(center_crop=False))
+    wide = samples.records[1]["image"]
+    seen_lefts = set()
+    for epoch in range(6):
+        samples.set_epoch(epoch)
+        item = samples[1]
+        assert item["original_size"].tolist() == [64, 96]
+        top, left = item["crop_top_left"].tolist()
+        assert top == 0 and 0 <= left <= 32
+        expected = torch.tensor(list(wide.crop((left, 0, left + 64, 64)).getdata()), dtype=torch.float32)
+        got = ((item["pixel_values"].permute(1, 2, 0).reshape(-1, 3) + 1) * 127.5)
+        assert torch.allclose(got, expected, atol=1.0)
+        seen_lefts.add(left)
+    assert len(seen_lefts) > 1
+    centred = build_samples(records, params(center_crop=True))[1]
+    assert centred["crop_top_left"].tolist() == [0, 16]
+
+
+def test_exif_orientation_is_respected_and_transparency_becomes_white(tmp_path):
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert to_rgb(Image.open(tmp_path / "rotated.jpg")).size == (20, 40)
+    clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert to_rgb(clear).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("L", (2, 2), 7)).mode == "RGB"
+
+
+def spy_on_text_encoder(monkeypatch):
+    seen = []
+    forward = CLIPTextModel.forward
+
+    def recording_forward(self, input_ids=None, *args, **kwargs):
+        seen.append(input_ids.detach().cpu())
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPTextModel, "forward", recording_forward)
+    return seen
+
+
+def test_the_trigger_word_reaches_the_text_encoder(tmp_path, tiny_sd, world_folder, monkeypatch):
+    from transformers import CLIPTokenizer
+
+    seen = spy_on_text_encoder(monkeypatch)
+    code, _ = train(tmp_path, tiny_sd, world_folder, trigger_word="sks", num_train_epochs=1)
+    assert code == 0
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_sd / "tokenizer"))
+    prompts = [tokenizer.decode(ids, skip_special_tokens=True) for batch in seen for ids in batch]
+    captions = {p.read_text().strip() for p in world_folder.glob("*.txt")}
+    assert len(prompts) == 8
+    assert {p.removeprefix("sks ") for p in prompts} == captions
+    assert all(p.startswith("sks ") for p in prompts)
+
+
+def test_caption_dropout_feeds_the_empty_caption(tmp_path, tiny_sd, world_folder, monkeypatch):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_sd / "tokenizer"))
+    for rate, expect_empty in ((1.0, 8), (0.0, 0)):
+        seen = spy_on_text_encoder(monkeypatch)
+        code, _ = train(tmp_path / str(rate), tiny_sd, world_folder, caption_dropout_rate=rate, num_train_epochs=1)
+        assert code == 0
+        prompts = [tokenizer.decode(ids, skip_special_tokens=True) for batch in seen for ids in batch]
+        assert sum(p == "" for p in prompts) == expect_empty
+    seen = spy_on_text_encoder(monkeypatch)
+    code, _ = train(tmp_path / "half", tiny_sd, world_folder, caption_dropout_rate=0.5, num_train_epochs=6)
+    prompts = [tokenizer.decode(ids, skip_special_tokens=True) for batch in seen for ids in batch]
+    assert 0.25 < sum(p == "" for p in prompts) / len(prompts) < 0.75
+
+
+def test_every_dataset_layout_loads(tmp_path, star_folder, star_imagefolder):
+    as_folder = load_records(str(star_folder), "image", "text")
+    as_imagefolder = load_records(str(star_imagefolder), "image", "text")
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": as_imagefolder}).save_to_disk(str(saved))
+    as_saved = load_records(str(saved), "image", "text")
+    plain_saved = tmp_path / "plain_saved"
+    as_folder.save_to_disk(str(plain_saved))
+    for loaded in (as_folder, as_imagefolder, as_saved, load_records(str(plain_saved), "image", "text")):
+        assert len(loaded) == 8 and {"image", "text"} <= set(loaded.column_names)
+        assert isinstance(loaded[0]["image"], Image.Image) and "star" in loaded[0]["text"]
+
+
+def test_a_lab_dataset_id_is_found_in_the_workspace(tmp_path, star_imagefolder):
+    import shutil
+
+    shutil.copytree(star_imagefolder, tmp_path / "datasets" / "my_stars")
+    assert len(load_records("my_stars", "image", "text", lab_datasets_dir=tmp_path / "datasets")) == 8
+
+
+def test_images_without_captions_are_named(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "lonely.png")
+    with pytest.raises(InputError, match=r"lonely.png needs lonely.txt"):
+        load_records(str(tmp_path), "image", "text")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no images"):
+        load_records(str(tmp_path / "empty"), "image", "text")
+
+
+def test_an_unreachable_hub_dataset_is_a_clear_error():
+    with pytest.raises(InputError, match="dataset_name: could not load 'nobody/nothing' from the hub"):
+        load_records("nobody/nothing", "image", "text")
+
+
+def test_metadata_captions_keep_their_column_names(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "prompt": "hello"}) + "\n")
+    with pytest.raises(InputError, match=r"caption_column: 'text' is not a column .* columns are: image, prompt"):
+        load_records(str(tmp_path), "image", "text")
+    assert load_records(str(tmp_path), "image", "prompt")[0]["prompt"] == "hello"
