@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny pipelines and datasets, built once per session, all offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# The Lab SDK reads these at import time; one workspace serves the whole session.
+_LAB_HOME = Path(os.environ.setdefault("TFL_HOME_DIR", str(Path(__import__("tempfile").mkdtemp(prefix="tfl_home_")))))
+os.environ.setdefault("TFL_WORKSPACE_DIR", str(_LAB_HOME / "workspace"))
+Path(os.environ["TFL_WORKSPACE_DIR"]).mkdir(parents=True, exist_ok=True)
+os.environ.pop("_TFL_JOB_ID", None)
+for _key in [k for k in os.environ if k.startswith("WANDB_")]:  # hermetic: tests that want W&B set it up
+    del os.environ[_key]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import main  # noqa: E402  (the entry point under test, as the Lab's harness imports it)
+from diffusion_trainer import shapes  # noqa: E402
+from diffusion_trainer.tiny_models import save_pipeline, tiny_sd_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A saved tiny Stable Diffusion 1.x-style pipeline (epsilon prediction)."""
+    return save_pipeline(tiny_sd_pipeline(seed=0), tmp_path_factory.mktemp("models") / "tiny_sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory) -> Path:
+    """The same, but its scheduler says v_prediction (like SD 2.x 768)."""
+    return save_pipeline(tiny_sd_pipeline(seed=0, prediction_type="v_prediction"),
+                         tmp_path_factory.mktemp("models") / "tiny_sd_v")
+
+
+@pytest.fixture(scope="session")
+def star_folder(tmp_path_factory) -> Path:
+    """Eight purple-star images with same-named .txt captions ('a sks star', …)."""
+    rng = random.Random(0)
+    return shapes.write_captioned_folder(tmp_path_factory.mktemp("data") / "stars",
+                                         [shapes.concept_sample(rng, "sks") for _ in range(8)])
+
+
+@pytest.fixture(scope="session")
+def world_folder(tmp_path_factory) -> Path:
+    """Eight shapes-world images, captions without any trigger word."""
+    rng = random.Random(1)
+    return shapes.write_captioned_folder(tmp_path_factory.mktemp("data") / "world",
+                                         [shapes.world_sample(rng)[:2] for _ in range(8)])
+
+
+@pytest.fixture(scope="session")
+def star_imagefolder(tmp_path_factory) -> Path:
+    """The Lab's image-dataset layout: an imagefolder with metadata.jsonl (file_name, text)."""
+    rng = random.Random(2)
+    folder = tmp_path_factory.mktemp("data") / "stars_imagefolder"
+    folder.mkdir()
+    rows = []
+    for i in range(8):
+        image, caption = shapes.concept_sample(rng, "sks")
+        image.save(folder / f"star_{i}.png")
+        rows.append(json.dumps({"file_name": f"star_{i}.png", "text": caption}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def quick_params(model: Path, dataset: Path, output: Path, **overrides) -> dict:
+    """A run of a few seconds on the tiny pipeline."""
+    params = {
+        "adaptor_name": "test_lora", "model_name": str(model), "dataset_name": str(dataset),
+        "output_dir": str(output), "resolution": 64, "center_crop": True, "train_batch_size": 2,
+        "num_train_epochs": 2, "learning_rate": 1e-3, "lr_warmup_steps": 0, "lora_r": 4, "lora_alpha": 8,
+        "eval_prompt": "", "eval_num_inference_steps": 2, "log_to_wandb": False, "seed": 0,
+    }
+    params.update(overrides)
+    return params
+
+
+def run_main(argv: list[str]) -> int:
+    """main.main as the command line runs it: the exit status (0 on success)."""
+    try:
+        return main.main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+def write_config(path: Path, params: dict) -> Path:
+    path.write_text(json.dumps(params))
+    return path
+
+
+def train(tmp_path: Path, model: Path, dataset: Path, **overrides) -> tuple[int, Path]:
+    """Train through main.py with a JSON config; returns (exit status, output dir)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    output = tmp_path / "output"
+    config = write_config(tmp_path / "run.json", quick_params(model, dataset, output, **overrides))
+    return run_main(["--config", str(config)]), output
