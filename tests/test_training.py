@@ -228,3 +228,40 @@ def test_wandb_without_a_key_warns_and_carries_on(tmp_path, tiny_sd, star_folder
     assert code == 0 and (out / "test_lora" / "pytorch_lora_weights.safetensors").is_file()
     assert "log_to_wandb is on but W&B is not configured" in capsys.readouterr().err
     assert not (out / "logs" / "test_lora" / "wandb").exists()
+
+
+def test_pickled_weights_are_refused_safetensors_only(tmp_path, star_folder, capsys):
+    from diffusion_trainer.tiny_models import tiny_sd_pipeline
+
+    pickled = tmp_path / "pickled_model"
+    tiny_sd_pipeline(seed=0).save_pretrained(str(pickled), safe_serialization=False)
+    assert list((pickled / "unet").glob("*.bin")) and not list((pickled / "unet").glob("*.safetensors"))
+    code, out = train(tmp_path, pickled, star_folder)
+    err = capsys.readouterr().err
+    assert code == 2 and "model_name: could not load" in err and "safetensors" in err
+    assert not (out / "test_lora").exists()
+
+
+def test_an_unreachable_hub_model_is_a_clear_error(tmp_path, star_folder, capsys):
+    code, _ = train(tmp_path, "nobody/no-such-model", star_folder)
+    err = capsys.readouterr().err
+    assert code == 2 and "model_name: could not fetch model_index.json of 'nobody/no-such-model'" in err
+
+
+def test_an_existing_adapter_is_replaced_only_by_a_complete_one(tmp_path):
+    from diffusion_trainer.adapter import write_adapter_dir
+
+    target = tmp_path / "my_lora"
+    target.mkdir()
+    (target / "pytorch_lora_weights.safetensors").write_text("old")
+
+    def crash(directory):
+        (directory / "pytorch_lora_weights.safetensors").write_text("half")
+        raise RuntimeError("killed mid-save")
+
+    with pytest.raises(RuntimeError):
+        write_adapter_dir(target, crash)
+    assert (target / "pytorch_lora_weights.safetensors").read_text() == "old"
+    write_adapter_dir(target, lambda d: (d / "pytorch_lora_weights.safetensors").write_text("new"))
+    assert (target / "pytorch_lora_weights.safetensors").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["my_lora"]

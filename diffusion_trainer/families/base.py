@@ -16,6 +16,7 @@ import torch
 from diffusers import DiffusionPipeline
 from peft.utils import get_peft_model_state_dict
 
+from ..errors import InputError
 from ..objectives import NoisyBatch
 
 Conditioning = dict[str, torch.Tensor]
@@ -44,8 +45,12 @@ class ModelFamily(ABC):
     @classmethod
     def load(cls, source: str, weight_dtype: torch.dtype) -> "ModelFamily":
         """Load the pipeline from a hub id or local folder: safetensors only, no remote code."""
-        pipeline = cls.pipeline_class.from_pretrained(
-            source, torch_dtype=weight_dtype, use_safetensors=True, **cls.load_kwargs)
+        try:
+            pipeline = cls.pipeline_class.from_pretrained(
+                source, torch_dtype=weight_dtype, use_safetensors=True, **cls.load_kwargs)
+        except (OSError, ValueError) as exc:  # no safetensors, missing parts, unreachable hub
+            raise InputError(f"model_name: could not load {cls.label} pipeline '{source}' with safetensors "
+                             f"weights ({type(exc).__name__}: {exc}).") from None
         pipeline.set_progress_bar_config(disable=True)
         family = cls(pipeline, source)
         family.keep_vae_stable(weight_dtype)
