@@ -6,11 +6,14 @@ A model family picks an objective; the loop only sees a `NoisyBatch` and calls
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
 
 
 @dataclass
@@ -105,3 +108,64 @@ class DDPMObjective:
         if self.snr_gamma:
             weights = min_snr_weights(self.scheduler, timesteps, self.snr_gamma, self.prediction_type)
         return NoisyBatch(noisy, target, timesteps, weights)
+
+
+# --- rectified flow (SD3, Flux) -------------------------------------------------------------
+
+def shift_sigmas(u: torch.Tensor, mu: float) -> torch.Tensor:
+    """Move noise levels u in (0, 1) towards more noise: sigma = e^mu / (e^mu + 1/u - 1).
+
+    With mu = ln(shift) this is SD3's static shift (Esser et al. 2024, eq. 23),
+    shift * u / (1 + (shift - 1) * u); Flux takes mu from the image's token count.
+    """
+    return math.exp(mu) / (math.exp(mu) + 1 / u - 1)
+
+
+def shift_mu(scheduler_config: Any, image_tokens: int) -> float:
+    """The shift of the model's scheduler config: static `shift`, or Flux's resolution-dependent one
+    (mu linear in the number of image tokens, between base_shift and max_shift)."""
+    if scheduler_config.get("use_dynamic_shifting", False):
+        return calculate_shift(image_tokens, scheduler_config["base_image_seq_len"],
+                               scheduler_config["max_image_seq_len"], scheduler_config["base_shift"],
+                               scheduler_config["max_shift"])
+    return math.log(scheduler_config.get("shift", 1.0))
+
+
+class FlowMatchObjective:
+    """Rectified flow as SD3 and Flux were trained: x_t = (1 - sigma) x0 + sigma * noise, target
+    noise - x0. Noise levels are drawn from diffusers' compute_density_for_timestep_sampling
+    (logit-normal, mode or uniform) and shifted as the model's scheduler config says; losses are
+    weighted per compute_loss_weighting_for_sd3 (none, sigma_sqrt, cosmap).
+
+    u is used as the noise level itself, as in the SD3 paper: a positive logit_mean puts more
+    training on noisier images. (diffusers' scripts index a descending sigma table with u, which
+    turns the sign of logit_mean around.)
+    """
+
+    def __init__(self, scheduler_config: Any, weighting_scheme: str = "logit_normal", logit_mean: float = 0.0,
+                 logit_std: float = 1.0, mode_scale: float = 1.29, loss_weighting: str = "none",
+                 noise_offset: float = 0.0, patch_size: int = 2):
+        self.config = dict(scheduler_config)
+        self.num_train_timesteps = self.config.get("num_train_timesteps", 1000)
+        self.weighting_scheme = weighting_scheme
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.loss_weighting = loss_weighting
+        self.noise_offset = noise_offset
+        self.patch_size = patch_size
+
+    def sample_sigmas(self, batch_size: int, image_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        u = compute_density_for_timestep_sampling(self.weighting_scheme, batch_size, self.logit_mean,
+                                                  self.logit_std, self.mode_scale, device=device)
+        u = u.clamp(1 / self.num_train_timesteps, 1.0)  # as fine as the model's own timestep grid
+        return shift_sigmas(u, shift_mu(self.config, image_tokens))
+
+    def noisy_batch(self, latents: torch.Tensor) -> NoisyBatch:
+        image_tokens = (latents.shape[-2] // self.patch_size) * (latents.shape[-1] // self.patch_size)
+        sigmas = self.sample_sigmas(latents.shape[0], image_tokens, latents.device)
+        noise = offset_noise(latents, self.noise_offset)
+        s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
+        noisy = (1 - s) * latents + s * noise
+        weights = None
+        if self.loss_weighting != "none":
+            weights = compute_loss_weighting_for_sd3(self.loss_weighting, sigmas)
+        return NoisyBatch(noisy, noise - latents, sigmas * self.num_train_timesteps, weights, sigmas)

@@ -197,6 +197,29 @@ class TrainingParams(BaseModel):
         help="Adds this much per-channel constant noise, so the model can learn very dark or "
              "bright images. 0.05-0.1 is typical.")
 
+    # --- Flow matching (SD3, Flux) -------------------------------------------------------
+    weighting_scheme: Literal["logit_normal", "uniform", "mode"] = _param(
+        "logit_normal", title="Timestep Sampling", group="Flow matching (SD3, Flux)",
+        help="How noise levels are drawn for flow models: 'logit_normal' (the SD3 paper's choice) "
+             "favours the middle, 'mode' too with mode_scale, 'uniform' draws all alike.")
+    logit_mean: float = _param(
+        0.0, title="Logit-Normal Mean", group="Flow matching (SD3, Flux)", ge=-5.0, le=5.0,
+        help="Mean of the logit-normal draw; above 0 trains more on noisy images.")
+    logit_std: float = _param(
+        1.0, title="Logit-Normal Std", group="Flow matching (SD3, Flux)", gt=0.0, le=10.0,
+        help="Spread of the logit-normal draw.")
+    mode_scale: float = _param(
+        1.29, title="Mode Scale", group="Flow matching (SD3, Flux)", ge=-1.0, le=1.75,
+        help="Scale of the 'mode' draw (SD3 paper); 0 is uniform, higher favours the middle.")
+    flow_loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = _param(
+        "none", title="Flow Loss Weighting", group="Flow matching (SD3, Flux)",
+        help="Loss weight by noise level for flow models, as diffusers defines them: 'none', "
+             "'sigma_sqrt' (1/sigma^2) or 'cosmap'.")
+    guidance_scale: float = _param(
+        1.0, title="Flux Training Guidance", group="Flow matching (SD3, Flux)", ge=0.0, le=20.0,
+        help="Guidance value fed to a guidance-distilled Flux model (FLUX.1-dev) while training; "
+             "1.0 as the reference LoRA recipes use. Eval images use eval_guidance_scale.")
+
     # --- Memory and speed ----------------------------------------------------------------
     mixed_precision: Literal["no", "fp16", "bf16"] = _param(
         "no", title="Mixed Precision", group="Memory and speed",

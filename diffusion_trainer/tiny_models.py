@@ -102,3 +102,94 @@ def save_pipeline(pipeline, path: Path) -> Path:
     path = Path(path)
     pipeline.save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+def t5_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 32):
+    """A T5 (unigram) tokenizer: whole words as pieces, single characters as the fallback."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -1.0) for w in dict.fromkeys(words)]
+    vocab += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return T5Tokenizer.from_pretrained(folder, model_max_length=model_max_length)
+
+
+def t5_encoder(tokenizer, d_model: int = 64, layers: int = 1, heads: int = 2):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_ff=d_model * 2, d_kv=d_model // heads,
+                                   num_layers=layers, num_heads=heads, decoder_start_token_id=0, pad_token_id=0,
+                                   eos_token_id=1))
+
+
+def flow_scheduler(**config):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **config)
+
+
+def tiny_sdxl_pipeline(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS):
+    """An SDXL-shaped pipeline: two CLIP encoders (the second with projection), text_time micro-conditioning."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = clip_tokenizer(words), clip_tokenizer(words)
+    hidden, hidden_2, time_dim = 32, 32, 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=hidden + hidden_2, attention_head_dim=8, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + hidden_2)
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(force_upcast=True), text_encoder=clip_text_encoder(tokenizer, hidden_size=hidden),
+        text_encoder_2=clip_text_encoder(tokenizer_2, hidden_size=hidden_2, projection_dim=hidden_2, with_projection=True),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=ddpm_scheduler())
+
+
+def tiny_sd3_pipeline(seed: int = 0, with_t5: bool = True, words: Iterable[str] = DEFAULT_WORDS):
+    """An SD3-shaped pipeline: MMDiT transformer, two CLIP encoders and (optionally) T5, 16-channel VAE."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    clip_hidden, t5_dim = 32, 64  # joint_attention_dim = T5's width >= the two CLIP widths together
+    tokenizers = [clip_tokenizer(words), clip_tokenizer(words)]
+    encoders = [clip_text_encoder(t, hidden_size=clip_hidden, projection_dim=clip_hidden, with_projection=True)
+                for t in tokenizers]
+    tokenizer_3 = t5_tokenizer(words) if with_t5 else None
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=t5_dim, caption_projection_dim=32,
+        pooled_projection_dim=2 * clip_hidden, pos_embed_max_size=16)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=flow_scheduler(shift=3.0),
+        vae=tiny_vae(latent_channels=16, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
+                     use_post_quant_conv=False),
+        text_encoder=encoders[0], tokenizer=tokenizers[0], text_encoder_2=encoders[1], tokenizer_2=tokenizers[1],
+        text_encoder_3=t5_encoder(tokenizer_3, d_model=t5_dim) if with_t5 else None, tokenizer_3=tokenizer_3)
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True, words: Iterable[str] = DEFAULT_WORDS):
+    """A Flux-shaped pipeline: packed 2x2 latents, CLIP pooled + T5, resolution-dependent shift."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    clip_hidden, t5_dim, latent_channels = 32, 64, 4
+    tokenizer, tokenizer_2 = clip_tokenizer(words), t5_tokenizer(words)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=t5_dim, pooled_projection_dim=clip_hidden,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
+    return FluxPipeline(
+        transformer=transformer,
+        scheduler=flow_scheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                 base_image_seq_len=256, max_image_seq_len=4096),
+        vae=tiny_vae(latent_channels=latent_channels, shift_factor=0.1159, scaling_factor=0.3611,
+                     use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=clip_text_encoder(tokenizer, hidden_size=clip_hidden), tokenizer=tokenizer,
+        text_encoder_2=t5_encoder(tokenizer_2, d_model=t5_dim), tokenizer_2=tokenizer_2)

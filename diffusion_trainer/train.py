@@ -146,9 +146,6 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
                          f"{family_cls.resolution_multiple} (got {params.resolution}).")
     records = load_records(params.dataset_name, params.image_column, params.caption_column, lab_datasets_dir)
     runtime = decide_runtime(params, reporter)
-    for name, why in family_cls.inapplicable_params.items():
-        if name in params.model_fields_set:
-            reporter.info(f"{name} does not apply to {family_cls.label}: {why}")
     if params.lr_scheduler == "constant" and params.lr_warmup_steps:
         reporter.info(f"lr_warmup_steps={params.lr_warmup_steps} is not used by lr_scheduler=constant "
                       "(choose constant_with_warmup for a warmup).")
@@ -162,6 +159,8 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     family = family_cls.load(params.model_name, weight_dtype)
     prediction_type = choose_prediction_type(params, family, reporter)
     family.configure_objective(params, prediction_type)
+    for note in family.inapplicable_notes(params):
+        reporter.info(note)
     family.pipeline.to(accelerator.device)
     for module in family.frozen_modules:
         module.requires_grad_(False)

@@ -24,7 +24,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import main  # noqa: E402  (the entry point under test, as the Lab's harness imports it)
 from diffusion_trainer import shapes  # noqa: E402
+from diffusion_trainer import tiny_models  # noqa: E402
 from diffusion_trainer.tiny_models import save_pipeline, tiny_sd_pipeline  # noqa: E402
+
+FAMILY_BUILDERS = {
+    "sdxl": tiny_models.tiny_sdxl_pipeline,
+    "sd3": tiny_models.tiny_sd3_pipeline,
+    "sd3_without_t5": lambda: tiny_models.tiny_sd3_pipeline(with_t5=False),
+    "flux": tiny_models.tiny_flux_pipeline,
+    "flux_schnell_like": lambda: tiny_models.tiny_flux_pipeline(guidance_embeds=False),
+}
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +47,19 @@ def tiny_sd_v(tmp_path_factory) -> Path:
     """The same, but its scheduler says v_prediction (like SD 2.x 768)."""
     return save_pipeline(tiny_sd_pipeline(seed=0, prediction_type="v_prediction"),
                          tmp_path_factory.mktemp("models") / "tiny_sd_v")
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """tiny_family("sdxl") -> a saved tiny pipeline of that family, built once per session."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = save_pipeline(FAMILY_BUILDERS[name](), tmp_path_factory.mktemp("models") / name)
+        return built[name]
+
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +91,13 @@ def star_imagefolder(tmp_path_factory) -> Path:
         rows.append(json.dumps({"file_name": f"star_{i}.png", "text": caption}))
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return folder
+
+
+@pytest.fixture(scope="session")
+def one_star(tmp_path_factory) -> Path:
+    """One purple star, eight times (so a batch of 8 overfits one image with less noise)."""
+    image, caption = shapes.concept_sample(random.Random(3), "sks")
+    return shapes.write_captioned_folder(tmp_path_factory.mktemp("data") / "one_star", [(image, caption)] * 8)
 
 
 def quick_params(model: Path, dataset: Path, output: Path, **overrides) -> dict:

@@ -123,3 +123,74 @@ def test_vae_shift_and_scale_are_applied_to_latents():
     assert torch.allclose(family.latents_from_distribution(Dist()), torch.full((1, 16, 2, 2), (1.0 - 0.1159) * 0.3611))
     family.pipeline.vae.config = SimpleNamespace(shift_factor=None, scaling_factor=0.18215)
     assert torch.allclose(family.latents_from_distribution(Dist()), torch.full((1, 16, 2, 2), 0.18215))
+
+
+# --- rectified flow (SD3, Flux) ---------------------------------------------------------------
+
+from diffusion_trainer.objectives import FlowMatchObjective, shift_mu, shift_sigmas  # noqa: E402
+from diffusion_trainer.tiny_models import flow_scheduler  # noqa: E402
+
+SD3_SCHEDULER = flow_scheduler(shift=3.0).config
+FLUX_SCHEDULER = flow_scheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                base_image_seq_len=256, max_image_seq_len=4096).config
+
+
+def test_static_shift_is_sd3s_formula():
+    u = torch.tensor([0.1, 0.25, 0.5, 0.9])
+    expected = [3 * x / (1 + 2 * x) for x in u.tolist()]  # shift * u / (1 + (shift - 1) u)
+    assert shift_sigmas(u, shift_mu(SD3_SCHEDULER, image_tokens=4096)).tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_flux_shift_grows_with_resolution():
+    # mu is linear in image tokens: 0.5 at 256 tokens (512 px), 1.15 at 4096 (1024 px)
+    assert shift_mu(FLUX_SCHEDULER, 256) == pytest.approx(0.5)
+    assert shift_mu(FLUX_SCHEDULER, 4096) == pytest.approx(1.15)
+    mu = 0.5 + 0.65 * (1024 - 256) / (4096 - 256)
+    assert shift_mu(FLUX_SCHEDULER, 1024) == pytest.approx(mu)
+    sigma = shift_sigmas(torch.tensor([0.5]), mu).item()
+    assert sigma == pytest.approx(math.exp(mu) / (math.exp(mu) + 1))
+    assert shift_sigmas(torch.tensor([0.5]), shift_mu(FLUX_SCHEDULER, 4096)).item() > sigma
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "mode", "uniform"])
+def test_noise_level_densities_are_the_sd3_papers(scheme):
+    objective = FlowMatchObjective(flow_scheduler(shift=1.0).config, scheme, logit_mean=0.3, logit_std=0.8,
+                                   mode_scale=1.29)
+    torch.manual_seed(0)
+    sigmas = objective.sample_sigmas(6, image_tokens=16)
+    torch.manual_seed(0)
+    if scheme == "logit_normal":
+        expected = torch.sigmoid(torch.normal(0.3, 0.8, size=(6,)))
+    elif scheme == "mode":
+        u = torch.rand(6)
+        expected = 1 - u - 1.29 * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    else:
+        expected = torch.rand(6)
+    assert torch.allclose(sigmas, expected.clamp(1e-3, 1), atol=1e-6)  # shift 1 leaves them as drawn
+
+
+def test_a_positive_logit_mean_trains_on_noisier_images():
+    low, high = (FlowMatchObjective(SD3_SCHEDULER, logit_mean=m).sample_sigmas(4000, 1024) for m in (-1.0, 1.0))
+    assert high.mean() > low.mean() + 0.2
+
+
+@pytest.mark.parametrize("weighting", ["none", "sigma_sqrt", "cosmap"])
+def test_flow_noising_target_and_loss_weights(weighting):
+    objective = FlowMatchObjective(SD3_SCHEDULER, "uniform", loss_weighting=weighting)
+    latents = torch.randn(5, 16, 8, 8)
+    torch.manual_seed(4)
+    noisy = objective.noisy_batch(latents)
+    s = noisy.sigmas.view(-1, 1, 1, 1)
+    torch.manual_seed(4)
+    u = torch.rand(5).clamp(1e-3, 1)
+    noise = torch.randn_like(latents)
+    assert torch.allclose(noisy.sigmas, 3 * u / (1 + 2 * u), atol=1e-6)
+    assert torch.allclose(noisy.model_input, (1 - s) * latents + s * noise, atol=1e-5)  # x_t = (1-σ) x0 + σ ε
+    assert torch.allclose(noisy.target, noise - latents, atol=1e-6)  # velocity ε - x0
+    assert torch.allclose(noisy.timesteps, noisy.sigmas * 1000)
+    sig = noisy.sigmas
+    expected = {"none": None, "sigma_sqrt": sig ** -2.0, "cosmap": 2 / (math.pi * (1 - 2 * sig + 2 * sig ** 2))}[weighting]
+    if expected is None:
+        assert noisy.loss_weights is None
+    else:
+        assert torch.allclose(noisy.loss_weights, expected, rtol=1e-5)

@@ -3,44 +3,17 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from ..errors import InputError
-from .base import ModelFamily
+from .base import ModelFamily, read_model_index
+from .flux import Flux
 from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
+from .sdxl import StableDiffusionXL
 
 FAMILIES: dict[str, type[ModelFamily]] = {
-    family.pipeline_class.__name__: family for family in (StableDiffusion,)
+    family.pipeline_class.__name__: family
+    for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)
 }
-
-
-def read_model_index(source: str) -> dict:
-    """model_index.json of a local pipeline folder or a hub repo (only this small file is fetched)."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise InputError(f"model_name: '{source}' is a folder but has no model_index.json; it must be "
-                             "a diffusers pipeline folder (as written by save_pretrained).")
-    elif path.exists():
-        raise InputError(f"model_name: '{source}' is a file; give the pipeline folder that holds "
-                         "model_index.json, or a hub id.")
-    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise InputError(f"model_name: there is no folder '{source}', and it is not a hub id "
-                         "('owner/name').")
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            index = Path(hf_hub_download(source, "model_index.json"))
-        except Exception as exc:  # offline, gated, or no such repo: say which and stop
-            raise InputError(f"model_name: could not fetch model_index.json of '{source}' from the "
-                             f"hub ({type(exc).__name__}: {exc}).") from None
-    try:
-        return json.loads(index.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"model_name: {index} is not readable JSON ({exc}).") from None
 
 
 def family_for(source: str) -> type[ModelFamily]:

@@ -8,6 +8,7 @@ so most families override only what their architecture really does differently.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +22,46 @@ from ..objectives import NoisyBatch
 
 Conditioning = dict[str, torch.Tensor]
 
+# Parameters that belong to one kind of objective, and why they mean nothing to the other.
+DDPM_ONLY = {
+    "prediction_type": "flow models always learn the velocity noise - x0",
+    "snr_gamma": "Min-SNR weighting is defined on DDPM noise schedules (see flow_loss_weighting)",
+    "min_snr_gamma": "Min-SNR weighting is defined on DDPM noise schedules (see flow_loss_weighting)",
+}
+FLOW_ONLY = {
+    name: "DDPM models draw timesteps uniformly and weight them with snr_gamma"
+    for name in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "flow_loss_weighting")
+}
+FLUX_ONLY = {"guidance_scale": "only guidance-distilled Flux models take a guidance input while training"}
+
+
+def read_model_index(source: str) -> dict:
+    """model_index.json of a local pipeline folder or a hub repo (only this small file is fetched)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise InputError(f"model_name: '{source}' is a folder but has no model_index.json; it must be "
+                             "a diffusers pipeline folder (as written by save_pretrained).")
+    elif path.exists():
+        raise InputError(f"model_name: '{source}' is a file; give the pipeline folder that holds "
+                         "model_index.json, or a hub id.")
+    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise InputError(f"model_name: there is no folder '{source}', and it is not a hub id "
+                         "('owner/name').")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            index = Path(hf_hub_download(source, "model_index.json"))
+        except Exception as exc:  # offline, gated, or no such repo: say which and stop
+            raise InputError(f"model_name: could not fetch model_index.json of '{source}' from the "
+                             f"hub ({type(exc).__name__}: {exc}).") from None
+    try:
+        return json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"model_name: {index} is not readable JSON ({exc}).") from None
+
 
 class ModelFamily(ABC):
     pipeline_class: ClassVar[type[DiffusionPipeline]]
@@ -33,7 +74,7 @@ class ModelFamily(ABC):
     text_encoder_attrs: ClassVar[tuple[str, ...]] = ("text_encoder",)
     # Extra from_pretrained keywords (e.g. skip SD's safety checker).
     load_kwargs: ClassVar[dict[str, Any]] = {}
-    # Parameters with no meaning for this family, and why: logged once at the start of a run.
+    # Parameters with no meaning for this family, and why: said once at the start of a run.
     inapplicable_params: ClassVar[dict[str, str]] = {}
 
     def __init__(self, pipeline: DiffusionPipeline, source: str):
@@ -45,9 +86,12 @@ class ModelFamily(ABC):
     @classmethod
     def load(cls, source: str, weight_dtype: torch.dtype) -> "ModelFamily":
         """Load the pipeline from a hub id or local folder: safetensors only, no remote code."""
+        # Components saved empty (SD3 without T5, no safety checker) must be passed as None again.
+        empty = {name: None for name, value in read_model_index(source).items()
+                 if not name.startswith("_") and isinstance(value, list) and value[0] is None}
         try:
             pipeline = cls.pipeline_class.from_pretrained(
-                source, torch_dtype=weight_dtype, use_safetensors=True, **cls.load_kwargs)
+                source, torch_dtype=weight_dtype, use_safetensors=True, **{**empty, **cls.load_kwargs})
         except (OSError, ValueError) as exc:  # no safetensors, missing parts, unreachable hub
             raise InputError(f"model_name: could not load {cls.label} pipeline '{source}' with safetensors "
                              f"weights ({type(exc).__name__}: {exc}).") from None
@@ -77,6 +121,14 @@ class ModelFamily(ABC):
     @property
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.vae, *self.text_encoders]
+
+    def inapplicable_notes(self, params: Any) -> list[str]:
+        """One line per parameter set to a non-default value that this family cannot use."""
+        from ..params import FIELDS
+
+        return [f"{name}={getattr(params, name)} does not apply to {self.label}: {why}."
+                for name, why in self.inapplicable_params.items()
+                if getattr(params, name) != FIELDS[name].default]
 
     def model_prediction_type(self) -> str | None:
         """The prediction type the base model was trained with, if it has one."""
@@ -129,3 +181,22 @@ class ModelFamily(ABC):
 
     def eval_call_kwargs(self, guidance_scale: float) -> dict[str, Any]:
         return {"guidance_scale": guidance_scale}
+
+
+class FlowMatchingFamily(ModelFamily):
+    """Families trained with rectified flow (SD3, Flux): a transformer denoiser, no prediction type."""
+
+    denoiser_attr = "transformer"
+    lora_save_prefix = "transformer"
+    resolution_multiple = 16  # 8x VAE, then 2x2 patches
+    inapplicable_params = {**DDPM_ONLY, **FLUX_ONLY}
+
+    def model_prediction_type(self) -> str | None:
+        return None
+
+    def configure_objective(self, params: Any, prediction_type: str | None) -> None:
+        from ..objectives import FlowMatchObjective
+
+        self.objective = FlowMatchObjective(
+            self.pipeline.scheduler.config, params.weighting_scheme, params.logit_mean, params.logit_std,
+            params.mode_scale, params.flow_loss_weighting, params.noise_offset)

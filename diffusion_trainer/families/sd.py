@@ -9,13 +9,15 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 
 from ..objectives import DDPMObjective, NoisyBatch
-from .base import Conditioning, ModelFamily
+from .base import FLOW_ONLY, FLUX_ONLY, Conditioning, ModelFamily
+from .text import token_ids
 
 
 class StableDiffusion(ModelFamily):
     pipeline_class = StableDiffusionPipeline
     label = "Stable Diffusion 1.x/2.x"
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    inapplicable_params = {**FLOW_ONLY, **FLUX_ONLY}
 
     def configure_objective(self, params: Any, prediction_type: str | None) -> None:
         prediction_type = prediction_type or "epsilon"
@@ -27,17 +29,9 @@ class StableDiffusion(ModelFamily):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        return {"encoder_hidden_states": self._clip_hidden_states(
-            self.pipeline.tokenizer, self.pipeline.text_encoder, prompts)}
-
-    @staticmethod
-    def _clip_hidden_states(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt")
-        mask = None
-        if getattr(text_encoder.config, "use_attention_mask", False):
-            mask = tokens.attention_mask.to(text_encoder.device)
-        return text_encoder(tokens.input_ids.to(text_encoder.device), attention_mask=mask)[0]
+        encoder = self.pipeline.text_encoder
+        ids = token_ids(self.pipeline.tokenizer, prompts).to(encoder.device)
+        return {"encoder_hidden_states": encoder(ids)[0]}  # the last layer, as SD 1.x/2.x pipelines use
 
     def predict(self, denoiser: torch.nn.Module, noisy: NoisyBatch, conditioning: Conditioning,
                 batch: dict[str, Any]) -> torch.Tensor:

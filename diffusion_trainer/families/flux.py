@@ -1,0 +1,62 @@
+"""Flux: packed 2x2 latents with position ids, CLIP pooled + T5 conditioning, a guidance input for
+guidance-distilled models, and a resolution-dependent flow shift."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import FluxPipeline
+
+from ..objectives import NoisyBatch
+from .base import DDPM_ONLY, Conditioning, FlowMatchingFamily
+from .text import clip_pooled, t5_hidden_states
+
+T5_TOKENS = 512  # FLUX.1-dev's prompt length (schnell's tokenizer caps it at 256)
+
+
+class Flux(FlowMatchingFamily):
+    pipeline_class = FluxPipeline
+    label = "Flux"
+    text_encoder_attrs = ("text_encoder", "text_encoder_2")
+    lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                           "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+    inapplicable_params = DDPM_ONLY
+
+    def configure_objective(self, params: Any, prediction_type: str | None) -> None:
+        super().configure_objective(params, prediction_type)
+        self.guidance = params.guidance_scale if self.denoiser.config.guidance_embeds else None
+
+    def inapplicable_notes(self, params: Any) -> list[str]:
+        notes = super().inapplicable_notes(params)
+        if not self.denoiser.config.guidance_embeds and params.guidance_scale != 1.0:
+            notes.append(f"guidance_scale={params.guidance_scale} does not apply: this Flux model has no "
+                         "guidance input (it is not guidance-distilled, e.g. FLUX.1-schnell).")
+        return notes
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        pipe = self.pipeline
+        t5_tokens = min(T5_TOKENS, pipe.tokenizer_2.model_max_length)
+        return {"pooled_projections": clip_pooled(pipe.tokenizer, pipe.text_encoder, prompts),
+                "encoder_hidden_states": t5_hidden_states(pipe.tokenizer_2, pipe.text_encoder_2, prompts, t5_tokens)}
+
+    def predict(self, denoiser: torch.nn.Module, noisy: NoisyBatch, conditioning: Conditioning,
+                batch: dict[str, Any]) -> torch.Tensor:
+        latents = noisy.model_input
+        b, c, h, w = latents.shape
+        text = conditioning["encoder_hidden_states"]
+        guidance = None
+        if self.guidance is not None:
+            guidance = torch.full((b,), self.guidance, device=latents.device, dtype=latents.dtype)
+        packed = denoiser(
+            hidden_states=FluxPipeline._pack_latents(latents, b, c, h, w),
+            timestep=noisy.sigmas.to(latents.dtype),  # Flux takes the noise level in [0, 1]
+            guidance=guidance,
+            pooled_projections=conditioning["pooled_projections"],
+            encoder_hidden_states=text,
+            txt_ids=text.new_zeros(text.shape[1], 3),
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype),
+            return_dict=False)[0]
+        scale = self.pipeline.vae_scale_factor
+        return FluxPipeline._unpack_latents(packed, h * scale, w * scale, scale)

@@ -1,0 +1,42 @@
+"""Stable Diffusion XL: two CLIP encoders, pooled text embedding and size/crop micro-conditioning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from ..objectives import NoisyBatch
+from .base import Conditioning
+from .sd import StableDiffusion
+from .text import clip_penultimate_and_pooled
+
+
+def micro_conditioning(batch: dict[str, Any]) -> torch.Tensor:
+    """SDXL's time ids per sample: original (h, w), crop (top, left), target (h, w), in that
+    order (Podell et al. 2023, sec. 2.2), from what the loader really did to each image."""
+    target = torch.tensor(batch["pixel_values"].shape[-2:]).expand(len(batch["original_size"]), 2)
+    return torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1)
+
+
+class StableDiffusionXL(StableDiffusion):
+    pipeline_class = StableDiffusionXLPipeline
+    label = "Stable Diffusion XL"
+    load_kwargs = {}
+    text_encoder_attrs = ("text_encoder", "text_encoder_2")
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        pipe = self.pipeline
+        hidden_1, _ = clip_penultimate_and_pooled(pipe.tokenizer, pipe.text_encoder, prompts)
+        hidden_2, pooled = clip_penultimate_and_pooled(pipe.tokenizer_2, pipe.text_encoder_2, prompts)
+        return {"encoder_hidden_states": torch.cat([hidden_1, hidden_2], dim=-1), "text_embeds": pooled}
+
+    def predict(self, denoiser: torch.nn.Module, noisy: NoisyBatch, conditioning: Conditioning,
+                batch: dict[str, Any]) -> torch.Tensor:
+        time_ids = micro_conditioning(batch).to(noisy.model_input.device, conditioning["text_embeds"].dtype)
+        return denoiser(noisy.model_input, noisy.timesteps,
+                        encoder_hidden_states=conditioning["encoder_hidden_states"],
+                        added_cond_kwargs={"text_embeds": conditioning["text_embeds"], "time_ids": time_ids},
+                        return_dict=False)[0]
