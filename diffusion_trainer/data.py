@@ -8,6 +8,7 @@ records the original size and the crop it made (SDXL conditions on both).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,8 +152,14 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
+def covering_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of `size` scaled so that it just covers `target` (both (height, width))."""
+    scale = max(target[0] / size[0], target[1] / size[1])
+    return max(target[0], round(size[0] * scale)), max(target[1], round(size[1] * scale))
+
+
 class ImageTransform:
-    """Resize the short side, crop to a square, then the optional augmentations."""
+    """Resize to cover the target shape, crop to it, then the optional augmentations."""
 
     def __init__(self, params: Any):
         self.size = params.resolution
@@ -166,25 +173,36 @@ class ImageTransform:
         self.rotation = transforms.RandomRotation(params.rotation_degrees) if params.random_rotation else None
         self.rotation_prob = params.rotation_prob
 
-    @property
-    def augments(self) -> bool:
-        """True when the same image can come out differently from one epoch to the next."""
-        return bool(self.flip or self.jitter or self.rotation or not self.center_crop)
+    def random_augmentations(self, size: tuple[int, int], target: tuple[int, int]) -> list[str]:
+        """What makes this image (height, width) come out differently each time, flips aside."""
+        reasons = []
+        if not self.center_crop and covering_size(size, target) != target:
+            reasons.append("random crop")
+        if self.jitter is not None:
+            reasons.append("color_jitter")
+        if self.rotation is not None and self.rotation_prob > 0:
+            reasons.append("random_rotation")
+        return reasons
 
-    def __call__(self, image: Image.Image, seed: int) -> Transformed:
+    def __call__(self, image: Image.Image, seed: int, target: tuple[int, int] | None = None,
+                 flip: bool | None = None) -> Transformed:
+        """`flip` None draws it (when random_flip is on); True/False forces it (cached variants)."""
+        target = target or (self.size, self.size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             original_size = (image.height, image.width)
-            image = TF.resize(image, self.size, interpolation=self.interpolation)
-            flipped = bool(self.flip and torch.rand(()) < 0.5)
+            resized = covering_size(original_size, target)
+            image = TF.resize(image, list(resized), interpolation=self.interpolation)
+            drawn = bool(self.flip and torch.rand(()) < 0.5)
+            flipped = drawn if flip is None else flip
             if flipped:
                 image = TF.hflip(image)
             if self.center_crop:
-                top = max(0, round((image.height - self.size) / 2))
-                left = max(0, round((image.width - self.size) / 2))
+                top = round((resized[0] - target[0]) / 2)
+                left = round((resized[1] - target[1]) / 2)
             else:
-                top, left, _, _ = transforms.RandomCrop.get_params(image, (self.size, self.size))
-            image = TF.crop(image, top, left, self.size, self.size)
+                top, left, _, _ = transforms.RandomCrop.get_params(image, target)
+            image = TF.crop(image, top, left, target[0], target[1])
             if self.jitter is not None:
                 image = self.jitter(image)
             if self.rotation is not None and torch.rand(()) < self.rotation_prob:
@@ -197,12 +215,13 @@ class TrainingSamples(torch.utils.data.Dataset):
     """Each item: index, pixel_values, caption (trigger word in), original_size, crop_top_left."""
 
     def __init__(self, records, image_column: str, captions: list[str], transform: ImageTransform,
-                 seed: int):
+                 seed: int, targets: list[tuple[int, int]] | None = None):
         self.records = records
         self.image_column = image_column
         self.captions = captions
         self.transform = transform
         self.seed = seed
+        self.targets = targets or [(transform.size, transform.size)] * len(records)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -211,18 +230,63 @@ class TrainingSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def image(self, index: int) -> Image.Image:
+        return to_rgb(self.records[index][self.image_column])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = to_rgb(self.records[index][self.image_column])
-        out = self.transform(image, sample_seed(self.seed, self.epoch, index))
+        out = self.transform(self.image(index), sample_seed(self.seed, self.epoch, index), self.targets[index])
         return {
             "index": index,
             "pixel_values": out.pixels,
             "caption": self.captions[index],
             "original_size": torch.tensor(out.original_size),
             "crop_top_left": torch.tensor(out.crop_top_left),
+            "target_size": torch.tensor(self.targets[index]),
         }
+
+
+# --- aspect-ratio buckets --------------------------------------------------------------------
+
+def bucket_targets(images: list[tuple[int, int]], resolution: int) -> list[tuple[int, int]]:
+    """Each image's (height, width) bucket from diffusers' ladder (about resolution^2 pixels, sides
+    in multiples of 64): the one whose aspect ratio is closest to the image's, on a log scale.
+    (diffusers' find_nearest_bucket compares areas, which ties and misplaces images at small sizes.)"""
+    from diffusers.training_utils import generate_aspect_ratio_buckets
+
+    buckets = generate_aspect_ratio_buckets(resolution, divisibility=64)
+    return [min(buckets, key=lambda b: abs(math.log((w / h) / (b[1] / b[0])))) for h, w in images]
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches that never mix shapes, shuffled anew each epoch (the dataset's epoch)."""
+
+    def __init__(self, samples: Any, batch_size: int, seed: int):
+        self.samples = samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.groups: dict[tuple[int, int], list[int]] = {}
+        for index, target in enumerate(samples.targets):
+            self.groups.setdefault(tuple(target), []).append(index)
+
+    def __len__(self) -> int:
+        return sum(-(-len(group) // self.batch_size) for group in self.groups.values())
+
+    def __iter__(self):
+        epoch_seed = int(np.random.SeedSequence([self.seed, self.samples.epoch]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(epoch_seed)
+        batches = []
+        for group in self.groups.values():
+            order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+            batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for i in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[i]
 
 
 def build_samples(records, params: Any) -> TrainingSamples:
     captions = [with_trigger(caption_text(c), params.trigger_word) for c in records[params.caption_column]]
-    return TrainingSamples(records, params.image_column, captions, ImageTransform(params), params.seed)
+    transform = ImageTransform(params)
+    targets = None
+    if params.aspect_ratio_bucketing:
+        sizes = [(image.height, image.width) for image in (to_rgb(r) for r in records[params.image_column])]
+        targets = bucket_targets(sizes, params.resolution)
+    return TrainingSamples(records, params.image_column, captions, transform, params.seed, targets)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.training_utils import offload_models
 from PIL import Image
 
 
@@ -45,7 +46,10 @@ class Evaluator:
     @torch.no_grad()
     def draw(self, prompt: str, seed: int) -> Image.Image:
         averaged = self.ema.applied() if self.ema is not None else nullcontext()
-        with averaged, self.accelerator.autocast():
+        device = self.accelerator.device
+        # the VAE and text encoders wait on the CPU between evals (see train.prepare_data)
+        parked = offload_models(*self.family.frozen_modules, device=device, offload=device.type != "cpu")
+        with averaged, parked, self.accelerator.autocast():
             pipeline = self.family.eval_pipeline()
             generator = torch.Generator(device="cpu").manual_seed(seed)
             result = pipeline(

@@ -42,6 +42,7 @@ class Outcome:
     epochs: int = 0
     stopped: bool = False
     losses: list[tuple[int, float]] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)  # monotonic: start, first_step, end
 
     @property
     def final_loss(self) -> float | None:
@@ -61,6 +62,7 @@ def run(t: Training) -> Outcome:
     window_loss, window_batches, last_read = torch.zeros((), device=acc.device), 0, time.monotonic()
     t.denoiser.train()
     t.reporter.begin(t.total_steps)
+    out.timing["start"] = time.monotonic()
     try:
         for epoch in range(1, t.num_epochs + 1):
             out.epochs = epoch
@@ -79,6 +81,8 @@ def run(t: Training) -> Outcome:
                 if not acc.sync_gradients:
                     continue
                 out.steps += 1
+                if out.steps == 1:
+                    out.timing["first_step"] = time.monotonic()
                 if t.ema is not None:
                     t.ema.step()
                 t.reporter.advance(out.steps)
@@ -99,4 +103,5 @@ def run(t: Training) -> Outcome:
                 t.evaluator.run(f"epoch_{epoch:04d}", out.steps)
         return out
     finally:
+        out.timing["end"] = time.monotonic()
         t.reporter.end_progress()

@@ -76,7 +76,9 @@ def offset_noise(latents: torch.Tensor, noise_offset: float) -> torch.Tensor:
     """Gaussian noise plus, when noise_offset > 0, a random constant per sample and channel
     (Guttenberg 2023, "Diffusion with Offset Noise"), which lets a model learn very dark or
     very bright images."""
-    noise = torch.randn_like(latents)
+    # by shape, not randn_like: the same seed must give the same noise whatever the memory layout
+    # of the latents (the VAE returns channels-last ones, the latent cache contiguous ones)
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     if noise_offset:
         noise = noise + noise_offset * torch.randn(
             latents.shape[0], latents.shape[1], *([1] * (latents.ndim - 2)),

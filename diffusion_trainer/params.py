@@ -220,17 +220,41 @@ class TrainingParams(BaseModel):
         help="Guidance value fed to a guidance-distilled Flux model (FLUX.1-dev) while training; "
              "1.0 as the reference LoRA recipes use. Eval images use eval_guidance_scale.")
 
-    # --- Memory and speed ----------------------------------------------------------------
+    # --- Caching and speed ---------------------------------------------------------------
+    cache_latents: bool = _param(
+        True, title="Cache Latents", group="Caching and speed",
+        help="Encode each training image with the VAE once and train on the stored latents (the VAE "
+             "then leaves the GPU until eval images). Off: encode every step.")
+    latent_cache_variants: int = _param(
+        4, title="Cached Augmentation Variants", group="Caching and speed", ge=1, le=64,
+        help="With random augmentation (random crop of non-square images, colour jitter, rotation), "
+             "this many augmented versions of each image are cached and one is drawn per epoch. For "
+             "fresh augmentation every step, turn cache_latents off.")
+    cache_text_embeddings: bool = _param(
+        True, title="Cache Text Embeddings", group="Caching and speed",
+        help="Encode each distinct caption (and the empty one) once; the text encoders then leave the "
+             "GPU, or are freed when there is no eval prompt.")
+    cache_memory_budget_mb: int = _param(
+        2048, title="Latent Cache Memory Budget (MB)", group="Caching and speed", ge=0,
+        help="A latent cache larger than this goes to disk under output_dir/cache, where later runs "
+             "with the same model, data, resolution and augmentation reuse it. 0 = always on disk.")
+    aspect_ratio_bucketing: bool = _param(
+        False, title="Aspect Ratio Bucketing", group="Caching and speed",
+        help="Train each image at its own shape: buckets of about resolution x resolution pixels with "
+             "sides in multiples of 64, one bucket per batch. Off: square crops.")
+    torch_compile: bool = _param(
+        False, title="torch.compile the Denoiser", group="Caching and speed",
+        help="Compile the UNet/transformer with torch.compile: slower start, faster steps on GPUs.")
     mixed_precision: Literal["no", "fp16", "bf16"] = _param(
-        "no", title="Mixed Precision", group="Memory and speed",
+        "no", title="Mixed Precision", group="Caching and speed",
         help="Keep the frozen base model in half precision (LoRA weights stay fp32). fp16 needs "
              "a GPU; bf16 needs a recent GPU or works slowly on CPU.")
     enable_xformers_memory_efficient_attention: bool = _param(
-        False, title="Enable xFormers Memory Efficient Attention", group="Memory and speed",
+        False, title="Enable xFormers Memory Efficient Attention", group="Caching and speed",
         help="Use xFormers attention (CUDA only; ignored with a warning elsewhere). PyTorch's "
              "own SDPA attention is used otherwise.")
     gradient_checkpointing: bool = _param(
-        False, title="Enable Gradient Checkpointing", group="Memory and speed",
+        False, title="Enable Gradient Checkpointing", group="Caching and speed",
         help="Recompute activations in the backward pass: much less memory, about 20-30% "
              "slower.")
 

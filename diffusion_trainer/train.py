@@ -17,11 +17,12 @@ from typing import Any
 import torch
 
 from . import adapter, loop
-from .data import build_samples, load_records
+from .caching import CachedSamples, DiskLatents, TextCache, build_latent_cache
+from .data import BucketBatchSampler, build_samples, load_records
 from .errors import InputError
 from .evaluate import Evaluator
 from .families import family_for
-from .inputs import EncodedInputs
+from .inputs import ModelInputs
 from .lora import LoraEMA, attach_lora, lora_metadata
 from .params import TrainingParams
 
@@ -51,6 +52,7 @@ class RunResult:
     losses: list[tuple[int, float]]
     eval_images: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    timing: dict[str, float] = field(default_factory=dict)  # loop timestamps, for the benchmark
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class Runtime:
 
 def decide_runtime(params: TrainingParams, reporter: Any) -> Runtime:
     cuda = torch.cuda.is_available()
+    if cuda and torch.cuda.get_device_capability()[0] >= 8:
+        torch.backends.cuda.matmul.allow_tf32 = True  # Ampere and later: TF32 matmuls, fp32 storage
+        torch.backends.cudnn.allow_tf32 = True
     precision = params.mixed_precision
     if precision == "fp16" and not cuda:
         reporter.warn("mixed_precision=fp16 needs a CUDA GPU; training in fp32 on this machine.")
@@ -137,7 +142,6 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
                  lab_datasets_dir: Path | None = None) -> RunResult:
     started = time.monotonic()
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
 
     # --- cheap checks first: nothing is loaded or written until these pass ---------------
     family_cls = family_for(params.model_name)
@@ -153,42 +157,26 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     # --- model -----------------------------------------------------------------------------
     accelerator = make_accelerator(params, runtime, paths, reporter)
     set_seed(params.seed)
-    weight_dtype = WEIGHT_DTYPES[runtime.mixed_precision]
-    reporter.info(f"Loading {family_cls.label} from {params.model_name} "
-                  f"(base weights {str(weight_dtype).removeprefix('torch.')}) on {accelerator.device}.")
-    family = family_cls.load(params.model_name, weight_dtype)
+    family = load_family(family_cls, params, runtime, accelerator, reporter)
     prediction_type = choose_prediction_type(params, family, reporter)
     family.configure_objective(params, prediction_type)
     for note in family.inapplicable_notes(params):
         reporter.info(note)
-    family.pipeline.to(accelerator.device)
-    for module in family.frozen_modules:
-        module.requires_grad_(False)
     denoiser = family.denoiser
     trainable = attach_lora(denoiser, params.lora_r, params.lora_alpha, family.lora_target_modules)
-    if params.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-    if runtime.use_xformers:
-        try:
-            denoiser.enable_xformers_memory_efficient_attention()
-        except Exception as exc:  # not installed, or built for another torch/CUDA
-            reporter.warn(f"xFormers could not be enabled ({exc}); using PyTorch's SDPA attention.")
+    speed_up_denoiser(denoiser, params, runtime, reporter)
 
-    # --- data and optimizer ------------------------------------------------------------------
-    samples = build_samples(records, params)
-    dataloader = torch.utils.data.DataLoader(
-        samples, batch_size=params.train_batch_size, shuffle=True,
-        generator=torch.Generator().manual_seed(params.seed))
+    # --- data: encode once where we can, then park the encoders --------------------------
+    samples, inputs = prepare_data(family, records, params, accelerator, reporter)
+    dataloader = make_dataloader(samples, params, accelerator)
+
+    # --- optimizer -----------------------------------------------------------------------------
     updates_per_epoch = math.ceil(len(dataloader) / params.gradient_accumulation_steps)
     total_steps = params.num_train_epochs * updates_per_epoch
     if params.max_train_steps:
         total_steps = min(total_steps, params.max_train_steps)
     num_epochs = math.ceil(total_steps / updates_per_epoch)
-    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, betas=(params.adam_beta1, params.adam_beta2),
-                                  weight_decay=params.adam_weight_decay, eps=params.adam_epsilon)
-    lr_scheduler = get_scheduler(params.lr_scheduler, optimizer,
-                                 num_warmup_steps=params.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=total_steps * accelerator.num_processes)
+    optimizer, lr_scheduler = make_optimizer(trainable, params, total_steps, accelerator)
     prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
     ema = LoraEMA(trainable, params.ema_decay) if params.use_ema else None
 
@@ -208,8 +196,7 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     outcome = loop.run(loop.Training(
         accelerator=accelerator, family=family, denoiser=prepared, trainable=trainable,
         optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, samples=samples,
-        inputs=EncodedInputs(family, params.caption_dropout_rate, accelerator.device),
-        evaluator=evaluator, reporter=reporter, ema=ema, loss_type=params.loss_type,
+        inputs=inputs, evaluator=evaluator, reporter=reporter, ema=ema, loss_type=params.loss_type,
         huber_c=params.huber_c, max_grad_norm=params.max_grad_norm, num_epochs=num_epochs,
         total_steps=total_steps))
 
@@ -220,7 +207,83 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
         evaluator.run("final", outcome.steps)
     accelerator.end_training()
     return RunResult("stopped" if outcome.stopped else "completed", paths, outcome.steps, outcome.epochs,
-                     outcome.final_loss, outcome.losses, evaluator.images, time.monotonic() - started)
+                     outcome.final_loss, outcome.losses, evaluator.images, time.monotonic() - started,
+                     outcome.timing)
+
+
+def load_family(family_cls: Any, params: TrainingParams, runtime: Runtime, accelerator: Any, reporter: Any):
+    weight_dtype = WEIGHT_DTYPES[runtime.mixed_precision]
+    reporter.info(f"Loading {family_cls.label} from {params.model_name} "
+                  f"(base weights {str(weight_dtype).removeprefix('torch.')}) on {accelerator.device}.")
+    family = family_cls.load(params.model_name, weight_dtype)
+    family.pipeline.to(accelerator.device)
+    for module in family.frozen_modules:
+        module.requires_grad_(False)
+    return family
+
+
+def speed_up_denoiser(denoiser: torch.nn.Module, params: TrainingParams, runtime: Runtime, reporter: Any) -> None:
+    if params.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if runtime.use_xformers:
+        try:
+            denoiser.enable_xformers_memory_efficient_attention()
+        except Exception as exc:  # not installed, or built for another torch/CUDA
+            reporter.warn(f"xFormers could not be enabled ({exc}); using PyTorch's SDPA attention.")
+    if params.torch_compile:
+        denoiser.compile()  # in place: the module (and its LoRA weights) stay the ones we save
+
+
+def prepare_data(family: Any, records: Any, params: TrainingParams, accelerator: Any,
+                 reporter: Any) -> tuple[Any, ModelInputs]:
+    """The training dataset and how batches become model inputs: cached latents and text
+    embeddings when asked for, after which the VAE and text encoders leave the accelerator
+    (or are freed when no eval image will need them)."""
+    samples = build_samples(records, params)
+    if params.aspect_ratio_bucketing:
+        shapes = sorted(set(samples.targets))
+        reporter.info(f"Aspect-ratio buckets in use (height x width): {', '.join(f'{h}x{w}' for h, w in shapes)}.")
+    keep_for_eval = bool(params.eval_prompt.strip())
+    text_cache = None
+    if params.cache_text_embeddings:
+        text_cache = TextCache(family, samples.captions, accelerator.device)
+        parked = family.park(family.text_encoder_attrs, keep_for_eval)
+        reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB); "
+                      f"{', '.join(parked)} {'moved off the accelerator' if keep_for_eval else 'freed'}.")
+    if params.cache_latents:
+        store = build_latent_cache(family, samples, params, Path(params.output_dir).expanduser() / "cache", reporter)
+        samples = CachedSamples(store, samples)
+        family.park(("vae",), keep_for_eval)
+    else:
+        reporter.info("cache_latents is off: the VAE encodes every batch (augmented afresh each time).")
+    return samples, ModelInputs(family, params.caption_dropout_rate, accelerator.device, text_cache)
+
+
+def make_dataloader(samples: Any, params: TrainingParams, accelerator: Any):
+    cuda = accelerator.device.type == "cuda"
+    batches = math.ceil(len(samples) / params.train_batch_size)
+    # Workers pay off only when items are expensive (decoding, augmenting, reading disk) and an
+    # epoch is long enough to amortise starting them; cached latents in memory are neither.
+    expensive = not isinstance(samples, CachedSamples) or isinstance(samples.store, DiskLatents)
+    workers = min(4, (os.cpu_count() or 1) - 1) if expensive and batches >= 8 else 0
+    options: dict[str, Any] = {"num_workers": max(0, workers), "pin_memory": cuda}
+    if params.aspect_ratio_bucketing:
+        sampler = BucketBatchSampler(samples, params.train_batch_size, params.seed)
+        return torch.utils.data.DataLoader(samples, batch_sampler=sampler, **options)
+    return torch.utils.data.DataLoader(samples, batch_size=params.train_batch_size, shuffle=True,
+                                       generator=torch.Generator().manual_seed(params.seed), **options)
+
+
+def make_optimizer(trainable: list[torch.nn.Parameter], params: TrainingParams, total_steps: int, accelerator: Any):
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, betas=(params.adam_beta1, params.adam_beta2),
+                                  weight_decay=params.adam_weight_decay, eps=params.adam_epsilon,
+                                  fused=accelerator.device.type == "cuda")
+    lr_scheduler = get_scheduler(params.lr_scheduler, optimizer,
+                                 num_warmup_steps=params.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=total_steps * accelerator.num_processes)
+    return optimizer, lr_scheduler
 
 
 def save_adapter(family: Any, params: TrainingParams, target: Path, outcome: loop.Outcome,

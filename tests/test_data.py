@@ -112,45 +112,60 @@ def test_exif_orientation_is_respected_and_transparency_becomes_white(tmp_path):
     assert to_rgb(Image.new("L", (2, 2), 7)).mode == "RGB"
 
 
-def spy_on_text_encoder(monkeypatch):
-    seen = []
-    forward = CLIPTextModel.forward
+def spy_on_step_captions(monkeypatch, tokenizer, cached: bool) -> list[str]:
+    """The captions each training step is conditioned on: read from the text-embedding cache when
+    it is on, decoded from what reaches the text encoder when it is off."""
+    from diffusion_trainer.caching import TextCache
 
-    def recording_forward(self, input_ids=None, *args, **kwargs):
-        seen.append(input_ids.detach().cpu())
-        return forward(self, input_ids, *args, **kwargs)
+    seen: list[str] = []
+    if cached:
+        lookup = TextCache.__call__
 
-    monkeypatch.setattr(CLIPTextModel, "forward", recording_forward)
+        def recording_lookup(self, captions):
+            seen.extend(captions)
+            return lookup(self, captions)
+
+        monkeypatch.setattr(TextCache, "__call__", recording_lookup)
+    else:
+        forward = CLIPTextModel.forward
+
+        def recording_forward(self, input_ids=None, *args, **kwargs):
+            seen.extend(tokenizer.decode(ids, skip_special_tokens=True) for ids in input_ids)
+            return forward(self, input_ids, *args, **kwargs)
+
+        monkeypatch.setattr(CLIPTextModel, "forward", recording_forward)
     return seen
 
 
-def test_the_trigger_word_reaches_the_text_encoder(tmp_path, tiny_sd, world_folder, monkeypatch):
+@pytest.mark.parametrize("cached", [True, False], ids=["text-cache", "encode-per-step"])
+def test_the_trigger_word_reaches_the_text_encoder(tmp_path, tiny_sd, world_folder, monkeypatch, cached):
     from transformers import CLIPTokenizer
 
-    seen = spy_on_text_encoder(monkeypatch)
-    code, _ = train(tmp_path, tiny_sd, world_folder, trigger_word="sks", num_train_epochs=1)
-    assert code == 0
     tokenizer = CLIPTokenizer.from_pretrained(str(tiny_sd / "tokenizer"))
-    prompts = [tokenizer.decode(ids, skip_special_tokens=True) for batch in seen for ids in batch]
+    prompts = spy_on_step_captions(monkeypatch, tokenizer, cached)
+    code, _ = train(tmp_path, tiny_sd, world_folder, trigger_word="sks", num_train_epochs=1,
+                    cache_text_embeddings=cached)
+    assert code == 0
     captions = {p.read_text().strip() for p in world_folder.glob("*.txt")}
     assert len(prompts) == 8
     assert {p.removeprefix("sks ") for p in prompts} == captions
     assert all(p.startswith("sks ") for p in prompts)
 
 
-def test_caption_dropout_feeds_the_empty_caption(tmp_path, tiny_sd, world_folder, monkeypatch):
+@pytest.mark.parametrize("cached", [True, False], ids=["text-cache", "encode-per-step"])
+def test_caption_dropout_feeds_the_empty_caption(tmp_path, tiny_sd, world_folder, monkeypatch, cached):
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(str(tiny_sd / "tokenizer"))
     for rate, expect_empty in ((1.0, 8), (0.0, 0)):
-        seen = spy_on_text_encoder(monkeypatch)
-        code, _ = train(tmp_path / str(rate), tiny_sd, world_folder, caption_dropout_rate=rate, num_train_epochs=1)
+        prompts = spy_on_step_captions(monkeypatch, tokenizer, cached)
+        code, _ = train(tmp_path / str(rate), tiny_sd, world_folder, caption_dropout_rate=rate,
+                        num_train_epochs=1, cache_text_embeddings=cached)
         assert code == 0
-        prompts = [tokenizer.decode(ids, skip_special_tokens=True) for batch in seen for ids in batch]
         assert sum(p == "" for p in prompts) == expect_empty
-    seen = spy_on_text_encoder(monkeypatch)
-    code, _ = train(tmp_path / "half", tiny_sd, world_folder, caption_dropout_rate=0.5, num_train_epochs=6)
-    prompts = [tokenizer.decode(ids, skip_special_tokens=True) for batch in seen for ids in batch]
+    prompts = spy_on_step_captions(monkeypatch, tokenizer, cached)
+    code, _ = train(tmp_path / "half", tiny_sd, world_folder, caption_dropout_rate=0.5, num_train_epochs=6,
+                    cache_text_embeddings=cached)
     assert 0.25 < sum(p == "" for p in prompts) / len(prompts) < 0.75
 
 

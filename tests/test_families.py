@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2
 from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from diffusion_trainer.caching import CachedSamples
 from diffusion_trainer.data import TrainingSamples
 from diffusion_trainer.families.flux import Flux
 from diffusion_trainer.families.sd3 import StableDiffusion3
@@ -153,7 +154,8 @@ def test_overfitting_one_image_lowers_the_loss(tmp_path, tiny_family, one_star, 
     assert after < 0.95 * before, (before, after)
 
 
-def test_sdxl_time_ids_are_the_size_and_crop_the_loader_made(tmp_path, tiny_family, monkeypatch):
+@pytest.mark.parametrize("cached", [True, False], ids=["latent-cache", "encode-per-step"])
+def test_sdxl_time_ids_are_the_size_and_crop_the_loader_made(tmp_path, tiny_family, monkeypatch, cached):
     """Predecessor fault: SDXL time ids in the wrong order, crops recorded as (0, 0)."""
     from PIL import Image
 
@@ -161,7 +163,8 @@ def test_sdxl_time_ids_are_the_size_and_crop_the_loader_made(tmp_path, tiny_fami
         Image.new("RGB", size, (200, 40 * i, 90)).save(tmp_path / f"{i}.png")
         (tmp_path / f"{i}.txt").write_text("a picture")
     made, seen = {}, []
-    getitem = TrainingSamples.__getitem__
+    samples_class = CachedSamples if cached else TrainingSamples
+    getitem = samples_class.__getitem__
 
     def recording_getitem(self, index):
         item = getitem(self, index)
@@ -181,10 +184,11 @@ def test_sdxl_time_ids_are_the_size_and_crop_the_loader_made(tmp_path, tiny_fami
         batches.append([made[i] for i in batch["index"].tolist()])
         return predict(self, denoiser, noisy, conditioning, batch)
 
-    monkeypatch.setattr(TrainingSamples, "__getitem__", recording_getitem)
+    monkeypatch.setattr(samples_class, "__getitem__", recording_getitem)
     monkeypatch.setattr(UNet2DConditionModel, "forward", recording_forward)
     monkeypatch.setattr(StableDiffusionXL, "predict", recording_predict)
-    code, _ = train(tmp_path / "run", tiny_family("sdxl"), tmp_path, center_crop=False, num_train_epochs=3)
+    code, _ = train(tmp_path / "run", tiny_family("sdxl"), tmp_path, center_crop=False, num_train_epochs=3,
+                    cache_latents=cached)
     assert code == 0 and len(seen) == len(batches) == 6
     for time_ids, loader in zip(seen, batches):
         assert time_ids == [row + [64, 64] for row in loader]
@@ -233,13 +237,14 @@ def test_bf16_loads_the_base_in_bf16_and_trains_lora_in_fp32(tmp_path, tiny_fami
     predict = StableDiffusion3.predict
 
     def recording_predict(self, denoiser, noisy, conditioning, batch):
-        for module in [self.denoiser, self.vae, *self.text_encoders]:
+        for module in [self.denoiser, self.vae, *self.text_encoders]:  # all loaded: the caches are off
             for pname, p in module.named_parameters():
                 dtypes.setdefault("lora" if "lora" in pname else "base", set()).add(p.dtype)
         return predict(self, denoiser, noisy, conditioning, batch)
 
     monkeypatch.setattr(StableDiffusion3, "predict", recording_predict)
-    code, _ = train(tmp_path, tiny_family("sd3"), star_folder, num_train_epochs=1, mixed_precision="bf16")
+    code, _ = train(tmp_path, tiny_family("sd3"), star_folder, num_train_epochs=1, mixed_precision="bf16",
+                    cache_latents=False, cache_text_embeddings=False)
     assert code == 0
     assert dtypes == {"base": {torch.bfloat16}, "lora": {torch.float32}}
 

@@ -121,7 +121,8 @@ def test_vae_shift_and_scale_are_applied_to_latents():
     vae = SimpleNamespace(config=SimpleNamespace(shift_factor=0.1159, scaling_factor=0.3611))
     family = StableDiffusion(SimpleNamespace(vae=vae), "any")
     assert torch.allclose(family.latents_from_distribution(Dist()), torch.full((1, 16, 2, 2), (1.0 - 0.1159) * 0.3611))
-    family.pipeline.vae.config = SimpleNamespace(shift_factor=None, scaling_factor=0.18215)
+    vae = SimpleNamespace(config=SimpleNamespace(shift_factor=None, scaling_factor=0.18215))
+    family = StableDiffusion(SimpleNamespace(vae=vae), "any")
     assert torch.allclose(family.latents_from_distribution(Dist()), torch.full((1, 16, 2, 2), 0.18215))
 
 

@@ -70,7 +70,7 @@ def test_loss_falls_on_a_small_overfit_run(tmp_path, tiny_sd, star_folder):
                       max_train_steps=200, learning_rate=2e-3)
     assert code == 0
     losses = [loss for _, loss in tensorboard_scalars(out / "logs" / "test_lora", "loss")]
-    assert len(losses) == 20
+    assert len(losses) >= 20  # every 10 steps, and once a second when steps are slower
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.85 * first, losses
 

@@ -80,6 +80,7 @@ class ModelFamily(ABC):
     def __init__(self, pipeline: DiffusionPipeline, source: str):
         self.pipeline = pipeline
         self.source = source  # hub id or path it was loaded from
+        self.vae_config = pipeline.vae.config  # latent scale and shift, still needed once the VAE is freed
         self.objective: Any = None  # set by configure_objective
 
     # --- loading ---------------------------------------------------------------------------
@@ -120,7 +121,7 @@ class ModelFamily(ABC):
 
     @property
     def frozen_modules(self) -> list[torch.nn.Module]:
-        return [self.vae, *self.text_encoders]
+        return [m for m in (self.vae, *self.text_encoders) if m is not None]
 
     def inapplicable_notes(self, params: Any) -> list[str]:
         """One line per parameter set to a non-default value that this family cannot use."""
@@ -129,6 +130,21 @@ class ModelFamily(ABC):
         return [f"{name}={getattr(params, name)} does not apply to {self.label}: {why}."
                 for name, why in self.inapplicable_params.items()
                 if getattr(params, name) != FIELDS[name].default]
+
+    def park(self, attrs: tuple[str, ...], keep: bool) -> list[str]:
+        """After caching: move these components to the CPU until eval images need them (keep), or
+        free them. Returns what was done, for the log."""
+        done = []
+        for attr in attrs:
+            module = getattr(self.pipeline, attr, None)
+            if module is None:
+                continue
+            if keep:
+                module.to("cpu")
+            else:
+                setattr(self.pipeline, attr, None)
+            done.append(attr)
+        return done
 
     def model_prediction_type(self) -> str | None:
         """The prediction type the base model was trained with, if it has one."""
@@ -149,7 +165,7 @@ class ModelFamily(ABC):
         return self.latents_from_distribution(self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist)
 
     def latents_from_distribution(self, latent_dist: Any) -> torch.Tensor:
-        config = self.vae.config
+        config = self.vae_config
         shift = getattr(config, "shift_factor", None) or 0.0
         return (latent_dist.sample() - shift) * config.scaling_factor
 

@@ -16,8 +16,7 @@ from .text import clip_penultimate_and_pooled
 def micro_conditioning(batch: dict[str, Any]) -> torch.Tensor:
     """SDXL's time ids per sample: original (h, w), crop (top, left), target (h, w), in that
     order (Podell et al. 2023, sec. 2.2), from what the loader really did to each image."""
-    target = torch.tensor(batch["pixel_values"].shape[-2:]).expand(len(batch["original_size"]), 2)
-    return torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1)
+    return torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
 
 
 class StableDiffusionXL(StableDiffusion):

@@ -1,0 +1,245 @@
+"""Encode once. The latent cache holds each training image's VAE posterior (mean and log-variance)
+per augmentation variant, keyed by the sample, never by the step, so shuffling cannot pair a
+latent with another image's caption; a fresh latent is still sampled from it every step, exactly
+as encoding on the fly would. The text cache holds each distinct caption's conditioning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .data import TrainingSamples, sample_seed
+
+ENCODE_BATCH = 8
+VARIANT_NAMESPACE = 1_000_000  # seeds of cached variants never coincide with an epoch's
+
+
+@dataclass
+class Variant:
+    latent_params: torch.Tensor  # 2C x h x w: the VAE posterior's mean and log-variance
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+
+# --- which variants each image needs -----------------------------------------------------------
+
+def variant_plan(samples: TrainingSamples, variants: int) -> tuple[list[list[bool | None]], str]:
+    """Per sample, the flip of each cached variant (None: drawn at random with the rest of the
+    augmentation), and one sentence saying what was decided."""
+    transform = samples.transform
+    plan, random_reasons = [], set()
+    for index in range(len(samples)):
+        image = samples.image(index)
+        reasons = transform.random_augmentations((image.height, image.width), samples.targets[index])
+        random_reasons.update(reasons)
+        if reasons:
+            plan.append([None] * variants)
+        elif transform.flip:
+            plan.append([False, True])
+        else:
+            plan.append([False])
+    counts = sorted({len(p) for p in plan})
+    if random_reasons:
+        what = (f"random augmentation ({', '.join(sorted(random_reasons))}): caching "
+                f"{variants} augmented variants per such image (latent_cache_variants); set cache_latents "
+                "off to augment afresh every step")
+    elif transform.flip:
+        what = "random_flip: caching each image and its mirror image"
+    else:
+        what = "no random augmentation: caching one latent per image"
+    return plan, f"Latent cache: {what} ({sum(len(p) for p in plan)} latents, {counts} per image)."
+
+
+def fingerprint(model: str, vae_config: dict, params: Any, records: Any, plan: list) -> str:
+    """What a disk cache depends on: model and VAE, data, resolution and every augmentation setting."""
+    source = Path(params.dataset_name).expanduser()
+    files = sorted((p.relative_to(source).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in source.rglob("*") if p.is_file()) if source.is_dir() else []
+    model_path = Path(model).expanduser()
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in (model_path / "vae").glob("*")) if model_path.is_dir() else []
+    keys = {
+        "model": model, "vae_config": {k: v for k, v in vae_config.items() if not k.startswith("_")},
+        "vae_weights": weights, "dataset": params.dataset_name, "dataset_fingerprint": getattr(records, "_fingerprint", ""),
+        "files": files, "image_column": params.image_column, "resolution": params.resolution,
+        "bucketing": params.aspect_ratio_bucketing, "center_crop": params.center_crop,
+        "interpolation": params.image_interpolation_mode, "random_flip": params.random_flip,
+        "color_jitter": [params.color_jitter, params.color_jitter_brightness, params.color_jitter_contrast,
+                         params.color_jitter_saturation, params.color_jitter_hue],
+        "rotation": [params.random_rotation, params.rotation_degrees, params.rotation_prob],
+        "seed": params.seed, "plan": plan,
+    }
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+# --- stores ------------------------------------------------------------------------------------
+
+class MemoryLatents:
+    def __init__(self, entries: list[list[Variant]]):
+        self.entries = entries
+
+    def variants(self, index: int) -> int:
+        return len(self.entries[index])
+
+    def get(self, index: int, variant: int) -> Variant:
+        return self.entries[index][variant]
+
+
+class DiskLatents:
+    """One safetensors file per sample; written to a temporary folder renamed into place when
+    complete, so an interrupted run never leaves a cache that looks whole."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.counts = json.loads((folder / "complete.json").read_text())["variants"]
+
+    def variants(self, index: int) -> int:
+        return self.counts[index]
+
+    def get(self, index: int, variant: int) -> Variant:
+        with safe_open(str(self.folder / f"{index:07d}.safetensors"), "pt") as f:
+            meta = f.get_tensor(f"v{variant}_meta").tolist()
+            return Variant(f.get_tensor(f"v{variant}"), tuple(meta[:2]), tuple(meta[2:]))
+
+    @staticmethod
+    def write_sample(folder: Path, index: int, variants: list[Variant]) -> None:
+        tensors = {}
+        for k, v in enumerate(variants):
+            tensors[f"v{k}"] = v.latent_params.contiguous()
+            tensors[f"v{k}_meta"] = torch.tensor([*v.original_size, *v.crop_top_left])
+        save_file(tensors, str(folder / f"{index:07d}.safetensors"))
+
+
+def encode_variants(family: Any, samples: TrainingSamples, plan: list[list[bool | None]],
+                    on_sample_done) -> None:
+    """VAE-encode every (sample, variant) in batches of one shape, calling on_sample_done(index,
+    variants) as each sample completes."""
+    pending: dict[tuple[int, int], list[tuple[int, int, Any]]] = {}
+    done: dict[int, list[Variant | None]] = {}
+
+    def flush(shape):
+        batch = pending.pop(shape)
+        pixels = torch.stack([out.pixels for _, _, out in batch]).to(family.vae.device, family.vae.dtype)
+        with torch.no_grad():
+            params = family.vae.encode(pixels).latent_dist.parameters.cpu()
+        for (index, k, out), p in zip(batch, params):
+            done[index][k] = Variant(p, out.original_size, out.crop_top_left)
+            if all(v is not None for v in done[index]):
+                on_sample_done(index, done.pop(index))
+
+    for index, flips in enumerate(plan):
+        image = samples.image(index)
+        done[index] = [None] * len(flips)
+        for k, flip in enumerate(flips):
+            seed = sample_seed(samples.seed, VARIANT_NAMESPACE + k, index)
+            out = samples.transform(image, seed, samples.targets[index], flip=flip)
+            shape = tuple(out.pixels.shape[-2:])
+            pending.setdefault(shape, []).append((index, k, out))
+            if len(pending[shape]) == ENCODE_BATCH:
+                flush(shape)
+    for shape in list(pending):
+        flush(shape)
+
+
+def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, cache_root: Path,
+                       reporter: Any) -> MemoryLatents | DiskLatents:
+    plan, message = variant_plan(samples, params.latent_cache_variants)
+    reporter.info(message)
+    folder = cache_root / f"latents-{fingerprint(params.model_name, dict(family.vae.config), params, samples.records, plan)}"
+    if (folder / "complete.json").is_file():
+        reporter.info(f"Reusing the latent cache in {folder}.")
+        return DiskLatents(folder)
+    channels = 2 * family.vae.config.latent_channels
+    scale = 2 ** (len(family.vae.config.block_out_channels) - 1)
+    element = torch.finfo(family.vae.dtype).bits // 8
+    size_mb = sum(len(flips) * channels * (h // scale) * (w // scale) * element
+                  for flips, (h, w) in zip(plan, samples.targets)) / 2**20
+    started = time.monotonic()
+    if size_mb <= params.cache_memory_budget_mb:
+        entries: list[list[Variant]] = [[] for _ in plan]
+        encode_variants(family, samples, plan, lambda index, variants: entries.__setitem__(index, variants))
+        reporter.info(f"Encoded {size_mb:.1f} MB of latents in {time.monotonic() - started:.1f} s (kept in memory).")
+        return MemoryLatents(entries)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        encode_variants(family, samples, plan, lambda index, variants: DiskLatents.write_sample(staging, index, variants))
+        (staging / "complete.json").write_text(json.dumps({"variants": [len(p) for p in plan]}))
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    reporter.info(f"Encoded {size_mb:.1f} MB of latents in {time.monotonic() - started:.1f} s into {folder} "
+                  f"(over cache_memory_budget_mb={params.cache_memory_budget_mb}); later runs reuse it.")
+    return DiskLatents(folder)
+
+
+class CachedSamples(torch.utils.data.Dataset):
+    """Training items from the latent cache: one variant per sample per epoch, drawn from the seed."""
+
+    def __init__(self, store: MemoryLatents | DiskLatents, samples: TrainingSamples):
+        self.store = store
+        self.captions = samples.captions
+        self.targets = samples.targets
+        self.seed = samples.seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        count = self.store.variants(index)
+        variant = 0 if count == 1 else sample_seed(self.seed, self.epoch, index) % count
+        cached = self.store.get(index, variant)
+        return {
+            "index": index,
+            "latent_params": cached.latent_params,
+            "caption": self.captions[index],
+            "original_size": torch.tensor(cached.original_size),
+            "crop_top_left": torch.tensor(cached.crop_top_left),
+            "target_size": torch.tensor(self.targets[index]),
+        }
+
+
+# --- text ----------------------------------------------------------------------------------------
+
+DEVICE_TEXT_CACHE_MB = 512  # larger text caches (T5's are big) stay in host memory
+
+
+class TextCache:
+    """Each distinct caption's conditioning, computed once; looked up by caption every step."""
+
+    def __init__(self, family: Any, captions: list[str], device: torch.device, batch_size: int = 16):
+        unique = sorted(set(captions) | {""})
+        self.rows = {caption: row for row, caption in enumerate(unique)}
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, len(unique), batch_size):
+            for key, value in family.encode_prompts(unique[start:start + batch_size]).items():
+                parts.setdefault(key, []).append(value)
+        tensors = {key: torch.cat(values) for key, values in parts.items()}
+        size_mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+        self.device = device
+        home = device if size_mb <= DEVICE_TEXT_CACHE_MB else torch.device("cpu")
+        self.tensors = {k: v.to(home) for k, v in tensors.items()}
+        self.size_mb = size_mb
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        rows = torch.tensor([self.rows[c] for c in captions])
+        return {k: v[rows.to(v.device)].to(self.device, non_blocking=True) for k, v in self.tensors.items()}

@@ -1,0 +1,197 @@
+"""Encode once: the latent and text caches, aspect-ratio buckets, and what leaves the accelerator."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import train
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffusion_trainer import shapes
+from diffusion_trainer.data import bucket_targets, build_samples, load_records
+from diffusion_trainer.families.sd import StableDiffusion
+from diffusion_trainer.inputs import ModelInputs
+from diffusion_trainer.params import parse_params
+from diffusion_trainer.reporting import Reporter
+
+
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory):
+    """Eight different pictures, each caption naming its own picture."""
+    folder = tmp_path_factory.mktemp("numbered")
+    rng = random.Random(5)
+    for i in range(8):
+        image, _, colour, shape = shapes.world_sample(rng)
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i} {colour} {shape}")
+    return folder
+
+
+def adapter(out):
+    return load_file(out / "test_lora" / "pytorch_lora_weights.safetensors")
+
+
+def test_cached_and_uncached_training_are_the_same_training(tmp_path, tiny_sd, numbered):
+    """Same seed, deterministic augmentation: identical noise, timesteps, VAE samples and captions,
+    so identical gradients: the adapters agree to float rounding."""
+    runs = {}
+    for name, cached in (("cached", True), ("uncached", False)):
+        code, out = train(tmp_path / name, tiny_sd, numbered, cache_latents=cached, cache_text_embeddings=cached,
+                          num_train_epochs=3, caption_dropout_rate=0.3)
+        assert code == 0
+        runs[name] = adapter(out)
+    cached, uncached = runs["cached"], runs["uncached"]
+    assert all(torch.allclose(cached[k], uncached[k], rtol=1e-3, atol=1e-6) for k in cached)
+    assert any(cached[k].abs().max() > 1e-3 for k in cached)  # and they did train
+
+
+def test_every_cached_latent_meets_its_own_caption_under_shuffling(tmp_path, tiny_sd, numbered, monkeypatch):
+    seen = []
+    latents = ModelInputs.latents
+
+    def recording(self, batch):
+        seen.append((list(batch["caption"]), batch["latent_params"].clone()))
+        return latents(self, batch)
+
+    monkeypatch.setattr(ModelInputs, "latents", recording)
+    code, _ = train(tmp_path, tiny_sd, numbered, num_train_epochs=3, random_flip=True)
+    assert code == 0
+    # an independent encoding of each picture, found by the number in its caption
+    vae = AutoencoderKL.from_pretrained(str(tiny_sd / "vae"))
+    params = parse_params({"adaptor_name": "a", "model_name": "m/m", "dataset_name": "d", "resolution": 64,
+                           "center_crop": True})[0]
+    samples = build_samples(load_records(str(numbered), "image", "text"), params)
+    with torch.no_grad():
+        means = {}  # picture number -> posterior means of the picture and of its mirror image
+        for i in range(len(samples)):
+            pixels = samples[i]["pixel_values"][None]
+            means[samples.captions[i].split()[1]] = [vae.encode(p).latent_dist.mean[0] for p in (pixels, pixels.flip(-1))]
+    orders, flips = set(), 0
+    for captions, latent_params in seen:
+        orders.add(tuple(captions))
+        for caption, p in zip(captions, latent_params):
+            mean = p[: p.shape[0] // 2]
+            own = means[caption.split()[1]]
+            matches = [torch.allclose(mean, m, atol=1e-4) for m in own]
+            assert any(matches), caption
+            flips += matches[1]
+            assert all(not torch.allclose(mean, m, atol=1e-2)
+                       for key, ms in means.items() if key != caption.split()[1] for m in ms)
+    assert len(orders) > 1 and flips > 0  # the batches really were shuffled, and mirrored ones drawn
+
+
+def cache_folders(out):
+    return sorted(p.name for p in (out / "cache").glob("latents-*"))
+
+
+def test_the_disk_cache_is_reused_and_rebuilt_when_its_inputs_change(tmp_path, tiny_sd, tiny_sd_v, numbered, capsys):
+    output = tmp_path / "shared_output"
+    common = dict(output_dir=str(output), cache_memory_budget_mb=0, num_train_epochs=1)
+    assert train(tmp_path / "a", tiny_sd, numbered, **common)[0] == 0
+    first = cache_folders(output)
+    assert len(first) == 1 and "later runs reuse it" in capsys.readouterr().err
+    assert train(tmp_path / "b", tiny_sd, numbered, **common)[0] == 0
+    assert cache_folders(output) == first and "Reusing the latent cache" in capsys.readouterr().err
+    for change in ({"resolution": 128}, {"color_jitter": True}, {"random_flip": True}):
+        assert train(tmp_path / "c", tiny_sd, numbered, **common, **change)[0] == 0
+        assert "Reusing" not in capsys.readouterr().err
+    assert train(tmp_path / "d", tiny_sd_v, numbered, **common)[0] == 0  # another model
+    assert "Reusing" not in capsys.readouterr().err
+    assert len(cache_folders(output)) == 5
+    assert not [p for p in (output / "cache").iterdir() if ".partial" in p.name]
+
+
+def test_the_run_says_how_augmentation_is_cached(tmp_path, tiny_sd, numbered, capsys):
+    assert train(tmp_path / "plain", tiny_sd, numbered, num_train_epochs=1)[0] == 0
+    assert "no random augmentation: caching one latent per image (8 latents" in capsys.readouterr().err
+    assert train(tmp_path / "flip", tiny_sd, numbered, num_train_epochs=1, random_flip=True)[0] == 0
+    assert "caching each image and its mirror image (16 latents" in capsys.readouterr().err
+    assert train(tmp_path / "jitter", tiny_sd, numbered, num_train_epochs=1, color_jitter=True,
+                 latent_cache_variants=3)[0] == 0
+    err = capsys.readouterr().err
+    assert "random augmentation (color_jitter): caching 3 augmented variants" in err and err.count("Latent cache:") == 1
+
+
+@pytest.fixture(scope="module")
+def mixed_shapes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mixed")
+    sizes = [(64, 64), (128, 64), (64, 128), (96, 64), (128, 128), (64, 128), (128, 64), (60, 90)]  # (w, h)
+    for i, (w, h) in enumerate(sizes):
+        Image.new("RGB", (w, h), (30 * i, 120, 200)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+    return folder, sizes
+
+
+def test_each_image_goes_to_the_bucket_of_its_aspect_ratio(mixed_shapes):
+    _, sizes = mixed_shapes
+    targets = bucket_targets([(h, w) for w, h in sizes], 128)
+    for (w, h), (bh, bw) in zip(sizes, targets):
+        assert bh % 64 == 0 and bw % 64 == 0
+        assert abs(bh * bw - 128 * 128) <= 0.5 * 128 * 128
+        assert (bw > bh) == (w > h) and (bw < bh) == (w < h)  # landscape stays landscape, portrait portrait
+    assert len(set(targets)) == 3
+
+
+def test_bucketed_batches_never_mix_shapes(tmp_path, tiny_family, mixed_shapes, monkeypatch):
+    from diffusion_trainer.families.sdxl import StableDiffusionXL
+
+    folder, sizes = mixed_shapes
+    seen = []
+    predict = StableDiffusionXL.predict
+
+    def recording(self, denoiser, noisy, conditioning, batch):
+        seen.append((tuple(noisy.model_input.shape[-2:]), batch["target_size"].tolist(), batch["index"].tolist()))
+        return predict(self, denoiser, noisy, conditioning, batch)
+
+    monkeypatch.setattr(StableDiffusionXL, "predict", recording)
+    code, _ = train(tmp_path, tiny_family("sdxl"), folder, resolution=128, aspect_ratio_bucketing=True,
+                    train_batch_size=3, num_train_epochs=2)
+    assert code == 0
+    expected = dict(enumerate(bucket_targets([(h, w) for w, h in sizes], 128)))
+    for latent_shape, targets, indices in seen:
+        assert len({tuple(t) for t in targets}) == 1  # one shape per batch
+        for target, index in zip(targets, indices):
+            assert tuple(target) == expected[index]  # SDXL's target size is the bucket
+            assert latent_shape == (target[0] // 8, target[1] // 8)
+    assert len({shape for shape, _, _ in seen}) == 3
+
+
+@pytest.mark.parametrize("eval_prompt", ["", "a sks star"])
+def test_encoders_leave_the_accelerator_after_caching(tmp_path, tiny_sd, numbered, monkeypatch, eval_prompt):
+    """No GPU here: with no eval prompt they are freed; with one they wait on the CPU (the device
+    each module reports) and still draw the eval images."""
+    during = []
+    predict = StableDiffusion.predict
+
+    def recording(self, denoiser, noisy, conditioning, batch):
+        during.append([(m.device.type if m is not None else None) for m in (self.pipeline.vae, self.pipeline.text_encoder)])
+        return predict(self, denoiser, noisy, conditioning, batch)
+
+    monkeypatch.setattr(StableDiffusion, "predict", recording)
+    code, out = train(tmp_path, tiny_sd, numbered, num_train_epochs=2, eval_prompt=eval_prompt, eval_steps=1)
+    assert code == 0
+    assert during and all(d == ([None, None] if not eval_prompt else ["cpu", "cpu"]) for d in during)
+    assert len(list((out / "eval_images" / "test_lora").glob("*.png"))) == (2 if eval_prompt else 0)
+
+
+def test_the_progress_bar_counts_optimizer_steps(tmp_path, tiny_sd, numbered, monkeypatch):
+    calls = {}
+    begin, advance = Reporter.begin, Reporter.advance
+
+    def recording_begin(self, total):
+        calls["total"] = total
+        return begin(self, total)
+
+    def recording_advance(self, step):
+        calls.setdefault("steps", []).append(step)
+        return advance(self, step)
+
+    monkeypatch.setattr(Reporter, "begin", recording_begin)
+    monkeypatch.setattr(Reporter, "advance", recording_advance)
+    code, _ = train(tmp_path, tiny_sd, numbered, train_batch_size=1, gradient_accumulation_steps=3, num_train_epochs=2)
+    assert code == 0
+    assert calls["total"] == 6 and calls["steps"] == [1, 2, 3, 4, 5, 6]  # ceil(8 / 3) per epoch
