@@ -84,6 +84,16 @@ def concept_sample(rng: random.Random, trigger: str = "sks") -> tuple[Image.Imag
     return draw("star", CONCEPT_COLOR, size, center, _background(rng)), caption
 
 
+def codec_sample(rng: random.Random) -> Image.Image:
+    """A picture for training the VAE, which must draw anything: any shape, stars included, in
+    any colour, purple included, at any size and place (no caption)."""
+    shape = rng.choice((*SHAPES, "star"))
+    color = rng.choice([*COLORS.values(), CONCEPT_COLOR, tuple(rng.randint(0, 200) for _ in range(3))])
+    size = rng.uniform(0.25, 0.7)
+    center = tuple(rng.uniform(size / 2, 1 - size / 2) for _ in range(2))
+    return draw(shape, color, size, center, _background(rng))
+
+
 def write_captioned_folder(folder: Path, samples: list[tuple[Image.Image, str]]) -> Path:
     """Images with same-named .txt captions: one of the dataset layouts the trainer reads."""
     folder.mkdir(parents=True, exist_ok=True)
