@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,12 +33,11 @@ def training_dataset(root: Path, concept: int = 40, world: int = 16, seed: int =
     from .shapes import concept_sample, world_sample, write_captioned_folder
 
     path = root / "demo_inputs" / ADAPTOR
-    if not path.is_dir():
-        rng = random.Random(seed)
-        samples = [concept_sample(rng, TRIGGER) for _ in range(concept)]
-        samples += [world_sample(rng)[:2] for _ in range(world)]
-        write_captioned_folder(path, samples)
-    return path
+    shutil.rmtree(path, ignore_errors=True)  # written afresh: a folder from an older version would mislead
+    rng = random.Random(seed)
+    samples = [concept_sample(rng, TRIGGER) for _ in range(concept)]
+    samples += [world_sample(rng)[:2] for _ in range(world)]
+    return write_captioned_folder(path, samples)
 
 
 def demo_params(root: Path) -> dict[str, Any]:

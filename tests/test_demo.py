@@ -75,3 +75,16 @@ def test_the_grid_shows_every_prompt_before_and_after(demo):
     root, _, _ = demo
     grid = Image.open(root / "demo_grid.png")
     assert grid.height >= 4 * 96 and grid.width > 8 * 96
+
+
+def test_the_demo_dataset_is_written_afresh_over_an_older_one(tmp_path):
+    from diffusion_trainer.demo import training_dataset
+
+    stale = tmp_path / "demo_inputs" / "sks_star"
+    stale.mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(stale / "9999.png")
+    (stale / "9999.txt").write_text("a leftover from an older demo")
+    folder = training_dataset(tmp_path)
+    captions = [p.read_text() for p in sorted(folder.glob("*.txt"))]
+    assert len(list(folder.glob("*.png"))) == len(captions) == 56
+    assert sum("sks star" in c for c in captions) == 40 and "a leftover from an older demo" not in captions

@@ -170,18 +170,11 @@ def prompt_following(pipeline, seeds_per_prompt: int = 4, first_seed: int = 1000
 
 def scorer_accuracy(vae, seed: int, count: int = 1000) -> dict[str, float]:
     """The scorer on held-out pictures straight from the generator, and after a VAE round trip."""
-    rng = random.Random(seed)
-    world = [shapes.world_sample(rng) for _ in range(count)]
-    stars = [shapes.concept_sample(rng)[0] for _ in range(count // 4)]
-
-    def share(images, answers) -> float:
-        return float(np.mean([scorer.classify(i).shows(*a) for i, a in zip(images, answers)]))
-
-    world_answers, star_answers = [(c, s) for _, _, c, s in world], [("purple", "star")] * len(stars)
-    return {"world": share([w[0] for w in world], world_answers),
-            "world_vae": share(round_trip(vae, [w[0] for w in world]), world_answers),
-            "concept": share(stars, star_answers),
-            "concept_vae": share(round_trip(vae, stars), star_answers)}
+    scores = {}
+    for name, (images, answers) in scorer.held_out_pictures(seed, count).items():
+        scores[name] = scorer.accuracy(images, answers)
+        scores[f"{name}_vae"] = scorer.accuracy(round_trip(vae, images), answers)
+    return scores
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ the median of the blob's core; its shape follows from three ratios:
 from __future__ import annotations
 
 import math
+import random
+import sys
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterable
@@ -21,6 +23,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
+from .. import shapes
 from ..shapes import COLORS, CONCEPT_COLOR
 
 PALETTE = {**COLORS, "purple": CONCEPT_COLOR}
@@ -126,3 +129,31 @@ def share_showing(images: Iterable[Image.Image], color: str, shape: str) -> floa
     """The share of `images` the scorer calls a `color` `shape`."""
     verdicts = [classify(image) for image in images]
     return sum(v.shows(color, shape) for v in verdicts) / max(len(verdicts), 1)
+
+
+def held_out_pictures(seed: int, count: int = 1000) -> dict[str, tuple[list[Image.Image], list[tuple[str, str]]]]:
+    """Pictures straight from the generator, with the (colour, shape) each shows: `count` from
+    the world and count // 4 purple stars."""
+    rng = random.Random(seed)
+    world = [shapes.world_sample(rng) for _ in range(count)]
+    stars = [shapes.concept_sample(rng)[0] for _ in range(count // 4)]
+    return {"world": ([w[0] for w in world], [(c, s) for _, _, c, s in world]),
+            "concept": (stars, [("purple", "star")] * len(stars))}
+
+
+def accuracy(images: list[Image.Image], answers: list[tuple[str, str]]) -> float:
+    return sum(classify(i).shows(*a) for i, a in zip(images, answers)) / max(len(images), 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m diffusion_trainer.shapes_world.scorer [seed]`: the scorer's accuracy on pictures
+    from a seed pretrain.py does not train on."""
+    argv = sys.argv[1:] if argv is None else argv
+    seed = int(argv[0]) if argv else 2024
+    for name, (images, answers) in held_out_pictures(seed).items():
+        print(f"{name}: {accuracy(images, answers):.3f} of {len(images)} held-out pictures read correctly")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
