@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .data import TrainingSamples, sample_seed
+from .data import TrainingSamples, sample_seed, upright_sizes
 
 ENCODE_BATCH = 8
 VARIANT_NAMESPACE = 1_000_000  # seeds of cached variants never coincide with an epoch's
@@ -39,9 +39,9 @@ def variant_plan(samples: TrainingSamples, variants: int) -> tuple[list[list[boo
     augmentation), and one sentence saying what was decided."""
     transform = samples.transform
     plan, random_reasons = [], set()
-    for index in range(len(samples)):
-        image = samples.image(index)
-        reasons = transform.random_augmentations((image.height, image.width), samples.targets[index])
+    sizes = upright_sizes(samples.records, samples.image_column)
+    for index, size in enumerate(sizes):
+        reasons = transform.random_augmentations(size, samples.targets[index])
         random_reasons.update(reasons)
         if reasons:
             plan.append([None] * variants)

@@ -8,6 +8,7 @@ records the original size and the crop it made (SDXL conditions on both).
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from dataclasses import dataclass
@@ -138,6 +139,28 @@ def to_rgb(image: Any) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB")
+
+
+EXIF_ORIENTATION, SWAPS_SIDES = 0x0112, {5, 6, 7, 8}  # orientations that turn the picture 90 degrees
+
+
+def upright_sizes(records, column: str) -> list[tuple[int, int]]:
+    """Each image's (height, width) as to_rgb will return it, read from the file headers: the
+    pixels are not decoded (datasets decodes every image it hands out, so ask it for the files)."""
+    import datasets
+
+    if isinstance(records.features.get(column), datasets.Image):
+        records = records.cast_column(column, datasets.Image(decode=False))
+    sizes = []
+    for item in records[column]:
+        if isinstance(item, dict):
+            item = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+        with (item if isinstance(item, Image.Image) else Image.open(item)) as image:
+            width, height = image.size
+            if image.getexif().get(EXIF_ORIENTATION) in SWAPS_SIDES:
+                width, height = height, width
+        sizes.append((height, width))
+    return sizes
 
 
 @dataclass(frozen=True)
@@ -287,6 +310,5 @@ def build_samples(records, params: Any) -> TrainingSamples:
     transform = ImageTransform(params)
     targets = None
     if params.aspect_ratio_bucketing:
-        sizes = [(image.height, image.width) for image in (to_rgb(r) for r in records[params.image_column])]
-        targets = bucket_targets(sizes, params.resolution)
+        targets = bucket_targets(upright_sizes(records, params.image_column), params.resolution)
     return TrainingSamples(records, params.image_column, captions, transform, params.seed, targets)

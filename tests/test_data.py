@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import CLIPTextModel
 
 from diffusion_trainer import shapes
-from diffusion_trainer.data import build_samples, load_records, to_rgb
+from diffusion_trainer.data import build_samples, load_records, to_rgb, upright_sizes
 from diffusion_trainer.errors import InputError
 from diffusion_trainer.params import parse_params
 
@@ -110,6 +110,28 @@ def test_exif_orientation_is_respected_and_transparency_becomes_white(tmp_path):
     clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert to_rgb(clear).getpixel((0, 0)) == (255, 255, 255)
     assert to_rgb(Image.new("L", (2, 2), 7)).mode == "RGB"
+
+
+def test_image_sizes_come_from_the_headers_upright_without_decoding(tmp_path, monkeypatch):
+    """Bucketing and the cache plan need every image's size before training: read it from the
+    file header, turned as EXIF says, without decoding the pixels."""
+    from PIL import ImageFile
+
+    sizes = [(40, 20, 6), (30, 50, 1), (24, 24, 8)]  # width, height, EXIF orientation
+    for i, (w, h, orientation) in enumerate(sizes):
+        image = Image.new("RGB", (w, h), (200, 30 * i, 90))
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        image.save(tmp_path / f"{i}.jpg", exif=exif)
+        (tmp_path / f"{i}.txt").write_text("a picture")
+    records = load_records(str(tmp_path), "image", "text")
+    expected = [(to_rgb(records[i]["image"]).height, to_rgb(records[i]["image"]).width) for i in range(3)]
+    assert expected == [(40, 20), (50, 30), (24, 24)]
+    decoded = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(1) or load(self))
+    assert upright_sizes(records, "image") == expected
+    assert not decoded
 
 
 def spy_on_step_captions(monkeypatch, tokenizer, cached: bool) -> list[str]:
