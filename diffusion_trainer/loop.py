@@ -72,7 +72,10 @@ def run(t: Training) -> Outcome:
                     loss = batch_loss(t, batch)
                     acc.backward(loss)  # accelerate divides by the accumulation steps
                     if acc.sync_gradients and t.max_grad_norm > 0:
-                        acc.clip_grad_norm_(t.trainable, t.max_grad_norm)
+                        # What acc.clip_grad_norm_ does for DDP and single devices, without its
+                        # per-call version and DTensor checks.
+                        acc.unscale_gradients()
+                        torch.nn.utils.clip_grad_norm_(t.trainable, t.max_grad_norm)
                     t.optimizer.step()
                     t.lr_scheduler.step()
                     t.optimizer.zero_grad(set_to_none=True)

@@ -166,8 +166,10 @@ class ModelFamily(ABC):
 
     def latents_from_distribution(self, latent_dist: Any) -> torch.Tensor:
         config = self.vae_config
-        shift = getattr(config, "shift_factor", None) or 0.0
-        return (latent_dist.sample() - shift) * config.scaling_factor
+        latents = latent_dist.sample()
+        if getattr(config, "shift_factor", None):  # SD3 and Flux VAEs
+            latents = latents - config.shift_factor
+        return latents * config.scaling_factor
 
     def noisy_input_and_target(self, latents: torch.Tensor) -> NoisyBatch:
         return self.objective.noisy_batch(latents)
