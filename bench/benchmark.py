@@ -1,7 +1,7 @@
 """How close the trainer's step is to the floor, measured.
 
     python bench/benchmark.py                    # both models, table at the end
-    python bench/benchmark.py --models tiny --rounds 3
+    python bench/benchmark.py --models tiny --rounds 6
 
 For each model (a tiny SD 1.x pipeline, and an SD 1.5-proportional one: SD 1.5's depths with every
 width divided by 4), it builds the pipeline and a dataset offline, then runs, in alternation and
@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MODELS = {  # resolution, batch size, measured steps
-    "tiny": {"resolution": 64, "batch": 4, "steps": 150},
-    "sd15": {"resolution": 256, "batch": 1, "steps": 25},
+    "tiny": {"resolution": 64, "batch": 4, "steps": 600},
+    "sd15": {"resolution": 256, "batch": 1, "steps": 40},
 }
 
 
@@ -214,7 +214,7 @@ def component_split(model: Path, name: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,sd15")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of trainer / floor per model")
+    parser.add_argument("--rounds", type=int, default=4, help="alternations of trainer / floor per model")
     parser.add_argument("--child", choices=["cached", "uncached", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -240,19 +240,22 @@ def main() -> None:
                 for kind in ("cached", "floor", "uncached"):
                     runs[kind].append(spawn(kind, name, model, data, workdir))
                     print(f"  {name} {kind}: {runs[kind][-1]}", flush=True)
-            floor = statistics.median(r["steps_per_s"] for r in runs["floor"])
             for kind, results in runs.items():
-                speed = statistics.median(r["steps_per_s"] for r in results)
-                rows.append((name, kind, speed, speed / floor, statistics.median(r["to_first_step_s"] for r in results),
+                # Each run is compared with the floor run of its own round, next to it in time:
+                # the machine's drift between rounds cancels.
+                ratios = [r["steps_per_s"] / f["steps_per_s"] for r, f in zip(results, runs["floor"])]
+                rows.append((name, kind, statistics.median(r["steps_per_s"] for r in results),
+                             statistics.median(ratios), min(ratios), max(ratios),
+                             statistics.median(r["to_first_step_s"] for r in results),
                              max(r["peak_rss_mb"] for r in results)))
     spec = ", ".join(f"{n}: {MODELS[n]['resolution']} px, batch {MODELS[n]['batch']}, {MODELS[n]['steps']} steps"
                      for n in args.models.split(","))
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, CUDA {torch.cuda.is_available()}; {spec}; "
-          f"median of {args.rounds} alternated runs\n")
-    print("| model | run | steps/s | ratio to floor | to first step (s) | peak RSS (MB) |")
+          f"median of {args.rounds} rounds, each running cached, floor and uncached one after another\n")
+    print("| model | run | steps/s | ratio to floor (range over rounds) | to first step (s) | peak RSS (MB) |")
     print("|---|---|---|---|---|---|")
-    for name, kind, speed, ratio, first, rss in rows:
-        print(f"| {name} | {kind} | {speed:.2f} | {ratio:.3f} | {first:.1f} | {rss:.0f} |")
+    for name, kind, speed, ratio, low, high, first, rss in rows:
+        print(f"| {name} | {kind} | {speed:.2f} | {ratio:.3f} ({low:.3f}-{high:.3f}) | {first:.1f} | {rss:.0f} |")
 
 
 if __name__ == "__main__":
