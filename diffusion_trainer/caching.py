@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .data import TrainingSamples, sample_seed, upright_sizes
+from .data import TrainingSamples, sample_seed, training_item, upright_sizes
 
 ENCODE_BATCH = 8
 VARIANT_NAMESPACE = 1_000_000  # seeds of cached variants never coincide with an epoch's
@@ -205,14 +205,8 @@ class CachedSamples(torch.utils.data.Dataset):
         count = self.store.variants(index)
         variant = 0 if count == 1 else sample_seed(self.seed, self.epoch, index) % count
         cached = self.store.get(index, variant)
-        return {
-            "index": index,
-            "latent_params": cached.latent_params,
-            "caption": self.captions[index],
-            "original_size": torch.tensor(cached.original_size),
-            "crop_top_left": torch.tensor(cached.crop_top_left),
-            "target_size": torch.tensor(self.targets[index]),
-        }
+        return training_item(index, self.captions[index], cached.original_size, cached.crop_top_left,
+                             self.targets[index], latent_params=cached.latent_params)
 
 
 # --- text ----------------------------------------------------------------------------------------

@@ -258,14 +258,15 @@ class TrainingSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         out = self.transform(self.image(index), sample_seed(self.seed, self.epoch, index), self.targets[index])
-        return {
-            "index": index,
-            "pixel_values": out.pixels,
-            "caption": self.captions[index],
-            "original_size": torch.tensor(out.original_size),
-            "crop_top_left": torch.tensor(out.crop_top_left),
-            "target_size": torch.tensor(self.targets[index]),
-        }
+        return training_item(index, self.captions[index], out.original_size, out.crop_top_left,
+                             self.targets[index], pixel_values=out.pixels)
+
+
+def training_item(index: int, caption: str, original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                  target_size: tuple[int, int], **image: torch.Tensor) -> dict[str, Any]:
+    """One dataset item, whether its image comes as pixels or as cached latent parameters."""
+    return {"index": index, "caption": caption, "original_size": torch.tensor(original_size),
+            "crop_top_left": torch.tensor(crop_top_left), "target_size": torch.tensor(target_size), **image}
 
 
 # --- aspect-ratio buckets --------------------------------------------------------------------
