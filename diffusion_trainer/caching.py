@@ -176,7 +176,12 @@ def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, cache
     try:
         encode_variants(family, samples, plan, lambda index, variants: DiskLatents.write_sample(staging, index, variants))
         (staging / "complete.json").write_text(json.dumps({"variants": [len(p) for p in plan]}))
-        staging.rename(folder)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process (a second GPU) finished the same cache first
+            if not (folder / "complete.json").is_file():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

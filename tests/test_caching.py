@@ -105,6 +105,27 @@ def test_the_disk_cache_is_reused_and_rebuilt_when_its_inputs_change(tmp_path, t
     assert not [p for p in (output / "cache").iterdir() if ".partial" in p.name]
 
 
+def test_a_disk_cache_finished_first_by_another_process_is_used(tmp_path, tiny_sd, numbered, monkeypatch):
+    """Two GPUs build the same cache: the second rename meets a complete folder and uses it."""
+    import shutil
+    from pathlib import Path
+
+    rename = Path.rename
+
+    def raced_rename(self, target):
+        if self.name.startswith(".latents-"):
+            shutil.copytree(self, target)  # the other process got there first
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", raced_rename)
+    output = tmp_path / "out"
+    code, _ = train(tmp_path / "a", tiny_sd, numbered, output_dir=str(output), cache_memory_budget_mb=0,
+                    num_train_epochs=1)
+    assert code == 0
+    assert len(cache_folders(output)) == 1
+    assert not [p for p in (output / "cache").iterdir() if ".partial" in p.name]
+
+
 def test_the_run_says_how_augmentation_is_cached(tmp_path, tiny_sd, numbered, capsys):
     assert train(tmp_path / "plain", tiny_sd, numbered, num_train_epochs=1)[0] == 0
     assert "no random augmentation: caching one latent per image (8 latents" in capsys.readouterr().err
