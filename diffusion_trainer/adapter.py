@@ -13,6 +13,12 @@ WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 INFO_NAME = "tlab_adaptor_info.json"
 
 
+def single_file_name(adaptor_name: str) -> str:
+    """The one-file LoRA for ComfyUI, A1111/Forge and civitai (export.py) is named after the adapter."""
+    name = f"{adaptor_name}.safetensors"
+    return name if name != WEIGHTS_NAME else f"{adaptor_name}.single.safetensors"
+
+
 def write_adapter_dir(target: Path, write_contents: Callable[[Path], None]) -> Path:
     """Call write_contents(tmp_dir), then swap tmp_dir in for `target`.
 
@@ -90,6 +96,9 @@ pipe = {pipeline_class}.from_pretrained("{info['base_model']}", torch_dtype=torc
 pipe.load_lora_weights("{name}", weight_name="{WEIGHTS_NAME}")
 image = pipe("{prompt}").images[0]
 ```
+
+For ComfyUI, AUTOMATIC1111/Forge and civitai use `{single_file_name(name)}`: the same LoRA as one file, at
+the trained strength, in the keys those tools read.
 
 Every training parameter is in `{INFO_NAME}`.
 """

@@ -3,6 +3,7 @@
     python main.py                                  the built-in demo run
     python main.py --config run.json [--set k=v …]  standalone
     python main.py --input_file plugin_input.json   Transformer Lab's plugin harness
+    python main.py export <adapter_dir> [--format kohya|diffusers]   the adapter in another form
     _TFL_JOB_ID=… python main.py                    a Transformer Lab task (the `transformerlab` SDK)
 """
 
@@ -38,6 +39,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:  # python main.py export <adapter_dir> [--format …]: see export.py
+        from .export import main as export_main
+
+        quiet_libraries()
+        return export_main(argv[1:])
     args = parse_args(argv)
     quiet_libraries()
     if args.input_file is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import adapter, loop
+from . import adapter, export, loop
 from .caching import CachedSamples, DiskLatents, TextCache, build_latent_cache
 from .data import BucketBatchSampler, build_samples, load_records
 from .errors import InputError
@@ -203,7 +203,7 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     # --- save, then the final eval image -------------------------------------------------------
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_adapter(family, params, paths.adapter_dir, outcome, prediction_type, ema)
+        save_adapter(family, params, paths.adapter_dir, outcome, prediction_type, ema, samples.captions)
         evaluator.run("final", outcome.steps)
     accelerator.end_training()
     return RunResult("stopped" if outcome.stopped else "completed", paths, outcome.steps, outcome.epochs,
@@ -287,7 +287,7 @@ def make_optimizer(trainable: list[torch.nn.Parameter], params: TrainingParams, 
 
 
 def save_adapter(family: Any, params: TrainingParams, target: Path, outcome: loop.Outcome,
-                 prediction_type: str | None, ema: LoraEMA | None) -> Path:
+                 prediction_type: str | None, ema: LoraEMA | None, captions: list[str] | None = None) -> Path:
     metadata = lora_metadata(family.denoiser)
     info = adapter.adaptor_info(
         architecture=family.pipeline_class.__name__, base_model=params.model_name, rank=params.lora_r,
@@ -304,5 +304,8 @@ def save_adapter(family: Any, params: TrainingParams, target: Path, outcome: loo
             family.save_adapter(directory, metadata)
         adapter.write_info(directory, info)
         adapter.write_model_card(directory, params.adaptor_name, info, family.pipeline_class.__name__)
+        # The same weights as one file for ComfyUI, A1111/Forge and civitai, in the same atomic step.
+        export.write_single_file(directory, params.adaptor_name, type(family), info, dict(family.denoiser.config),
+                                 captions)
 
     return adapter.write_adapter_dir(target, write)

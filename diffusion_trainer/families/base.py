@@ -76,6 +76,10 @@ class ModelFamily(ABC):
     load_kwargs: ClassVar[dict[str, Any]] = {}
     # Parameters with no meaning for this family, and why: said once at the start of a run.
     inapplicable_params: ClassVar[dict[str, str]] = {}
+    # The single-file LoRA form ComfyUI, AUTOMATIC1111/Forge and civitai read for this family
+    # (see export.py): "kohya" (lora_unet_* keys, alpha tensors) or "folded" (transformer.* keys,
+    # alpha / rank folded into lora_B).
+    single_file_form: ClassVar[str] = "kohya"
 
     def __init__(self, pipeline: DiffusionPipeline, source: str):
         self.pipeline = pipeline
@@ -192,6 +196,12 @@ class ModelFamily(ABC):
             safe_serialization=True,
         )
 
+    @classmethod
+    @abstractmethod
+    def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:
+        """What kohya's trainers write for this base model: ss_base_model_version, ss_v2 and the
+        ModelSpec architecture / implementation / prediction type, from the denoiser's config."""
+
     # --- evaluation ------------------------------------------------------------------------
     def eval_pipeline(self) -> DiffusionPipeline:
         """The loaded pipeline, LoRA active, with a scheduler that samples what was trained."""
@@ -206,6 +216,7 @@ class FlowMatchingFamily(ModelFamily):
 
     denoiser_attr = "transformer"
     lora_save_prefix = "transformer"
+    single_file_form = "folded"  # ComfyUI reads transformer.* lora_A/lora_B keys, but no alpha
     resolution_multiple = 16  # 8x VAE, then 2x2 patches
     inapplicable_params = {**DDPM_ONLY, **FLUX_ONLY}
 

@@ -23,6 +23,13 @@ class Flux(FlowMatchingFamily):
                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
     inapplicable_params = DDPM_ONLY
 
+    @classmethod
+    def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:
+        variant = "dev" if denoiser_config.get("guidance_embeds", True) else "schnell"
+        return {"ss_base_model_version": "flux1", "ss_v2": "False",
+                "modelspec.architecture": f"flux-1-{variant}/lora",
+                "modelspec.implementation": "https://github.com/black-forest-labs/flux"}
+
     def configure_objective(self, params: Any, prediction_type: str | None) -> None:
         super().configure_objective(params, prediction_type)
         self.guidance = params.guidance_scale if self.denoiser.config.guidance_embeds else None

@@ -12,6 +12,24 @@ from ..objectives import DDPMObjective, NoisyBatch
 from .base import FLOW_ONLY, FLUX_ONLY, Conditioning, ModelFamily
 from .text import token_ids
 
+# SD 2.x conditions on OpenCLIP ViT-H/14, 1024 wide; SD 1.x on CLIP ViT-L/14, 768 wide.
+SD2_TEXT_WIDTH = 1024
+
+
+def is_sd2(unet_config: dict[str, Any], prediction_type: str | None) -> bool:
+    """SD 2.x or 1.x, from the width of the text the UNet attends to (its cross_attention_dim).
+    Without a config, the v-prediction models are the 2.x ones (SD 2.x 768-v)."""
+    width = unet_config.get("cross_attention_dim")
+    if isinstance(width, (list, tuple)):
+        width = width[0]
+    if width is None:
+        return prediction_type == "v_prediction"
+    return width == SD2_TEXT_WIDTH
+
+
+def modelspec_prediction(prediction_type: str | None) -> str:
+    return "v" if prediction_type == "v_prediction" else "epsilon"
+
 
 class StableDiffusion(ModelFamily):
     pipeline_class = StableDiffusionPipeline
@@ -37,6 +55,17 @@ class StableDiffusion(ModelFamily):
                 batch: dict[str, Any]) -> torch.Tensor:
         return denoiser(noisy.model_input, noisy.timesteps,
                         encoder_hidden_states=conditioning["encoder_hidden_states"], return_dict=False)[0]
+
+    @classmethod
+    def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:
+        v2 = is_sd2(denoiser_config, prediction_type)
+        if not v2:
+            architecture = "stable-diffusion-v1"
+        else:
+            architecture = "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
+        return {"ss_base_model_version": "sd_v2" if v2 else "sd_v1", "ss_v2": str(v2),
+                "modelspec.architecture": f"{architecture}/lora", "modelspec.implementation": "diffusers",
+                "modelspec.prediction_type": modelspec_prediction(prediction_type)}
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         # PEFT names the UNet's LoRA keys its own way; the SD loaders expect diffusers' names.

@@ -15,12 +15,27 @@ from .text import clip_penultimate_and_pooled, t5_hidden_states
 T5_TOKENS = 77  # diffusers' SD3 LoRA recipe; the zeros that stand in for T5 are as long as a CLIP prompt
 
 
+def sd3_model_type(transformer_config: dict[str, Any]) -> str:
+    """kohya's name for the SD3 variant: "l" (3.5 Large, 38 blocks), "m3.5" (3.5 Medium, whose
+    blocks have a second self-attention) or "m" (3 Medium)."""
+    if transformer_config.get("num_layers", 24) >= 38:
+        return "l"
+    return "m3.5" if transformer_config.get("dual_attention_layers") else "m"
+
+
 class StableDiffusion3(FlowMatchingFamily):
     pipeline_class = StableDiffusion3Pipeline
     label = "Stable Diffusion 3"
     text_encoder_attrs = ("text_encoder", "text_encoder_2", "text_encoder_3")
     lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+
+    @classmethod
+    def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:
+        model_type = sd3_model_type(denoiser_config)
+        return {"ss_base_model_version": model_type, "ss_v2": "False",
+                "modelspec.architecture": f"stable-diffusion-3-{model_type}/lora",
+                "modelspec.implementation": "diffusers"}
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:

@@ -9,7 +9,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from ..objectives import NoisyBatch
 from .base import Conditioning
-from .sd import StableDiffusion
+from .sd import StableDiffusion, modelspec_prediction
 from .text import clip_penultimate_and_pooled
 
 
@@ -24,6 +24,13 @@ class StableDiffusionXL(StableDiffusion):
     label = "Stable Diffusion XL"
     load_kwargs = {}
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
+
+    @classmethod
+    def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:
+        return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False",
+                "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+                "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+                "modelspec.prediction_type": modelspec_prediction(prediction_type)}
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:

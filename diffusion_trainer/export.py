@@ -1,0 +1,282 @@
+"""The adapter as one file in the form ComfyUI, AUTOMATIC1111/Forge and civitai read.
+
+The diffusers file (pytorch_lora_weights.safetensors) keeps alpha only in its header, which those
+tools ignore, and names SD/SDXL modules in a way they do not map. Beside it goes
+`<adaptor_name>.safetensors`, in the form the family's loaders expect (ModelFamily.single_file_form):
+
+- "kohya" (SD 1.x/2.x, SDXL): `lora_unet_<module path, '.' as '_'>.lora_down.weight`,
+  `.lora_up.weight` and an `.alpha` tensor, as diffusers' own converters write them, with alpha set
+  to the trained value (the converter writes alpha = rank, i.e. scale 1).
+- "folded" (SD3, Flux): `transformer.<module path>.lora_A.weight` / `.lora_B.weight` with the LoRA
+  scale multiplied into lora_B: ComfyUI applies no scale without an `.alpha` tensor, and diffusers
+  refuses a file holding both `.alpha` tensors and its own adapter metadata.
+
+The header carries kohya's ss_* training fields and Stability AI's ModelSpec fields. The same
+code serves `python main.py export <adapter_dir>` for folders written by earlier versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import INFO_NAME, WEIGHTS_NAME, single_file_name
+from .errors import InputError
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the PEFT config
+
+
+# --- the weights ---------------------------------------------------------------------------
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """PEFT's LoRA scale: alpha / rank, or alpha / sqrt(rank) for rank-stabilised LoRA."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
+def peft_config(header: dict[str, str], info: dict[str, Any] | None) -> dict[str, Any]:
+    """The adapter's LoRA config: from the diffusers header (keys "<prefix>.lora_alpha" …), else
+    from tlab_adaptor_info.json."""
+    config = {}
+    if header.get(DIFFUSERS_METADATA_KEY):
+        config = {key.split(".", 1)[-1]: value for key, value in json.loads(header[DIFFUSERS_METADATA_KEY]).items()}
+    if config.get("lora_alpha") is None and info:
+        config = {**config, **info.get("lora_config", {})}
+    if config.get("lora_alpha") is None or config.get("r") is None:
+        raise InputError("the adapter records no LoRA rank/alpha: neither its safetensors header nor "
+                         f"{INFO_NAME} has them.")
+    return config
+
+
+def to_kohya(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A diffusers SD/SDXL LoRA in kohya's keys, alpha as trained."""
+    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+
+    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(state_dict))
+    for key, down in list(kohya.items()):
+        if key.endswith(".lora_down.weight"):
+            rank = down.shape[0]
+            alpha = lora_scale(float(config["lora_alpha"]), rank, bool(config.get("use_rslora"))) * rank
+            kohya[key.removesuffix(".lora_down.weight") + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return {key: tensor.contiguous() for key, tensor in kohya.items()}
+
+
+def to_folded(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A diffusers SD3/Flux LoRA (already transformer.*.lora_A/lora_B) with the scale in lora_B."""
+    folded = {}
+    for key, tensor in state_dict.items():
+        if key.endswith(".lora_B.weight"):
+            tensor = tensor * lora_scale(float(config["lora_alpha"]), tensor.shape[1], bool(config.get("use_rslora")))
+        elif not key.endswith(".lora_A.weight"):
+            raise InputError(f"unexpected key '{key}' in the diffusers adapter: expected lora_A/lora_B weights.")
+        folded[key] = tensor.contiguous()
+    return folded
+
+
+FORMS = {"kohya": to_kohya, "folded": to_folded}
+
+
+# --- the header -----------------------------------------------------------------------------
+
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """kohya's ss_tag_frequency for one dataset: comma-separated tags counted over the captions."""
+    counts: Counter[str] = Counter()
+    for caption in captions:
+        counts.update(tag.strip() for tag in caption.split(",") if tag.strip())
+    return dict(counts.most_common())
+
+
+def dataset_label(dataset_name: str) -> str:
+    return Path(dataset_name).name or dataset_name
+
+
+def single_file_metadata(family_cls: Any, info: dict[str, Any], name: str, config: dict[str, Any],
+                         denoiser_config: dict[str, Any], captions: list[str] | None) -> dict[str, str]:
+    params = info.get("parameters") or {}
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config["r"]),
+        "ss_network_alpha": f"{float(config['lora_alpha']):g}",
+        "ss_output_name": name,
+        "ss_steps": str(info.get("steps_trained", 0)),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.title": name,
+        "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **family_cls.base_model_metadata(denoiser_config, info.get("prediction_type")),
+    }
+    if params.get("resolution"):
+        size = int(params["resolution"])
+        meta["ss_resolution"] = f"({size}, {size})"
+        meta["modelspec.resolution"] = f"{size}x{size}"
+    if info.get("trigger_word"):
+        meta["modelspec.trigger_phrase"] = info["trigger_word"]
+    if captions is not None:
+        meta["ss_num_train_images"] = str(len(captions))
+        label = dataset_label(str(params.get("dataset_name", "dataset")))
+        meta["ss_tag_frequency"] = json.dumps({label: tag_frequency(captions)})
+    return meta
+
+
+# --- writing ------------------------------------------------------------------------------
+
+def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        save_file(tensors, str(partial), metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+
+
+def write_single_file(directory: Path, name: str, family_cls: Any, info: dict[str, Any],
+                      denoiser_config: dict[str, Any], captions: list[str] | None,
+                      output: Path | None = None) -> Path:
+    """Convert the folder's diffusers file into the single file; returns its path."""
+    state_dict, header = read_safetensors(Path(directory) / WEIGHTS_NAME)
+    config = peft_config(header, info)
+    tensors = FORMS[family_cls.single_file_form](state_dict, config)
+    metadata = single_file_metadata(family_cls, info, name, config, denoiser_config, captions)
+    return save_atomically(tensors, output or Path(directory) / single_file_name(name), metadata)
+
+
+# --- `python main.py export` -----------------------------------------------------------------
+
+def read_adapter_folder(directory: Path) -> dict[str, Any]:
+    """tlab_adaptor_info.json of an adapter folder, or a clear error saying what is missing."""
+    if not directory.is_dir():
+        raise InputError(f"adapter_dir: there is no folder '{directory}'.")
+    missing = [n for n in (WEIGHTS_NAME, INFO_NAME) if not (directory / n).is_file()]
+    if missing:
+        raise InputError(f"adapter_dir: '{directory}' is not an adapter folder made by this trainer: it has no "
+                         f"{' and no '.join(missing)}.")
+    try:
+        info = json.loads((directory / INFO_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"adapter_dir: {directory / INFO_NAME} is not readable JSON ({exc}).") from None
+    if not isinstance(info, dict):
+        raise InputError(f"adapter_dir: {directory / INFO_NAME} must hold a JSON object.")
+    return info
+
+
+def family_of(info: dict[str, Any]) -> Any:
+    from .families import FAMILIES
+
+    architecture = info.get("model_architecture")
+    if architecture not in FAMILIES:
+        raise InputError(f"adapter_dir: {INFO_NAME} names model_architecture '{architecture}'; this trainer "
+                         f"exports {', '.join(sorted(FAMILIES))}.")
+    return FAMILIES[architecture]
+
+
+def denoiser_config_for(info: dict[str, Any], family_cls: Any, directory: Path) -> dict[str, Any]:
+    """The base model's denoiser config.json (local folder or hub cache); without it, what the LoRA
+    itself shows: the cross-attention width (the text encoder's), from attn2.to_k's input."""
+    base = str(info.get("base_model") or "")
+    try:
+        if not base:
+            raise FileNotFoundError
+        path = Path(base).expanduser() / family_cls.denoiser_attr / "config.json"
+        if not path.is_file():
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(base, "config.json", subfolder=family_cls.denoiser_attr))
+        return json.loads(path.read_text())
+    except Exception:  # no base model here: offline, moved, or gated
+        pass
+    state_dict, _ = read_safetensors(directory / WEIGHTS_NAME)
+    for key, tensor in state_dict.items():
+        if "attn2.to_k." in key and (".lora_A." in key or ".lora.down." in key):
+            return {"cross_attention_dim": tensor.shape[1]}
+    return {}
+
+
+def training_captions(params: dict[str, Any]) -> list[str] | None:
+    """The run's captions (trigger word in), if its dataset is a local folder or file still here
+    (a hub dataset is not downloaded again just to count tags)."""
+    from .data import caption_text, load_records, with_trigger
+
+    if not Path(str(params.get("dataset_name", ""))).expanduser().exists():
+        return None
+    try:
+        records = load_records(params["dataset_name"], params["image_column"], params["caption_column"], None)
+        column = records[params["caption_column"]]
+        return [with_trigger(caption_text(c), params.get("trigger_word", "")) for c in column]
+    except Exception:
+        return None
+
+
+def rewrite_diffusers(directory: Path, info: dict[str, Any], family_cls: Any, output: Path) -> Path:
+    """The diffusers file, its PEFT config (alpha) in the header as diffusers reads it."""
+    state_dict, header = read_safetensors(directory / WEIGHTS_NAME)
+    if not header.get(DIFFUSERS_METADATA_KEY):
+        config = peft_config(header, info)
+        header[DIFFUSERS_METADATA_KEY] = json.dumps(
+            {f"{family_cls.lora_save_prefix}.{key}": value for key, value in config.items()}, sort_keys=True)
+        header.setdefault("format", "pt")
+    return save_atomically(state_dict, output, header)
+
+
+def export_adapter(directory: Path, form: str = "kohya", output: Path | None = None) -> tuple[Path, list[str]]:
+    """Write the adapter folder's LoRA in `form`; returns the file and notes for the user."""
+    directory = Path(directory).expanduser()
+    info = read_adapter_folder(directory)
+    family_cls = family_of(info)
+    params = info.get("parameters") or {}
+    name = str(params.get("adaptor_name") or directory.name)
+    if form == "diffusers":
+        return rewrite_diffusers(directory, info, family_cls, output or directory / WEIGHTS_NAME), []
+    notes = []
+    captions = training_captions(params)
+    if captions is None:
+        notes.append(f"the training dataset '{params.get('dataset_name')}' is not a folder here, so "
+                     "ss_tag_frequency and ss_num_train_images are left out.")
+    try:
+        path = write_single_file(directory, name, family_cls, info, denoiser_config_for(info, family_cls, directory),
+                                 captions, output)
+    except InputError:
+        raise
+    except Exception as exc:  # a damaged file, or weights that are not this family's LoRA
+        raise InputError(f"adapter_dir: {directory / WEIGHTS_NAME} could not be converted for "
+                         f"{family_cls.label} ({type(exc).__name__}: {exc}).") from None
+    return path, notes
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="main.py export", description="Write an adapter folder's LoRA in another form.")
+    parser.add_argument("adapter_dir", type=Path, help="a folder with pytorch_lora_weights.safetensors and "
+                        f"{INFO_NAME}, as this trainer writes")
+    parser.add_argument("--format", choices=("kohya", "diffusers"), default="kohya",
+                        help="kohya (default): <adaptor_name>.safetensors for ComfyUI, AUTOMATIC1111/Forge and "
+                        "civitai; diffusers: pytorch_lora_weights.safetensors with alpha in its header")
+    parser.add_argument("--output", type=Path, help="the file to write (default: inside adapter_dir)")
+    args = parser.parse_args(argv)
+    try:
+        path, notes = export_adapter(args.adapter_dir, args.format, args.output)
+    except InputError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for note in notes:
+        print(f"Note: {note}", file=sys.stderr)
+    print(f"Wrote {path}")
+    return EXIT_OK

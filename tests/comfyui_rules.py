@@ -1,0 +1,138 @@
+"""What ComfyUI does with a LoRA file, rebuilt from its documented behaviour for the tests.
+
+Written from reading ComfyUI's comfy/lora.py and comfy/utils.py (GPL; nothing is copied). Mirrors:
+- `model_lora_keys_unet`: the LoRA names it accepts for a model. For UNets, `lora_unet_<name>` with
+  the name's '.' as '_', for every `<name>.weight` that `utils.unet_to_diffusers` maps from
+  diffusers' UNet layout to ComfyUI's own LDM layout; for SD3 `transformer.<name>` over
+  `utils.mmdit_to_diffusers`; for Flux `transformer.<name>` over `utils.flux_to_diffusers`.
+- `load_lora`: for each accepted name, `.lora_up/.lora_down.weight` (or `.lora_B/.lora_A.weight`)
+  and an optional `.alpha`; every other key is reported as "lora key not loaded".
+- `calculate_weight` for a plain LoRA: delta = (alpha / rank if `.alpha` exists else 1.0)
+  * up.flatten(1) @ down.flatten(1), reshaped to the weight.
+
+Coverage of the UNet map: what `unet_to_diffusers` lists for each down/mid/up block (resnets:
+conv1, conv2, time_emb_proj, conv_shortcut; attentions: proj_in, proj_out and, per transformer
+block, attn1/attn2 to_q/to_k/to_v/to_out.0 and ff.net.0.proj/ff.net.2; down/upsampler convs) and
+its basic entries (conv_in, conv_out, time_embedding, add_embedding, class_embedding). ComfyUI
+derives its UNet config (res blocks and transformer depth per block) from the checkpoint; here it
+is derived from the diffusers UNet's config, which describes the same structure. Norm weights are
+left out: a LoRA never targets them. The SD3/Flux maps list the linear layers ComfyUI maps (it
+also maps norms and q/k norms, which no LoRA targets).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# unet_to_diffusers' per-part names: diffusers name -> ComfyUI (LDM) name.
+RESNET_PARTS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                "conv_shortcut": "skip_connection"}
+ATTENTION_PARTS = ("proj_in", "proj_out")
+TRANSFORMER_BLOCK_PARTS = tuple(f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")) + (
+    "ff.net.0.proj", "ff.net.2")
+UNET_BASIC = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+              "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+              "add_embedding.linear_2": "label_emb.0.2", "class_embedding.linear_1": "label_emb.0.0",
+              "class_embedding.linear_2": "label_emb.0.2"}
+
+
+def _per_block(value: Any, count: int) -> list[int]:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * count
+
+
+def unet_module_map(config: dict[str, Any]) -> dict[str, str]:
+    """diffusers module name -> ComfyUI LDM module name, for a UNet2DConditionModel config."""
+    down_types, up_types = config["down_block_types"], config["up_block_types"]
+    blocks = len(down_types)
+    layers = _per_block(config["layers_per_block"], blocks)
+    depth = _per_block(config.get("transformer_layers_per_block", 1), blocks)
+    up_depth = config.get("reverse_transformer_layers_per_block") or list(reversed(depth))
+    names: dict[str, str] = {}
+
+    def attention(prefix: str, to: str, transformers: int) -> None:
+        for part in ATTENTION_PARTS:
+            names[f"{prefix}.{part}"] = f"{to}.{part}"
+        for t in range(transformers):
+            for part in TRANSFORMER_BLOCK_PARTS:
+                names[f"{prefix}.transformer_blocks.{t}.{part}"] = f"{to}.transformer_blocks.{t}.{part}"
+
+    def resnet(prefix: str, to: str) -> None:
+        for part, ldm in RESNET_PARTS.items():
+            names[f"{prefix}.{part}"] = f"{to}.{ldm}"
+
+    for x in range(blocks):  # input_blocks: 1 + (res blocks + 1) per level, then a downsampler
+        n = 1 + (layers[x] + 1) * x
+        for i in range(layers[x]):
+            resnet(f"down_blocks.{x}.resnets.{i}", f"input_blocks.{n}.0")
+            if "CrossAttn" in down_types[x]:
+                attention(f"down_blocks.{x}.attentions.{i}", f"input_blocks.{n}.1", depth[x])
+            n += 1
+        names[f"down_blocks.{x}.downsamplers.0.conv"] = f"input_blocks.{n}.0.op"
+    if "CrossAttn" in config.get("mid_block_type", "UNetMidBlock2DCrossAttn"):
+        attention("mid_block.attentions.0", "middle_block.1", depth[-1])
+    for i, n in enumerate((0, 2)):
+        resnet(f"mid_block.resnets.{i}", f"middle_block.{n}")
+    up_layers = list(reversed(layers))
+    for x in range(blocks):  # output_blocks: res blocks + 1 per level, the last with an upsampler
+        n = (up_layers[x] + 1) * x
+        for i in range(up_layers[x] + 1):
+            resnet(f"up_blocks.{x}.resnets.{i}", f"output_blocks.{n}.0")
+            attends = "CrossAttn" in up_types[x]
+            if attends:
+                attention(f"up_blocks.{x}.attentions.{i}", f"output_blocks.{n}.1", _per_block(up_depth, blocks)[x])
+            if i == up_layers[x]:
+                names[f"up_blocks.{x}.upsamplers.0.conv"] = f"output_blocks.{n}.{2 if attends else 1}.conv"
+            n += 1
+    names.update(UNET_BASIC)
+    return names
+
+
+def mmdit_module_names(config: dict[str, Any]) -> set[str]:
+    """diffusers SD3 transformer module names that mmdit_to_diffusers maps."""
+    per_block = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                 "attn.to_out.0", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                 "ff_context.net.2", "norm1.linear", "norm1_context.linear")
+    names = {f"transformer_blocks.{i}.{part}" for i in range(config["num_layers"]) for part in per_block}
+    return names | {"context_embedder", "pos_embed.proj", "norm_out.linear", "proj_out",
+                    *(f"time_text_embed.{e}_embedder.linear_{j}" for e in ("timestep", "text") for j in (1, 2))}
+
+
+def flux_module_names(config: dict[str, Any]) -> set[str]:
+    """diffusers Flux transformer module names that flux_to_diffusers maps."""
+    double = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+              "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj",
+              "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+    single = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "norm.linear", "proj_out")
+    names = {f"transformer_blocks.{i}.{p}" for i in range(config["num_layers"]) for p in double}
+    names |= {f"single_transformer_blocks.{i}.{p}" for i in range(config["num_single_layers"]) for p in single}
+    return names | {"proj_out", "x_embedder", "context_embedder", "norm_out.linear",
+                    *(f"time_text_embed.{e}_embedder.linear_{j}" for e in ("timestep", "text", "guidance")
+                      for j in (1, 2))}
+
+
+def accepted_lora_names(family_form: str, denoiser_config: dict[str, Any], is_flux: bool = False) -> dict[str, str]:
+    """LoRA name in the file -> diffusers module name, as model_lora_keys_unet accepts them."""
+    if family_form == "kohya":
+        return {"lora_unet_" + name.replace(".", "_"): name for name in unet_module_map(denoiser_config)}
+    names = flux_module_names(denoiser_config) if is_flux else mmdit_module_names(denoiser_config)
+    return {f"transformer.{name}": name for name in names}
+
+
+def load_lora(lora: dict[str, torch.Tensor], accepted: dict[str, str]):
+    """(patches: module -> (up, down, alpha or None), keys ComfyUI would leave unloaded)."""
+    patches, loaded = {}, set()
+    for name, module in accepted.items():
+        for up, down in ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight")):
+            if name + up in lora:
+                alpha = lora[name + ".alpha"].item() if name + ".alpha" in lora else None
+                patches[module] = (lora[name + up], lora[name + down], alpha)
+                loaded |= {name + up, name + down} | ({name + ".alpha"} if alpha is not None else set())
+                break
+    return patches, sorted(set(lora) - loaded)
+
+
+def weight_delta(up: torch.Tensor, down: torch.Tensor, alpha: float | None, shape: torch.Size) -> torch.Tensor:
+    scale = alpha / down.shape[0] if alpha is not None else 1.0
+    return (scale * (up.flatten(1).double() @ down.flatten(1).double())).reshape(shape)
