@@ -26,23 +26,32 @@ from diffusion_trainer.params import parse_params
 from diffusion_trainer.train import save_adapter
 
 CAPTIONS = ["sks, a star, purple", "sks, a star", "a blue square"]
-# More than attention: feed-forward, the attention blocks' projections (1x1 convs in the tiny SD
-# UNet) and the resnets' time projections, as the wider lora_layers choices add.
-SD_WIDE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
-                   "time_emb_proj")
-FLUX_WIDE_TARGETS = (*Flux.lora_target_modules, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                     "ff_context.net.2", "proj_mlp", "norm1.linear", "x_embedder")
-CASES = {"sd": None, "sd_wide": SD_WIDE_TARGETS, "sdxl": None, "sd3": None, "flux": None, "flux_wide": FLUX_WIDE_TARGETS}
+UNET_ATTENTION = ("to_k", "to_q", "to_v", "to_out.0")
+JOINT_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                   "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+# More than attention, as the wider lora_layers choices train: feed-forward, the attention blocks'
+# projections (1x1 convs in the tiny SD UNet) and the resnets' time projections…
+SD_WIDE = (*UNET_ATTENTION, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "time_emb_proj")
+
+
+def all_linear(denoiser):
+    """…and every linear layer of the denoiser ("all-linear")."""
+    return tuple(name for name, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear))
+
+
+CASES = {"sd": ("sd", UNET_ATTENTION), "sd_wide": ("sd", SD_WIDE), "sdxl": ("sdxl", UNET_ATTENTION),
+         "sdxl_all_linear": ("sdxl", all_linear), "sd3": ("sd3", JOINT_ATTENTION),
+         "sd3_all_linear": ("sd3", all_linear), "flux": ("flux", JOINT_ATTENTION), "flux_all_linear": ("flux", all_linear)}
 
 
 def model_path(case, tiny_sd, tiny_family):
-    name = case.removesuffix("_wide")
+    name = CASES[case][0]
     return tiny_sd if name == "sd" else tiny_family(name)
 
 
 def draw(pipe):
     extra = {"max_sequence_length": 32} if type(pipe).__name__ == "FluxPipeline" else {}  # the tiny T5's length
-    return pipe("a sks star", num_inference_steps=2, height=64, width=64, output_type="np",
+    return pipe("a sks star", num_inference_steps=1, height=64, width=64, output_type="np",
                 generator=torch.Generator().manual_seed(0), **extra).images
 
 
@@ -51,10 +60,10 @@ def saved(tiny_sd, tiny_family, star_folder, tmp_path_factory):
     """case -> (family with its PEFT LoRA, adapter folder): rank 4, alpha 8, random non-zero LoRA
     weights, saved through train.save_adapter as a run saves them."""
     out = {}
-    for case, targets in CASES.items():
+    for case, (_, targets) in CASES.items():
         model = model_path(case, tiny_sd, tiny_family)
         family = family_for(str(model)).load(str(model), torch.float32)
-        attach_lora(family.denoiser, 4, 8, targets or family.lora_target_modules)
+        attach_lora(family.denoiser, 4, 8, targets(family.denoiser) if callable(targets) else targets)
         generator = torch.Generator().manual_seed(0)
         for name, weight in family.denoiser.named_parameters():
             if "lora_" in name:
