@@ -71,9 +71,34 @@ def _load_folder(path: Path, image_column: str, caption_column: str):
             split = "train" if "train" in loaded else next(iter(loaded))
             loaded = loaded[split]
         return loaded
-    if (path / "metadata.jsonl").is_file() or (path / "metadata.csv").is_file():
+    if _has_metadata(path):
         return datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+    hub_id = _lab_hub_dataset_id(path)
+    if hub_id:
+        return _load_hub(hub_id)
     return _load_captioned_images(path, image_column, caption_column)
+
+
+def _has_metadata(path: Path) -> bool:
+    """metadata.jsonl/.csv at the top, or where Lab-made datasets keep it: under train/ or
+    train/<label>/ (imagefolder reads all three layouts)."""
+    train = path / "train"
+    folders = [path, train, *(sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else [])]
+    return any((f / name).is_file() for f in folders for name in ("metadata.jsonl", "metadata.csv"))
+
+
+def _lab_hub_dataset_id(path: Path) -> str | None:
+    """A Lab dataset folder holding only the Lab's index.json is a hub dataset: its id."""
+    import json
+
+    if [p.name for p in path.iterdir() if not p.name.startswith(".")] != ["index.json"]:
+        return None
+    try:
+        entry = json.loads((path / "index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    dataset_id = entry.get("dataset_id") if isinstance(entry, dict) else None
+    return str(dataset_id) if dataset_id else None
 
 
 def _load_captioned_images(path: Path, image_column: str, caption_column: str):

@@ -1,5 +1,6 @@
-"""index.json's `parameters`, `parameters_ui` and `files`, and the parameter sections of
-info.md and README.md, generated from the schema so that they cannot disagree with it.
+"""index.json's `parameters`, `parameters_ui` and `files`, task.yaml (the current Lab's task),
+and the parameter sections of info.md and README.md, generated from the schema so that they
+cannot disagree with it.
 
     python -m diffusion_trainer.manifest           rewrite them
     python -m diffusion_trainer.manifest --check   exit 1 if any is out of date
@@ -18,6 +19,7 @@ from .params import FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
 INDEX = ROOT / "index.json"
+TASK_YAML = ROOT / "task.yaml"
 TOP_LEVEL_FILES = ("main.py", "setup.sh", "requirements.txt", "info.md", "index.json")
 PACKAGE_SUFFIXES = {".py", ".json", ".safetensors", ".txt"}
 JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
@@ -70,6 +72,67 @@ def generated_index() -> dict[str, Any]:
 
 def render(index: dict[str, Any]) -> str:
     return json.dumps(index, indent=2, ensure_ascii=False) + "\n"
+
+
+# --- task.yaml (the current Lab's tasks) ----------------------------------------------------
+
+TASK_NAME = "diffusion-trainer-lora"
+TASK_ACCELERATORS = "A100-80GB:1"  # what Flux needs; SD 1.x/2.x and SDXL fit smaller GPUs
+# setup.sh installs requirements.txt on top of the Lab's torch without replacing it.
+TASK_SETUP = "bash setup.sh"
+TASK_ENVS = {"HF_TOKEN": "{{secret._HF_TOKEN}}", "WANDB_API_KEY": "{{secret._WANDB_API_KEY}}",
+             "PYTHONUNBUFFERED": "1"}
+
+
+def task_run_command() -> str:
+    """The task's `run` line: how the Lab starts a training process."""
+    return "python main.py"
+
+
+# Left empty in task.yaml because empty means "the base model's own" (the Lab sends every
+# listed value, and an explicit default would override what the model was trained with).
+TASK_UNSET = frozenset({"prediction_type"})
+
+
+def task_parameters() -> dict[str, Any]:
+    """Every parameter with its default; a required one starts empty (the run names it if left so)."""
+    return {name: "" if field.is_required() or name in TASK_UNSET else field.default
+            for name, field in FIELDS.items()}
+
+
+def generated_task() -> dict[str, Any]:
+    return {
+        "name": TASK_NAME,
+        "resources": {"accelerators": TASK_ACCELERATORS},
+        "envs": TASK_ENVS,
+        "setup": TASK_SETUP,
+        "run": task_run_command(),
+        "parameters": task_parameters(),
+    }
+
+
+def _yaml_scalar(value: Any) -> str:
+    # JSON's strings, integers and booleans are valid YAML scalars; a float needs a '.' in its
+    # mantissa for YAML 1.1 readers (PyYAML reads 1e-08 as a string).
+    text = json.dumps(value, ensure_ascii=False)
+    if isinstance(value, float) and "e" in text and "." not in text.split("e")[0]:
+        text = text.replace("e", ".0e", 1)
+    return text
+
+
+def render_task(task: dict[str, Any]) -> str:
+    required = ", ".join(n for n, f in FIELDS.items() if f.is_required())
+    lines = ["# Transformer Lab task (the current Lab): import this repository as a task.",
+             "# Generated from diffusion_trainer/params.py by `python -m diffusion_trainer.manifest`;",
+             f"# do not edit by hand. Fill in {required} before the first run.",
+             "# Parameters are documented in info.md."]
+    for key, value in task.items():
+        if isinstance(value, dict):
+            lines.append(f"{key}:")
+            lines += [f"  {k}: {_yaml_scalar(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"{key}: {_yaml_scalar(value)}")
+    return "\n".join(lines) + "\n"
 
 
 # --- docs ------------------------------------------------------------------------------------
@@ -125,6 +188,7 @@ def with_section(text: str, section: str) -> str:
 def outputs() -> dict[Path, str]:
     return {
         INDEX: render(generated_index()),
+        TASK_YAML: render_task(generated_task()),
         ROOT / "info.md": with_section((ROOT / "info.md").read_text(), info_section()),
         ROOT / "README.md": with_section((ROOT / "README.md").read_text(), readme_section()),
     }

@@ -2,21 +2,30 @@
 
 The loop talks to a Reporter: `advance` every optimizer step (cheap), `report` when it has
 read the loss, `stop_requested` to learn whether to end early. The terminal reporter draws a
-tqdm bar; the Lab reporter also writes the job through the `transformerlab` SDK, at most
-about once a second, and reads the job's `stop` flag at the same pace.
+tqdm bar; the Lab reporter (lab_sdk.py) also writes the job through the `transformerlab` SDK.
+
+Stopping: while a run is under `catching_stop_signals()`, SIGINT (Ctrl-C) and SIGTERM (what
+Transformer Lab's Stop sends, SIGKILL following 3 s later) only set `stop_reason`; the loop
+ends at the next step boundary and the adapter is saved. A second Ctrl-C aborts. A standalone
+run that was stopped exits 130 (SIGINT) or 143 (SIGTERM), as a shell expects of a killed job.
 """
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tqdm.auto import tqdm
+
+# Why a run stopped early, as recorded on the run result.
+INTERRUPT, TERMINATE, LAB_STOP = "interrupted (SIGINT)", "terminated (SIGTERM)", "stopped from the Lab"
+STOP_SIGNALS = {signal.SIGINT: INTERRUPT, signal.SIGTERM: TERMINATE}
+EXIT_STATUS = {INTERRUPT: 128 + signal.SIGINT, TERMINATE: 128 + signal.SIGTERM}
 
 
 class Reporter:
@@ -25,8 +34,7 @@ class Reporter:
     def __init__(self) -> None:
         self._bar: tqdm | None = None
         self._last_line = 0.0
-        self._interrupted = False
-        self._previous_sigint: Any = None
+        self.stop_reason: str | None = None
 
     # --- messages ------------------------------------------------------------------------
     def info(self, message: str) -> None:
@@ -45,7 +53,6 @@ class Reporter:
     def begin(self, total_steps: int) -> None:
         self._bar = tqdm(total=total_steps, unit="step", desc="training", dynamic_ncols=True,
                          disable=None, file=sys.stderr)
-        self._catch_ctrl_c()
 
     def advance(self, step: int) -> None:
         if self._bar is not None:
@@ -68,15 +75,17 @@ class Reporter:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        self._release_ctrl_c()
 
     def stop_requested(self) -> bool:
-        return self._interrupted
+        return self.stop_reason is not None
 
     # --- outputs and endings -------------------------------------------------------------
     def record_outputs(self, *, eval_images_dir: Path | None, tensorboard_dir: Path) -> None:
         pass
 
+    def publish(self, result: Any, params: Any) -> None:
+        """Hand the finished (or stopped) run's files to wherever they are shown."""
+
     def completed(self, message: str, score: dict[str, float]) -> None:
         pass
 
@@ -86,86 +95,36 @@ class Reporter:
     def failed(self, message: str) -> None:
         pass
 
-    # --- Ctrl-C: the first asks for a clean stop (adapter saved), the second aborts -------
-    def _catch_ctrl_c(self) -> None:
+    def stop_exit_status(self) -> int:
+        return EXIT_STATUS.get(self.stop_reason or "", 0)
+
+    # --- checkpoints (the Lab keeps them; a terminal run keeps its own files) ----------------
+    def save_checkpoint(self, path: Path, name: str) -> None:
+        """Offer a checkpoint folder already written at `path` to the job."""
+
+    def checkpoint_to_resume(self) -> Path | None:
+        """A local checkpoint folder the job asks to resume from, if any."""
+        return None
+
+    # --- SIGINT / SIGTERM: the first asks for a clean stop (adapter saved) ------------------
+    @contextmanager
+    def catching_stop_signals(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
             return
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
-        def on_sigint(signum, frame):
-            if self._interrupted:
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_reason is not None:
+            if signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            self._interrupted = True
-            self.warn("Stopping after this step and saving the adapter (Ctrl-C again to abort).")
-
-        self._previous_sigint = signal.signal(signal.SIGINT, on_sigint)
-
-    def _release_ctrl_c(self) -> None:
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
-
-
-class LabReporter(Reporter):
-    """Also reports to a Transformer Lab job through the `transformerlab` SDK."""
-
-    def __init__(self, lab: Any, min_interval_s: float = 1.0) -> None:
-        super().__init__()
-        self.lab = lab
-        self.min_interval_s = min_interval_s
-        self._last_write = float("-inf")
-        self._stop_flag = False
-
-    def info(self, message: str) -> None:
-        super().info(message)
-        self._quietly(self.lab.log, message)
-
-    def warn(self, message: str) -> None:
-        super().warn(message)
-        self._quietly(self.lab.log, f"WARNING: {message}")
-
-    def report(self, step: int, total: int, metrics: dict[str, float]) -> None:
-        super().report(step, total, metrics)
-        now = time.monotonic()
-        if now - self._last_write < self.min_interval_s and step < total:
-            return
-        self._last_write = now
-        percent = min(99, int(100 * step / max(total, 1)))  # 100 only once the adapter is saved
-        self._quietly(self.lab.update_progress, percent, metrics, step)
-        self._stop_flag = self._read_stop_flag()
-
-    def _read_stop_flag(self) -> bool:
-        try:
-            return bool(self.lab.get_job_data().get("stop"))
-        except Exception:  # a job file caught mid-write reads as "not stopped"; checked again soon
-            return self._stop_flag
-
-    def stop_requested(self) -> bool:
-        return self._stop_flag or super().stop_requested()
-
-    def record_outputs(self, *, eval_images_dir: Path | None, tensorboard_dir: Path) -> None:
-        if eval_images_dir is not None:
-            self.lab.set_job_data_field("eval_images_dir", str(eval_images_dir))
-        self.lab.set_job_data_field("tensorboard_output_dir", str(tensorboard_dir))
-
-    def completed(self, message: str, score: dict[str, float]) -> None:
-        self.lab.finish(message, score=score)
-
-    def stopped(self, message: str) -> None:
-        from lab import JobStatus
-
-        asyncio.run(self.lab.job.update_job_data_fields({
-            "completion_status": "stopped",
-            "completion_details": message,
-            "end_time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        }))
-        asyncio.run(self.lab.job.update_status(JobStatus.STOPPED))
-
-    def failed(self, message: str) -> None:
-        self.lab.error(message)
-
-    def _quietly(self, call: Any, *args: Any) -> None:
-        """Progress and log lines are best-effort: a busy job file must not kill a run."""
-        try:
-            call(*args)
-        except Exception as exc:
-            super().warn(f"could not update the Lab job ({type(exc).__name__}: {exc})")
+            return  # stopping already; a repeated SIGTERM changes nothing
+        self.stop_reason = STOP_SIGNALS[signal.Signals(signum)]
+        again = " (Ctrl-C again to abort)" if signum == signal.SIGINT else ""
+        # Only the terminal here: a handler must not re-enter the SDK's file writes.
+        Reporter.warn(self, f"{self.stop_reason}: stopping after this step and saving the adapter{again}.")

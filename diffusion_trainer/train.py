@@ -53,6 +53,7 @@ class RunResult:
     eval_images: list[Path] = field(default_factory=list)
     seconds: float = 0.0
     timing: dict[str, float] = field(default_factory=dict)  # loop timestamps, for the benchmark
+    stop_reason: str | None = None  # why a stopped run stopped (reporting.INTERRUPT, TERMINATE, LAB_STOP)
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,8 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_adapter(family, params, paths.adapter_dir, outcome, prediction_type, ema, samples.captions)
-        evaluator.run("final", outcome.steps)
+        if not (outcome.stopped or reporter.stop_requested()):  # a stop may have seconds left: no extra image
+            evaluator.run("final", outcome.steps)
     accelerator.end_training()
     return RunResult("stopped" if outcome.stopped else "completed", paths, outcome.steps, outcome.epochs,
                      outcome.final_loss, outcome.losses, evaluator.images, time.monotonic() - started,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -98,6 +100,26 @@ def one_star(tmp_path_factory) -> Path:
     """One purple star, eight times (so a batch of 8 overfits one image with less noise)."""
     image, caption = shapes.concept_sample(random.Random(3), "sks")
     return shapes.write_captioned_folder(tmp_path_factory.mktemp("data") / "one_star", [(image, caption)] * 8)
+
+
+PLUGIN_LAB_SDK = "transformerlab==0.0.83"  # the SDK of the last Lab that ran trainer plugins (app v0.30.3)
+SDK_CACHE = ROOT / ".cache" / "lab-sdks"  # gitignored; installed once per clone
+
+
+@pytest.fixture(scope="session")
+def plugin_lab_sdk() -> Path:
+    """A folder holding the plugin Lab's own `lab` SDK, to put first on a subprocess's PYTHONPATH.
+    Installed from PyPI on first use (no dependencies: the venv's fsspec, aiofiles, werkzeug…
+    serve it), then reused."""
+    target = SDK_CACHE / PLUGIN_LAB_SDK.replace("==", "-")
+    if not (target / "lab" / "__init__.py").is_file():
+        staging = SDK_CACHE / f".{target.name}.partial-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "--no-deps", "--target", str(staging), PLUGIN_LAB_SDK], check=True)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
 
 
 def quick_params(model: Path, dataset: Path, output: Path, **overrides) -> dict:

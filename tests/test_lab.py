@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -17,9 +20,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_main
 
 import main
+from diffusion_trainer import manifest
+from diffusion_trainer.lab_launch import connect_lab
+from diffusion_trainer.lab_sdk import TASK, LabReporter
+from diffusion_trainer.params import FIELDS, parse_params
+from diffusion_trainer.reporting import Reporter
 from lab import Experiment, Job
 
 WORKSPACE = Path(os.environ["TFL_WORKSPACE_DIR"])
@@ -136,20 +144,6 @@ def test_the_stop_button_saves_the_adapter_and_ends_stopped(monkeypatch, lab_job
     assert progress < 100
 
 
-def test_task_launch_reads_parameters_from_the_job(monkeypatch, lab_job, tiny_sd, star_imagefolder):
-    experiment, job = lab_job
-    config = lab_config(job, experiment, tiny_sd, star_imagefolder, eval_prompt="")
-    del config["adaptor_output_dir"]  # the task launch may not send it: the Lab's own layout is used
-    asyncio.run(job.update_job_data_field("parameters", config))
-    monkeypatch.setenv("_TFL_JOB_ID", job.id)
-    monkeypatch.setenv("_TFL_EXPERIMENT_ID", experiment)
-    monkeypatch.setattr(sys, "argv", ["main.py"])
-    assert main.main() == 0
-    status, progress, _ = job_state(job, experiment)
-    assert (status, progress) == ("COMPLETE", 100)
-    assert (WORKSPACE / "adaptors" / "tiny_tiny-sd" / f"{experiment}_lora" / "pytorch_lora_weights.safetensors").is_file()
-
-
 def test_progress_is_written_about_once_a_second_not_every_step(monkeypatch, lab_job, tiny_sd, star_folder):
     experiment, job = lab_job
     config = lab_config(job, experiment, tiny_sd, star_folder, num_train_epochs="30", eval_prompt="")
@@ -160,3 +154,126 @@ def test_progress_is_written_about_once_a_second_not_every_step(monkeypatch, lab
     steps = [json.loads(r).get("step") for r in rows if json.loads(r).get("step")]
     assert max(steps) == 120  # 30 epochs x 4 batches
     assert len(rows) <= seconds + 3
+
+
+# --- the task Lab (task.yaml; outputs only through the SDK) ----------------------------------
+
+def task_job(job, experiment, model, dataset, output: Path, **overrides):
+    """A task job as the current Lab launches one: task.yaml's parameters (defaults merged with
+    the user's values) stored in the job; no adaptor_output_dir, no Lab bookkeeping keys."""
+    import yaml
+
+    parameters = yaml.safe_load((ROOT / "task.yaml").read_text())["parameters"]
+    parameters.update({
+        "adaptor_name": f"{experiment}_lora", "model_name": str(model), "dataset_name": str(dataset),
+        "output_dir": str(output), "resolution": 64, "center_crop": True, "train_batch_size": 2,
+        "num_train_epochs": 2, "learning_rate": 1e-3, "lr_warmup_steps": 0, "lora_r": 4, "lora_alpha": 8,
+        "eval_prompt": "a sks star", "eval_num_inference_steps": 2, "log_to_wandb": False, "seed": 0,
+        "cache_latents": True,
+    })
+    parameters.update(overrides)
+    asyncio.run(job.update_job_data_field("parameters", parameters))
+    return parameters
+
+
+def saved_models(data):
+    return [Path(p) for p in data.get("models", [])]
+
+
+def test_task_launch_hands_the_adapter_images_and_figures_to_the_sdk(monkeypatch, lab_job, tiny_sd, star_imagefolder,
+                                                                     tmp_path):
+    experiment, job = lab_job
+    task_job(job, experiment, tiny_sd, star_imagefolder, tmp_path / "output")
+    monkeypatch.setenv("_TFL_JOB_ID", job.id)
+    monkeypatch.setenv("_TFL_EXPERIMENT_ID", experiment)
+    assert run_main([]) == 0
+    status, progress, data = job_state(job, experiment)
+    assert (status, progress) == ("COMPLETE", 100)
+    assert data["score"]["final_loss"] > 0 and data["current_metrics"]["loss"] > 0
+    # the job's Models: the adapter folder, named <job>_<adaptor>
+    (model,) = saved_models(data)
+    assert model.name == f"{job.id}_{experiment}_lora"
+    assert (model / "pytorch_lora_weights.safetensors").is_file()
+    info = json.loads((model / "tlab_adaptor_info.json").read_text())
+    assert info["model_architecture"] == "StableDiffusionPipeline" and info["stopped_early"] is False
+    # the job's Artifacts: every eval image, the first-vs-last grid, the loss curve
+    fresh = asyncio.run(Job.get(job.id, experiment))
+    names = sorted(Path(p).name for p in asyncio.run(fresh.get_artifact_paths()))
+    assert names == ["before_after.png", "eval_epoch_0001.png", "eval_final.png", "loss.png"]
+    # nothing written into the workspace behind the SDK's back
+    assert not (WORKSPACE / "adaptors").exists()
+
+
+def test_sigterm_from_the_lab_saves_the_adapter_before_sigkill_and_ends_stopped(lab_job, tiny_sd, star_folder, tmp_path):
+    """The current Lab's Stop: stop flag, SIGTERM, and SIGKILL 3 s later."""
+    experiment, job = lab_job
+    task_job(job, experiment, tiny_sd, star_folder, tmp_path / "output", num_train_epochs=1000, eval_prompt="")
+    env = {**os.environ, "_TFL_JOB_ID": job.id, "_TFL_EXPERIMENT_ID": experiment, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "main.py")], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        other = asyncio.run(Job.get(job.id, experiment))
+        while process.poll() is None and "current_metrics" not in asyncio.run(other.get_job_data()):
+            time.sleep(0.1)  # until training has reported its first loss
+        asyncio.run(other.update_job_data_field("stop", True))  # what the Lab does, then:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        output = process.communicate()[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    status, progress, data = job_state(job, experiment)
+    assert status == "STOPPED" and data["completion_status"] == "stopped", output
+    assert data["stop_reason"] == "terminated (SIGTERM)"
+    (model,) = saved_models(data)
+    info = json.loads((model / "tlab_adaptor_info.json").read_text())
+    assert (model / "pytorch_lora_weights.safetensors").is_file()
+    assert info["stopped_early"] is True and 0 < info["steps_trained"] < 4000
+    assert progress < 100
+
+
+def test_resume_lookup_finds_the_checkpoint_the_lab_names(monkeypatch, lab_job, tmp_path):
+    experiment, parent = lab_job
+    monkeypatch.setenv("_TFL_EXPERIMENT_ID", experiment)
+    monkeypatch.setenv("_TFL_JOB_ID", parent.id)
+    reporter = LabReporter(connect_lab(), TASK)
+    assert reporter.checkpoint_to_resume() is None  # not a resumed job
+    checkpoint = tmp_path / "step_4"
+    checkpoint.mkdir()
+    (checkpoint / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+    reporter.save_checkpoint(checkpoint, "step_4")
+    # the user resumes: the Lab makes a new job naming the parent's checkpoint
+    child = asyncio.run(asyncio.run(Experiment.create_or_get(experiment)).create_job())
+    asyncio.run(child.update_job_data_field("parent_job_id", parent.id))
+    asyncio.run(child.update_job_data_field("resumed_from_checkpoint", "step_4"))
+    monkeypatch.setenv("_TFL_JOB_ID", child.id)
+    found = LabReporter(connect_lab(), TASK).checkpoint_to_resume()
+    assert found is not None and (found / "pytorch_lora_weights.safetensors").read_bytes() == b"weights"
+    assert Reporter().checkpoint_to_resume() is None
+
+
+def test_task_yaml_is_generated_from_the_schema_and_importable():
+    import yaml
+
+    assert manifest.main(["--check"]) == 0
+    task = yaml.safe_load((ROOT / "task.yaml").read_text())
+    # the keys the Lab's task.yaml schema allows (it forbids others)
+    assert set(task) <= {"name", "resources", "envs", "setup", "run", "github_repo_url", "github_repo_dir",
+                         "github_repo_branch", "parameters", "sweeps", "minutes_requested"}
+    assert task["run"].startswith("python main.py") and task["setup"] == "bash setup.sh"
+    assert re.fullmatch(r"[\w-]+:\d+", task["resources"]["accelerators"])
+    assert task["envs"]["HF_TOKEN"] == "{{secret._HF_TOKEN}}"
+    assert task["envs"]["WANDB_API_KEY"] == "{{secret._WANDB_API_KEY}}"
+    assert list(task["parameters"]) == list(FIELDS)
+    for name, value in task["parameters"].items():
+        field = FIELDS[name]
+        expected = "" if field.is_required() or name in manifest.TASK_UNSET else field.default
+        assert value == expected and type(value) is type(expected), name
+    # the defaults as the Lab sends them back (plus the required ones) are valid parameters
+    params, warnings = parse_params({**task["parameters"], "adaptor_name": "x", "model_name": "m",
+                                     "dataset_name": "d"})
+    assert warnings == [] and "prediction_type" not in params.model_fields_set

@@ -134,7 +134,8 @@ def test_index_json_is_a_loadable_lab_trainer_manifest():
     for key in ("name", "uniqueId", "description", "plugin-format", "type", "version", "files", "setup-script",
                 "supported_hardware_architectures", "parameters", "parameters_ui"):
         assert key in index, key
-    assert index["uniqueId"] == "diffusion_trainer" and index["type"] == "trainer"
+    # our own id: the plugin Lab auto-updates a plugin whose id matches its built-in "diffusion_trainer"
+    assert index["uniqueId"] == "diffusion_lora_trainer" and index["type"] == "trainer"
     assert index["model_architectures"] == ["StableDiffusionPipeline", "StableDiffusionXLPipeline",
                                             "StableDiffusion3Pipeline", "FluxPipeline"]
     assert set(index["supported_hardware_architectures"]) <= {"cuda", "mlx", "cpu", "amd"}

@@ -1,0 +1,121 @@
+"""Transformer Lab launches: where the parameters come from and where the files go.
+
+    python main.py --input_file plugin_input.json    the plugin Lab's harness (app <= v0.30.3)
+    _TFL_JOB_ID=… python main.py                     a task of the current Lab (task.yaml)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .lab_sdk import PLUGIN, TASK, LabReporter, resolved
+from .runner import EXIT_BAD_INPUT, EXIT_FAILED, execute, parse_overrides, read_config, validated
+
+
+def run_lab_plugin(input_file: Path, experiment_name: str | None, job_id: str | None,
+                   workspace_dir: str | None) -> int:
+    """The plugin-harness launch: --input_file {"experiment": …, "config": …}."""
+    try:
+        data = json.loads(Path(input_file).read_text())
+        config = dict(data["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"ERROR: --input_file {input_file}: cannot read its 'config' ({exc})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    experiment = (experiment_name or (data.get("experiment") or {}).get("name")
+                  or config.get("experiment_name") or "alpha")
+    job_id = str(config.get("job_id") or job_id or "")
+    if workspace_dir:
+        os.environ.setdefault("TFL_WORKSPACE_DIR", workspace_dir)
+    if job_id:
+        os.environ["_TFL_JOB_ID"] = job_id
+    os.environ["_TFL_EXPERIMENT_ID"] = str(experiment)
+    return run_in_lab(config, connect_lab(), PLUGIN)
+
+
+def run_lab_task(config_file: Path | None, overrides: list[str]) -> int:
+    """The task launch: _TFL_JOB_ID set, parameters in the job (defaults merged with the user's
+    values by the Lab). A --config file on the run line fills gaps; --set flags win."""
+    lab = connect_lab()
+    if lab is None:
+        return EXIT_FAILED
+    config = dict(lab.get_config() or {})
+    try:
+        if config_file:
+            config = {**read_config(config_file), **config}
+        config.update(parse_overrides(overrides))
+    except ValueError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        LabReporter(lab, TASK).failed(str(exc))
+        return EXIT_BAD_INPUT
+    return run_in_lab(config, lab, TASK)
+
+
+def connect_lab():
+    """The SDK's `lab`, initialised on the job named by _TFL_JOB_ID; None if that fails."""
+    home = os.environ.get("TFL_HOME_DIR")
+    if home:
+        Path(home).mkdir(parents=True, exist_ok=True)  # `import lab` exits the process otherwise
+    try:
+        from lab import lab
+
+        lab.init()
+        return lab
+    except Exception as exc:
+        print(f"WARNING: could not attach to the Transformer Lab job ({type(exc).__name__}: {exc}); "
+              "training anyway, reporting to this terminal only.", file=sys.stderr)
+        return None
+
+
+def run_in_lab(config: dict[str, Any], lab: Any, launch: str) -> int:
+    from .reporting import Reporter
+
+    hub_id = str(config.get("model_name") or "")
+    if str(config.get("model_path") or "").strip():
+        config["model_name"] = config["model_path"]  # the Lab's local copy, when it has one
+    reporter = LabReporter(lab, launch, parent_model=hub_id) if lab is not None else Reporter()
+    params = validated(config, reporter)
+    if params is None:
+        return EXIT_BAD_INPUT
+    workspace = local_workspace() if lab is not None else None
+    paths = plugin_paths(params, config, hub_id, workspace, lab) if launch == PLUGIN else task_paths(params)
+    return execute(params, paths, reporter, workspace / "datasets" if workspace else None)
+
+
+def local_workspace() -> Path | None:
+    """The Lab's workspace when it is a folder on this machine; None for remote storage
+    (s3://, gs://…), which is reached only through the SDK."""
+    from lab import dirs
+
+    workspace = str(resolved(dirs.get_workspace_dir()))
+    return Path(workspace) if "://" not in workspace and Path(workspace).is_dir() else None
+
+
+def task_paths(params: Any):
+    """Everything is written locally under output_dir, then handed to the SDK (lab_sdk.publish)."""
+    from .train import RunPaths
+
+    return RunPaths.standalone(params)
+
+
+def plugin_paths(params: Any, config: dict[str, Any], hub_id: str, workspace: Path | None, lab: Any):
+    """Where the plugin Lab looks: adaptor_output_dir, <output_dir>/job_<id> for TensorBoard,
+    and the job's own folder for eval images."""
+    from werkzeug.utils import secure_filename
+
+    from .train import RunPaths
+
+    fallback = RunPaths.standalone(params)
+    adapter_dir = config.get("adaptor_output_dir")
+    if not adapter_dir and workspace is not None:
+        adapter_dir = workspace / "adaptors" / secure_filename(hub_id or params.model_name) / params.adaptor_name
+    job_id = config.get("job_id") or os.environ.get("_TFL_JOB_ID") or "local"
+    job_dir = str(resolved(lab.job.get_dir())) if lab is not None else ""
+    return RunPaths(
+        adapter_dir=Path(adapter_dir) if adapter_dir else fallback.adapter_dir,
+        eval_images_dir=Path(job_dir) / "eval_images" if job_dir and "://" not in job_dir else fallback.eval_images_dir,
+        logs_dir=Path(params.output_dir) / f"job_{job_id}",
+    )

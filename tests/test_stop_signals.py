@@ -1,0 +1,39 @@
+"""Stopping a standalone run from the terminal: Ctrl-C (SIGINT) or SIGTERM stop at the next
+step, the adapter trained so far is saved, and the exit status says which signal it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, quick_params, write_config
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_at_a_step_saves_the_adapter_and_exits_128_plus_its_number(sig, status, tiny_sd, star_folder,
+                                                                                  tmp_path):
+    output = tmp_path / "output"
+    config = write_config(tmp_path / "run.json", quick_params(tiny_sd, star_folder, output, num_train_epochs=1000))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("_TFL_")}
+    process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--config", str(config)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:
+            if line.startswith("Training "):  # the loop is about to start
+                break
+        process.send_signal(sig)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == status, stderr
+    assert "stopping after this step and saving the adapter" in stderr
+    adapter = output / "test_lora"
+    assert (adapter / "pytorch_lora_weights.safetensors").is_file()
+    info = json.loads((adapter / "tlab_adaptor_info.json").read_text())
+    assert info["stopped_early"] is True and 0 < info["steps_trained"] < 4000
+    assert "Stopped early" in stdout
