@@ -86,7 +86,9 @@ class LabReporter(Reporter):
 
     def _stop_flag(self) -> bool:
         try:
-            return bool(self.lab.get_job_data().get("stop"))
+            if hasattr(self.lab, "get_job_data"):
+                return bool(self.lab.get_job_data().get("stop"))
+            return bool(resolved(self.lab.job.get_job_data()).get("stop"))  # before 0.0.6x
         except Exception:  # a job file caught mid-write reads as "not stopped"; read again soon
             return False
 

@@ -200,8 +200,9 @@ def test_task_launch_hands_the_adapter_images_and_figures_to_the_sdk(monkeypatch
     fresh = asyncio.run(Job.get(job.id, experiment))
     names = sorted(Path(p).name for p in asyncio.run(fresh.get_artifact_paths()))
     assert names == ["before_after.png", "eval_epoch_0001.png", "eval_final.png", "loss.png"]
-    # nothing written into the workspace behind the SDK's back
-    assert not (WORKSPACE / "adaptors").exists()
+    # written locally under output_dir first, then handed over (the workspace may be remote)
+    assert (tmp_path / "output" / f"{experiment}_lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert not (WORKSPACE / "adaptors" / "tiny_tiny-sd" / f"{experiment}_lora").exists()
 
 
 def test_sigterm_from_the_lab_saves_the_adapter_before_sigkill_and_ends_stopped(lab_job, tiny_sd, star_folder, tmp_path):

@@ -31,7 +31,7 @@ def test_metadata_under_train_is_read(tmp_path):
     train = tmp_path / "lab_dataset" / "train"
     write_metadata(train, write_images(train, 3, rng))
     records = load_records("lab_dataset", "image", "text", lab_datasets_dir=tmp_path)
-    assert len(records) == 3 and records[0]["text"].startswith("a sks")
+    assert len(records) == 3 and all("sks" in caption for caption in records["text"])
 
 
 def test_metadata_in_each_label_folder_under_train_is_read(tmp_path):
@@ -41,7 +41,7 @@ def test_metadata_in_each_label_folder_under_train_is_read(tmp_path):
         folder = root / "train" / label
         write_metadata(folder, write_images(folder, 2, rng))
     records = load_records(str(root), "image", "text")
-    assert len(records) == 4 and all(r.startswith("a sks") for r in records["text"])
+    assert len(records) == 4 and all("sks" in caption for caption in records["text"])
 
 
 def test_a_hub_dataset_folder_holding_only_the_labs_index_json_is_loaded_by_its_id(tmp_path):
