@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ def run_lab_plugin(input_file: Path, experiment_name: str | None, job_id: str | 
 def run_lab_task(config_file: Path | None, overrides: list[str]) -> int:
     """The task launch: _TFL_JOB_ID set, parameters in the job (defaults merged with the user's
     values by the Lab). A --config file on the run line fills gaps; --set flags win."""
+    drop_unresolved_secrets()
     lab = connect_lab()
     if lab is None:
         return EXIT_FAILED
@@ -52,6 +54,14 @@ def run_lab_task(config_file: Path | None, overrides: list[str]) -> int:
         LabReporter(lab, TASK).failed(str(exc))
         return EXIT_BAD_INPUT
     return run_in_lab(config, lab, TASK)
+
+
+def drop_unresolved_secrets() -> None:
+    """The Lab leaves `{{secret._NAME}}` as it is when the user has no such secret; sent as a
+    token it would make even public hub downloads fail (401), so treat it as unset."""
+    for key in [k for k, v in os.environ.items() if re.fullmatch(r"\{\{\s*secret\.[^}]*\}\}", v.strip())]:
+        print(f"{key}: no such secret in the Lab; left unset.", file=sys.stderr)
+        del os.environ[key]
 
 
 def connect_lab():

@@ -186,7 +186,9 @@ def test_task_launch_hands_the_adapter_images_and_figures_to_the_sdk(monkeypatch
     task_job(job, experiment, tiny_sd, star_imagefolder, tmp_path / "output")
     monkeypatch.setenv("_TFL_JOB_ID", job.id)
     monkeypatch.setenv("_TFL_EXPERIMENT_ID", experiment)
+    monkeypatch.setenv("HF_TOKEN", "{{secret._HF_TOKEN}}")  # what the Lab sends when the user has no such secret
     assert run_main([]) == 0
+    assert "HF_TOKEN" not in os.environ  # not sent to the hub as a token
     status, progress, data = job_state(job, experiment)
     assert (status, progress) == ("COMPLETE", 100)
     assert data["score"]["final_loss"] > 0 and data["current_metrics"]["loss"] > 0
