@@ -35,6 +35,7 @@ class Reporter:
         self._bar: tqdm | None = None
         self._last_line = 0.0
         self.stop_reason: str | None = None
+        self.sigterm_received = False  # SIGKILL follows within seconds: leave as soon as all is saved
 
     # --- messages ------------------------------------------------------------------------
     def info(self, message: str) -> None:
@@ -120,11 +121,20 @@ class Reporter:
                 signal.signal(sig, handler)
 
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        self.sigterm_received = self.sigterm_received or signum == signal.SIGTERM
         if self.stop_reason is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            return  # stopping already; a repeated SIGTERM changes nothing
+            return  # stopping already (the Lab's flag, or a repeated SIGTERM)
         self.stop_reason = STOP_SIGNALS[signal.Signals(signum)]
         again = " (Ctrl-C again to abort)" if signum == signal.SIGINT else ""
         # Only the terminal here: a handler must not re-enter the SDK's file writes.
         Reporter.warn(self, f"{self.stop_reason}: stopping after this step and saving the adapter{again}.")
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """For data-loader workers (worker_init_fn): Ctrl-C and the Lab's Stop signal the whole
+    process group, and a worker killed mid-epoch fails the run before the adapter is saved. The
+    main process decides when to stop; its workers end with the loader (or with SIGKILL)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

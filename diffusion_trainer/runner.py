@@ -71,7 +71,6 @@ def validated(raw: dict[str, Any], reporter: Any):
 def execute(params: Any, paths: Any, reporter: Any, lab_datasets_dir: Path | None = None) -> int:
     """Train, hand the outputs to the reporter, end the job; the process's exit status."""
     from .errors import InputError
-    from .reporting import TERMINATE
     from .train import run_training
 
     with reporter.catching_stop_signals():
@@ -101,7 +100,7 @@ def execute(params: Any, paths: Any, reporter: Any, lab_datasets_dir: Path | Non
         if result.status == "stopped":
             reporter.stopped(f"Stopped at step {result.steps} ({result.stop_reason}); "
                              f"adapter saved to {paths.adapter_dir}")
-            if result.stop_reason == TERMINATE:
+            if reporter.sigterm_received:
                 exit_now(reporter.stop_exit_status())
             return reporter.stop_exit_status()
         score = {"final_loss": result.final_loss} if result.final_loss is not None else {}

@@ -25,6 +25,7 @@ from .families import family_for
 from .inputs import ModelInputs
 from .lora import LoraEMA, attach_lora, lora_metadata
 from .params import TrainingParams
+from .reporting import ignore_stop_signals
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -269,6 +270,8 @@ def make_dataloader(samples: Any, params: TrainingParams, accelerator: Any):
     expensive = not isinstance(samples, CachedSamples) or isinstance(samples.store, DiskLatents)
     workers = min(4, (os.cpu_count() or 1) - 1) if expensive and batches >= 8 else 0
     options: dict[str, Any] = {"num_workers": max(0, workers), "pin_memory": cuda}
+    if options["num_workers"]:
+        options["worker_init_fn"] = ignore_stop_signals
     if params.aspect_ratio_bucketing:
         sampler = BucketBatchSampler(samples, params.train_batch_size, params.seed)
         return torch.utils.data.DataLoader(samples, batch_sampler=sampler, **options)
