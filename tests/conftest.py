@@ -102,21 +102,25 @@ def one_star(tmp_path_factory) -> Path:
     return shapes.write_captioned_folder(tmp_path_factory.mktemp("data") / "one_star", [(image, caption)] * 8)
 
 
-PLUGIN_LAB_SDK = "transformerlab==0.0.83"  # the SDK of the last Lab that ran trainer plugins (app v0.30.3)
+# The plugin Lab's SDKs: 0.0.83 shipped with the last Lab that ran trainer plugins (app v0.30.3);
+# 0.0.56 is the last one before its methods became coroutines.
+PLUGIN_LAB_SDKS = ("transformerlab==0.0.83", "transformerlab==0.0.56")
 SDK_CACHE = ROOT / ".cache" / "lab-sdks"  # gitignored; installed once per clone
 
 
-@pytest.fixture(scope="session")
-def plugin_lab_sdk() -> Path:
-    """A folder holding the plugin Lab's own `lab` SDK, to put first on a subprocess's PYTHONPATH.
-    Installed from PyPI on first use (no dependencies: the venv's fsspec, aiofiles, werkzeug…
-    serve it), then reused."""
-    target = SDK_CACHE / PLUGIN_LAB_SDK.replace("==", "-")
+@pytest.fixture(scope="session", params=PLUGIN_LAB_SDKS[:1])
+def plugin_lab_sdk(request) -> Path:
+    """A folder holding one of the plugin Lab's own `lab` SDKs (0.0.83 unless a test asks for
+    another with indirect parametrization), to put first on a subprocess's PYTHONPATH. Installed
+    from PyPI on first use (no dependencies: the venv's fsspec, aiofiles, werkzeug… serve it),
+    then reused."""
+    requirement = request.param
+    target = SDK_CACHE / requirement.replace("==", "-")
     if not (target / "lab" / "__init__.py").is_file():
         staging = SDK_CACHE / f".{target.name}.partial-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        "--no-deps", "--target", str(staging), PLUGIN_LAB_SDK], check=True)
+                        "--no-deps", "--target", str(staging), requirement], check=True)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     return target

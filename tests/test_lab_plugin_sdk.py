@@ -1,5 +1,6 @@
-"""The plugin Lab (app <= v0.30.3) with its own SDK, transformerlab 0.0.83, installed by the
-test setup into a folder of its own (conftest.plugin_lab_sdk).
+"""The plugin Lab (app <= v0.30.3) with its own SDK, transformerlab 0.0.83 (and, for Stop, the
+older all-synchronous 0.0.56), installed by the test setup into a folder of its own
+(conftest.plugin_lab_sdk).
 
 That SDK cannot share a process with the venv's newer one, so everything runs in subprocesses
 with it first on PYTHONPATH: main.py launched as the Lab's harness launches it, and the job
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import PLUGIN_LAB_SDKS, ROOT
 
 TOOL = Path(__file__).with_name("lab_job_tool.py")
 
@@ -30,8 +31,9 @@ class PluginLab:
             self.env.pop(key, None)
 
     def tool(self, *args: str) -> str:
-        return subprocess.run([sys.executable, str(TOOL), *args], env=self.env, capture_output=True, text=True,
-                              check=True).stdout
+        out = subprocess.run([sys.executable, str(TOOL), *args], env=self.env, capture_output=True, text=True,
+                             check=True).stdout
+        return next(line[3:] for line in out.splitlines() if line.startswith("@@ "))
 
     def state(self, job_id: str) -> dict:
         return json.loads(self.tool("state", job_id))
@@ -52,7 +54,7 @@ def plugin_lab(plugin_lab_sdk, tmp_path) -> PluginLab:
     lab.workspace.mkdir(parents=True)
     probe = "import inspect, lab; print(list(inspect.signature(lab.lab.update_progress).parameters))"
     used = subprocess.run([sys.executable, "-c", probe], env=lab.env, capture_output=True, text=True, check=True)
-    assert used.stdout.strip() == "['progress']"  # really that SDK generation, not the venv's
+    assert used.stdout.strip().splitlines()[-1] == "['progress']"  # really the plugin Lab's SDK, not the venv's
     return lab
 
 
@@ -71,8 +73,9 @@ def plugin_config(lab: PluginLab, experiment: str, job_id: str, model: Path, dat
     return config
 
 
+@pytest.mark.parametrize("plugin_lab_sdk", PLUGIN_LAB_SDKS, indirect=True)
 def test_progress_moves_and_stop_saves_the_adapter_and_ends_stopped(plugin_lab, tiny_sd, star_folder):
-    job_id = plugin_lab.tool("create", "old").strip()
+    job_id = plugin_lab.tool("create", "old")
     config = plugin_config(plugin_lab, "old", job_id, tiny_sd, star_folder)
     process = plugin_lab.launch("old", job_id, config)
     try:
@@ -102,7 +105,7 @@ def test_progress_moves_and_stop_saves_the_adapter_and_ends_stopped(plugin_lab, 
 
 
 def test_a_failure_ends_failed_with_the_message(plugin_lab, tiny_sd):
-    job_id = plugin_lab.tool("create", "old").strip()
+    job_id = plugin_lab.tool("create", "old")
     config = plugin_config(plugin_lab, "old", job_id, tiny_sd, Path("/nowhere/at/all"))
     process = plugin_lab.launch("old", job_id, config)
     output = process.communicate(timeout=300)[0]
