@@ -2,8 +2,8 @@
 the tests run it under an older SDK than the one in the venv, as that SDK's Lab would.
 (The SDK's methods are coroutines from 0.0.6x on, plain functions before.)
 
-    python lab_job_tool.py create <experiment>   -> "@@ <job id>"
-    python lab_job_tool.py state <job_id>        -> "@@ " + {"status", "progress", "job_data"} as JSON
+    python lab_job_tool.py create <experiment>   -> @@<job id>@@
+    python lab_job_tool.py state <job_id>        -> @@{"status", "progress", "job_data"} as JSON@@
     python lab_job_tool.py stop <job_id>         -> sets job_data.stop, as the Stop button does
 """
 
@@ -20,8 +20,9 @@ def done(value):
 
 
 def answer(value) -> None:
-    """On a line of its own, marked: older SDKs print banners, some from background threads."""
-    print(f"\n@@ {value}", flush=True)
+    """Between markers, in one write: older SDKs print banners, some from background threads."""
+    sys.stdout.write(f"\n@@{value}@@\n")
+    sys.stdout.flush()
 
 
 def main(command: str, arg: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ class PluginLab:
     def tool(self, *args: str) -> str:
         out = subprocess.run([sys.executable, str(TOOL), *args], env=self.env, capture_output=True, text=True,
                              check=True).stdout
-        return next(line[3:] for line in out.splitlines() if line.startswith("@@ "))
+        return re.search(r"@@(.*?)@@", out).group(1)
 
     def state(self, job_id: str) -> dict:
         return json.loads(self.tool("state", job_id))
