@@ -61,8 +61,9 @@ def variant_plan(samples: TrainingSamples, variants: int) -> tuple[list[list[boo
     return plan, f"Latent cache: {what} ({sum(len(p) for p in plan)} latents, {counts} per image)."
 
 
-def fingerprint(model: str, vae_config: dict, params: Any, records: Any, plan: list) -> str:
-    """What a disk cache depends on: model and VAE, data, resolution and every augmentation setting."""
+def fingerprint(model: str, vae_config: dict, vae_dtype: torch.dtype, params: Any, records: Any, plan: list) -> str:
+    """What a disk cache depends on: model, VAE and the precision it encodes in, data, resolution and
+    every augmentation setting."""
     source = Path(params.dataset_name).expanduser()
     files = sorted((p.relative_to(source).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
                    for p in source.rglob("*") if p.is_file()) if source.is_dir() else []
@@ -71,6 +72,7 @@ def fingerprint(model: str, vae_config: dict, params: Any, records: Any, plan: l
                      for p in (model_path / "vae").glob("*")) if model_path.is_dir() else []
     keys = {
         "model": model, "vae_config": {k: v for k, v in vae_config.items() if not k.startswith("_")},
+        "vae_dtype": str(vae_dtype),
         "vae_weights": weights, "dataset": params.dataset_name, "dataset_fingerprint": getattr(records, "_fingerprint", ""),
         "files": files, "image_column": params.image_column, "resolution": params.resolution,
         "bucketing": params.aspect_ratio_bucketing, "center_crop": params.center_crop,
@@ -98,10 +100,12 @@ class MemoryLatents:
 
 class DiskLatents:
     """One safetensors file per sample; written to a temporary folder renamed into place when
-    complete, so an interrupted run never leaves a cache that looks whole."""
+    complete, so an interrupted run never leaves a cache that looks whole. Read back in the
+    run's VAE precision."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, dtype: torch.dtype):
         self.folder = folder
+        self.dtype = dtype
         self.counts = json.loads((folder / "complete.json").read_text())["variants"]
 
     def variants(self, index: int) -> int:
@@ -110,7 +114,7 @@ class DiskLatents:
     def get(self, index: int, variant: int) -> Variant:
         with safe_open(str(self.folder / f"{index:07d}.safetensors"), "pt") as f:
             meta = f.get_tensor(f"v{variant}_meta").tolist()
-            return Variant(f.get_tensor(f"v{variant}"), tuple(meta[:2]), tuple(meta[2:]))
+            return Variant(f.get_tensor(f"v{variant}").to(self.dtype), tuple(meta[:2]), tuple(meta[2:]))
 
     @staticmethod
     def write_sample(folder: Path, index: int, variants: list[Variant]) -> None:
@@ -156,10 +160,12 @@ def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, cache
                        reporter: Any) -> MemoryLatents | DiskLatents:
     plan, message = variant_plan(samples, params.latent_cache_variants)
     reporter.info(message)
-    folder = cache_root / f"latents-{fingerprint(params.model_name, dict(family.vae.config), params, samples.records, plan)}"
+    dtype = family.vae.dtype
+    key = fingerprint(params.model_name, dict(family.vae.config), dtype, params, samples.records, plan)
+    folder = cache_root / f"latents-{key}"
     if (folder / "complete.json").is_file():
         reporter.info(f"Reusing the latent cache in {folder}.")
-        return DiskLatents(folder)
+        return DiskLatents(folder, dtype)
     channels = 2 * family.vae.config.latent_channels
     scale = 2 ** (len(family.vae.config.block_out_channels) - 1)
     element = torch.finfo(family.vae.dtype).bits // 8
@@ -187,7 +193,7 @@ def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, cache
         raise
     reporter.info(f"Encoded {size_mb:.1f} MB of latents in {time.monotonic() - started:.1f} s into {folder} "
                   f"(over cache_memory_budget_mb={params.cache_memory_budget_mb}); later runs reuse it.")
-    return DiskLatents(folder)
+    return DiskLatents(folder, dtype)
 
 
 class CachedSamples(torch.utils.data.Dataset):

@@ -296,13 +296,30 @@ def training_item(index: int, caption: str, original_size: tuple[int, int], crop
 
 # --- aspect-ratio buckets --------------------------------------------------------------------
 
-def bucket_targets(images: list[tuple[int, int]], resolution: int) -> list[tuple[int, int]]:
-    """Each image's (height, width) bucket from diffusers' ladder (about resolution^2 pixels, sides
-    in multiples of 64): the one whose aspect ratio is closest to the image's, on a log scale.
-    (diffusers' find_nearest_bucket compares areas, which ties and misplaces images at small sizes.)"""
-    from diffusers.training_utils import generate_aspect_ratio_buckets
+# The aspect ratios (width:height) of diffusers' bucket ladder (training_utils, from 0.40);
+# written out here because the oldest diffusers requirements.txt allows does not have it.
+BUCKET_ASPECT_RATIOS = ((1, 1), (4, 5), (5, 4), (2, 3), (3, 2), (3, 4), (4, 3), (9, 16), (16, 9), (1, 2), (2, 1))
+BUCKET_MULTIPLE = 64
 
-    buckets = generate_aspect_ratio_buckets(resolution, divisibility=64)
+
+def bucket_ladder(resolution: int, multiple: int = BUCKET_MULTIPLE) -> list[tuple[int, int]]:
+    """The (height, width) buckets: for each aspect ratio, about resolution^2 pixels with both
+    sides rounded to the multiple (diffusers' generate_aspect_ratio_buckets does the same)."""
+    buckets: list[tuple[int, int]] = []
+    for ratio_w, ratio_h in BUCKET_ASPECT_RATIOS:
+        height = resolution * math.sqrt(ratio_h / ratio_w)
+        width = height * ratio_w / ratio_h
+        bucket = (max(multiple, round(height / multiple) * multiple), max(multiple, round(width / multiple) * multiple))
+        if bucket not in buckets:
+            buckets.append(bucket)
+    return buckets
+
+
+def bucket_targets(images: list[tuple[int, int]], resolution: int) -> list[tuple[int, int]]:
+    """Each image's (height, width) bucket: the one whose aspect ratio is closest to the image's,
+    on a log scale. (diffusers' find_nearest_bucket compares areas, which ties and misplaces
+    images at small sizes.)"""
+    buckets = bucket_ladder(resolution)
     return [min(buckets, key=lambda b: abs(math.log((w / h) / (b[1] / b[0])))) for h, w in images]
 
 

@@ -89,14 +89,9 @@ def task_run_command() -> str:
     return "python main.py"
 
 
-# Left empty in task.yaml because empty means "the base model's own" (the Lab sends every
-# listed value, and an explicit default would override what the model was trained with).
-TASK_UNSET = frozenset({"prediction_type"})
-
-
 def task_parameters() -> dict[str, Any]:
     """Every parameter with its default; a required one starts empty (the run names it if left so)."""
-    return {name: "" if field.is_required() or name in TASK_UNSET else field.default
+    return {name: "" if field.is_required() else field.default
             for name, field in FIELDS.items()}
 
 

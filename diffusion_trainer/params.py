@@ -143,10 +143,24 @@ class TrainingParams(BaseModel):
         16, title="LoRA Alpha", group="LoRA", ge=1, le=512, widget="RangeWidget",
         help="LoRA scale numerator: the update is scaled by alpha / r. Saved with the adaptor.")
 
+    lora_layers: Literal["default", "attention", "attention+mlp", "all-linear"] = _param(
+        "default", title="LoRA Layers", group="LoRA",
+        help="Which denoiser layers get LoRA: 'attention' (the attention projections), "
+             "'attention+mlp' (and the feed-forward layers), 'all-linear' (every linear layer). "
+             "'default' is each family's reference recipe: attention+mlp for Flux, attention for "
+             "the others. The adaptor info records the layers used.")
+
     # --- Optimizer -----------------------------------------------------------------------
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = _param(
+        "adamw", title="Optimizer", group="Optimizer",
+        help="'adamw' (torch's); 'adamw8bit' (bitsandbytes, CUDA only, less memory); 'prodigy' "
+             "(finds its own step size: set learning_rate to 1.0); 'adafactor' (transformers', "
+             "little memory). All take adam_weight_decay; the Adam settings apply to the AdamW "
+             "kinds and prodigy.")
     learning_rate: float = _param(
         1e-4, title="Learning Rate", group="Optimizer", gt=0.0, le=1.0,
-        help="AdamW learning rate for the LoRA weights.")
+        help="Learning rate for the LoRA weights (for prodigy a multiplier of its own estimate: "
+             "1.0).")
     lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = _param(
         "constant", title="LR Scheduler", group="Optimizer",
         help="How the learning rate changes over the run. 'constant' has no warmup.")
@@ -179,11 +193,11 @@ class TrainingParams(BaseModel):
         0.1, title="Huber Loss Beta", group="Loss", gt=0.0, le=10.0,
         help="Pseudo-Huber c: errors much smaller than c are treated as squared, larger as "
              "absolute.")
-    prediction_type: Literal["epsilon", "v_prediction"] = _param(
-        "epsilon", title="Prediction Type", group="Loss",
-        help="What the UNet learns to predict (SD 1.x/2.x, SDXL). Left out of a standalone "
-             "config, the base model's own type is used; a different choice is trained as asked, "
-             "with a warning.")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = _param(
+        "auto", title="Prediction Type", group="Loss",
+        help="What the UNet learns to predict (SD 1.x/2.x, SDXL). 'auto' is the model's own (its "
+             "scheduler config: v_prediction for SD 2.x-768, epsilon for most others); a different "
+             "choice is trained as asked, with a warning.")
     snr_gamma: float = _param(
         0, title="SNR Gamma", group="Loss", ge=0.0, le=100.0,
         help="Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's value. "
@@ -219,6 +233,12 @@ class TrainingParams(BaseModel):
         1.0, title="Flux Training Guidance", group="Flow matching (SD3, Flux)", ge=0.0, le=20.0,
         help="Guidance value fed to a guidance-distilled Flux model (FLUX.1-dev) while training; "
              "1.0 as the reference LoRA recipes use. Eval images use eval_guidance_scale.")
+
+    max_sequence_length: int = _param(
+        77, title="SD3 T5 Prompt Length", group="Flow matching (SD3, Flux)", ge=1, le=512,
+        help="Tokens of SD3's T5 prompt embedding (77 as diffusers' SD3 LoRA recipe), and, for an "
+             "SD3 model saved without T5, the number of zero tokens that stand in for it. Sample the "
+             "adaptor with the same max_sequence_length (eval images do). Flux uses 512.")
 
     # --- Caching and speed ---------------------------------------------------------------
     cache_latents: bool = _param(
@@ -280,8 +300,10 @@ class TrainingParams(BaseModel):
         50, title="Evaluation Inference Steps", group="Evaluation", ge=1, le=200,
         help="Denoising steps per eval image.")
     eval_guidance_scale: float = _param(
-        7.5, title="Evaluation Guidance Scale", group="Evaluation", ge=0.0, le=30.0,
-        help="Classifier-free guidance for eval images; higher follows the prompt more closely.")
+        0.0, title="Evaluation Guidance Scale", group="Evaluation", ge=0.0, le=30.0,
+        help="Guidance for eval images; higher follows the prompt more closely. 0 = the model's "
+             "own pipeline default (7.5 for SD 1.x/2.x, 5.0 SDXL, 7.0 SD3, 3.5 Flux, whose "
+             "guidance-distilled models take it as their guidance input).")
 
     # --- Logging -------------------------------------------------------------------------
     log_to_wandb: bool = _param(

@@ -108,15 +108,31 @@ def t5_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 3
     """A T5 (unigram) tokenizer: whole words as pieces, single characters as the fallback."""
     import string
 
+    import transformers
     from transformers import T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [("▁" + w, -1.0) for w in dict.fromkeys(words)]
     vocab += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    if int(transformers.__version__.split(".")[0]) < 5:  # transformers 4: only the fast class takes a vocab
+        return _t5_tokenizer_fast(vocab, model_max_length)
     tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
         return T5Tokenizer.from_pretrained(folder, model_max_length=model_max_length)
+
+
+def _t5_tokenizer_fast(vocab: list[tuple[str, float]], model_max_length: int):
+    """The same tokenizer built with the tokenizers library, for transformers 4."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=model_max_length)
 
 
 def t5_encoder(tokenizer, d_model: int = 64, layers: int = 1, heads: int = 2):

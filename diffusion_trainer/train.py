@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import adapter, export, loop
+from . import adapter, export, loop, optimizers
 from .caching import CachedSamples, DiskLatents, TextCache, build_latent_cache
 from .data import BucketBatchSampler, build_samples, load_records
 from .errors import InputError
@@ -87,13 +87,13 @@ def choose_prediction_type(params: TrainingParams, family: Any, reporter: Any) -
     own = family.model_prediction_type()
     if own is None:
         return None
-    if "prediction_type" not in params.model_fields_set:
+    if params.prediction_type == "auto":
         return own
     if params.prediction_type != own:
         reporter.warn(
             f"{'!' * 70}\n  prediction_type={params.prediction_type} but this base model was trained "
             f"with {own}.\n  Training as asked: the adapter will only work with a scheduler set to "
-            f"{params.prediction_type}.\n  Leave prediction_type out (or set it to {own}) to keep the "
+            f"{params.prediction_type}.\n  Set prediction_type to auto (or {own}) to keep the "
             f"model's own.\n{'!' * 70}")
     return params.prediction_type
 
@@ -152,6 +152,7 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
                          f"{family_cls.resolution_multiple} (got {params.resolution}).")
     records = load_records(params.dataset_name, params.image_column, params.caption_column, lab_datasets_dir)
     runtime = decide_runtime(params, reporter)
+    optimizers.check_optimizer(params, reporter)
     if params.lr_scheduler == "constant" and params.lr_warmup_steps:
         reporter.info(f"lr_warmup_steps={params.lr_warmup_steps} is not used by lr_scheduler=constant "
                       "(choose constant_with_warmup for a warmup).")
@@ -165,7 +166,7 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     for note in family.inapplicable_notes(params):
         reporter.info(note)
     denoiser = family.denoiser
-    trainable = attach_lora(denoiser, params.lora_r, params.lora_alpha, family.lora_target_modules)
+    trainable = attach_lora(denoiser, params.lora_r, params.lora_alpha, family.lora_targets(params.lora_layers))
     speed_up_denoiser(denoiser, params, runtime, reporter)
 
     # --- data: encode once where we can, then park the encoders --------------------------
@@ -282,9 +283,7 @@ def make_dataloader(samples: Any, params: TrainingParams, accelerator: Any):
 def make_optimizer(trainable: list[torch.nn.Parameter], params: TrainingParams, total_steps: int, accelerator: Any):
     from diffusers.optimization import get_scheduler
 
-    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, betas=(params.adam_beta1, params.adam_beta2),
-                                  weight_decay=params.adam_weight_decay, eps=params.adam_epsilon,
-                                  fused=accelerator.device.type == "cuda")
+    optimizer = optimizers.make_optimizer(trainable, params, accelerator.device)
     lr_scheduler = get_scheduler(params.lr_scheduler, optimizer,
                                  num_warmup_steps=params.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=total_steps * accelerator.num_processes)
@@ -296,7 +295,7 @@ def save_adapter(family: Any, params: TrainingParams, target: Path, outcome: loo
     metadata = lora_metadata(family.denoiser)
     info = adapter.adaptor_info(
         architecture=family.pipeline_class.__name__, base_model=params.model_name, rank=params.lora_r,
-        alpha=params.lora_alpha, target_modules=list(family.lora_target_modules),
+        alpha=params.lora_alpha, target_modules=list(metadata["target_modules"]),
         trigger_word=params.trigger_word, parameters=params.model_dump(), steps_trained=outcome.steps,
         epochs_trained=outcome.epochs, final_loss=outcome.final_loss, prediction_type=prediction_type,
         stopped_early=outcome.stopped)

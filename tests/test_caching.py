@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusion_trainer import shapes
-from diffusion_trainer.data import bucket_targets, build_samples, load_records
+from diffusion_trainer.data import bucket_ladder, bucket_targets, build_samples, load_records
 from diffusion_trainer.families.sd import StableDiffusion
 from diffusion_trainer.inputs import ModelInputs
 from diffusion_trainer.params import parse_params
@@ -105,6 +105,36 @@ def test_the_disk_cache_is_reused_and_rebuilt_when_its_inputs_change(tmp_path, t
     assert not [p for p in (output / "cache").iterdir() if ".partial" in p.name]
 
 
+def test_the_disk_cache_is_keyed_by_the_vae_precision_and_read_in_the_runs(tmp_path, tiny_sd, numbered, monkeypatch):
+    """A cache written by a bf16 run is not reused by an fp32 run, and a cache is read back in the
+    precision of the run that reads it."""
+    from safetensors import safe_open
+
+    from diffusion_trainer.caching import DiskLatents
+
+    read = []
+    get = DiskLatents.get
+
+    def recording_get(self, index, variant):
+        cached = get(self, index, variant)
+        read.append(cached.latent_params.dtype)
+        return cached
+
+    monkeypatch.setattr(DiskLatents, "get", recording_get)
+    output = tmp_path / "shared_output"
+    common = dict(output_dir=str(output), cache_memory_budget_mb=0, num_train_epochs=1)
+    folders = {}
+    for precision, dtype in (("bf16", torch.bfloat16), ("no", torch.float32)):
+        read.clear()
+        assert train(tmp_path / precision, tiny_sd, numbered, mixed_precision=precision, **common)[0] == 0
+        assert read and set(read) == {dtype}
+        (folders[precision],) = set(cache_folders(output)) - set(folders.values())
+        with safe_open(str(output / "cache" / folders[precision] / "0000000.safetensors"), "pt") as f:
+            assert f.get_tensor("v0").dtype == dtype
+    bf16_cache = DiskLatents(output / "cache" / folders["bf16"], torch.float32)
+    assert bf16_cache.get(0, 0).latent_params.dtype == torch.float32
+
+
 def test_a_disk_cache_finished_first_by_another_process_is_used(tmp_path, tiny_sd, numbered, monkeypatch):
     """Two GPUs build the same cache: the second rename meets a complete folder and uses it."""
     import shutil
@@ -147,14 +177,19 @@ def mixed_shapes(tmp_path_factory):
     return folder, sizes
 
 
+# (height, width) buckets of the mixed_shapes images at resolution 128: the square ones square,
+# 2:1 and 3:2 landscapes in 128x192 (3:2 is nearer 2:1 than 3:1 is), portraits in 192x128
+MIXED_SHAPES_BUCKETS = [(128, 128), (128, 192), (192, 128), (128, 192), (128, 128), (192, 128), (128, 192), (192, 128)]
+
+
+def test_the_bucket_ladder_is_diffusers_ladder_in_multiples_of_64():
+    assert bucket_ladder(128) == [(128, 128), (192, 128), (128, 192), (192, 64), (64, 192)]
+    assert bucket_ladder(512) == [(512, 512), (576, 448), (448, 576), (640, 448), (448, 640), (704, 384), (384, 704)]
+
+
 def test_each_image_goes_to_the_bucket_of_its_aspect_ratio(mixed_shapes):
     _, sizes = mixed_shapes
-    targets = bucket_targets([(h, w) for w, h in sizes], 128)
-    for (w, h), (bh, bw) in zip(sizes, targets):
-        assert bh % 64 == 0 and bw % 64 == 0
-        assert abs(bh * bw - 128 * 128) <= 0.5 * 128 * 128
-        assert (bw > bh) == (w > h) and (bw < bh) == (w < h)  # landscape stays landscape, portrait portrait
-    assert len(set(targets)) == 3
+    assert bucket_targets([(h, w) for w, h in sizes], 128) == MIXED_SHAPES_BUCKETS
 
 
 def test_bucketed_batches_never_mix_shapes(tmp_path, tiny_family, mixed_shapes, monkeypatch):
@@ -172,7 +207,7 @@ def test_bucketed_batches_never_mix_shapes(tmp_path, tiny_family, mixed_shapes, 
     code, _ = train(tmp_path, tiny_family("sdxl"), folder, resolution=128, aspect_ratio_bucketing=True,
                     train_batch_size=3, num_train_epochs=2)
     assert code == 0
-    expected = dict(enumerate(bucket_targets([(h, w) for w, h in sizes], 128)))
+    expected = dict(enumerate(MIXED_SHAPES_BUCKETS))
     for latent_shape, targets, indices in seen:
         assert len({tuple(t) for t in targets}) == 1  # one shape per batch
         for target, index in zip(targets, indices):
@@ -183,19 +218,50 @@ def test_bucketed_batches_never_mix_shapes(tmp_path, tiny_family, mixed_shapes, 
 
 @pytest.mark.parametrize("eval_prompt", ["", "a sks star"])
 def test_encoders_leave_the_accelerator_after_caching(tmp_path, tiny_sd, numbered, monkeypatch, eval_prompt):
-    """No GPU here: with no eval prompt they are freed; with one they wait on the CPU (the device
-    each module reports) and still draw the eval images."""
-    during = []
-    predict = StableDiffusion.predict
+    """With no eval prompt the VAE and text encoder are freed; with one each is moved to the CPU
+    once its cache is built (recorded here, since on this machine the accelerator is the CPU too),
+    is not moved again while training, and still draws the eval images."""
+    from diffusion_trainer import train as train_module
 
-    def recording(self, denoiser, noisy, conditioning, batch):
-        during.append([(m.device.type if m is not None else None) for m in (self.pipeline.vae, self.pipeline.text_encoder)])
+    events, modules = [], {}
+    to, predict = torch.nn.Module.to, StableDiffusion.predict
+
+    def recording_to(self, *args, **kwargs):
+        events.append((self, str(args[0] if args else kwargs.get("device"))))
+        return to(self, *args, **kwargs)
+
+    class RecordingTextCache(train_module.TextCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            events.append(("text cache built", None))
+
+    def recording_latent_cache(*args, **kwargs):
+        store = build_latent_cache(*args, **kwargs)
+        events.append(("latent cache built", None))
+        return store
+
+    def recording_predict(self, denoiser, noisy, conditioning, batch):
+        modules.setdefault("present", [self.pipeline.vae, self.pipeline.text_encoder])
+        events.append(("step", None))
         return predict(self, denoiser, noisy, conditioning, batch)
 
-    monkeypatch.setattr(StableDiffusion, "predict", recording)
+    build_latent_cache = train_module.build_latent_cache
+    monkeypatch.setattr(torch.nn.Module, "to", recording_to)
+    monkeypatch.setattr(train_module, "TextCache", RecordingTextCache)
+    monkeypatch.setattr(train_module, "build_latent_cache", recording_latent_cache)
+    monkeypatch.setattr(StableDiffusion, "predict", recording_predict)
     code, out = train(tmp_path, tiny_sd, numbered, num_train_epochs=2, eval_prompt=eval_prompt, eval_steps=1)
-    assert code == 0
-    assert during and all(d == ([None, None] if not eval_prompt else ["cpu", "cpu"]) for d in during)
+    assert code == 0 and ("step", None) in events
+    vae, text_encoder = modules["present"]
+    if not eval_prompt:
+        assert vae is None and text_encoder is None  # freed: no longer in the pipeline
+    else:
+        first_step = events.index(("step", None))
+        for module, cache in ((text_encoder, "text cache built"), (vae, "latent cache built")):
+            after_cache = events[events.index((cache, None)):first_step]
+            assert [device for m, device in after_cache if m is module] == ["cpu"]
+        first_eval = next((i for i, (m, _) in enumerate(events) if m is vae and i > first_step), len(events))
+        assert ("step", None) in events[first_step:first_eval]  # trained before anything moved them back
     assert len(list((out / "eval_images" / "test_lora").glob("*.png"))) == (2 if eval_prompt else 0)
 
 

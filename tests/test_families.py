@@ -17,6 +17,7 @@ from diffusion_trainer.data import TrainingSamples
 from diffusion_trainer.families.flux import Flux
 from diffusion_trainer.families.sd3 import StableDiffusion3
 from diffusion_trainer.families.sdxl import StableDiffusionXL
+from diffusion_trainer.params import parse_params
 
 PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
              "sd3_without_t5": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
@@ -53,25 +54,40 @@ NOT_APPLICABLE = {  # a parameter each family cannot use, set in its shared run
 }
 
 
+OTHER_SETTINGS = {"sd3_without_t5": {"max_sequence_length": 24}}
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_family, star_folder, tmp_path_factory):
-    """One short run per family (2 epochs, eval images on), shared by the tests below."""
+    """One short run per family (2 epochs, eval images on), shared by the tests below, with what
+    the denoiser was given in training steps and in eval images: runs[name] = (exit status,
+    output folder, stderr, {"train": [forward keywords], "eval": [...]})."""
     import contextlib
     import io
 
+    def recording(forward, calls):
+        def record(self, *args, **kwargs):
+            calls["train" if torch.is_grad_enabled() else "eval"].append(
+                {k: v.detach().clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+            return forward(self, *args, **kwargs)
+        return record
+
     runs = {}
     for name in PIPELINES:
-        stderr = io.StringIO()
-        with contextlib.redirect_stderr(stderr):
+        stderr, calls = io.StringIO(), {"train": [], "eval": []}
+        with contextlib.redirect_stderr(stderr), pytest.MonkeyPatch.context() as patch:
+            for model in (SD3Transformer2DModel, FluxTransformer2DModel):
+                patch.setattr(model, "forward", recording(model.forward, calls))
             code, out = train(tmp_path_factory.mktemp(name), tiny_family(name), star_folder, num_train_epochs=2,
-                              eval_prompt=PROMPT, eval_steps=1, **NOT_APPLICABLE[name][0])
-        runs[name] = (code, out, stderr.getvalue())
+                              eval_prompt=PROMPT, eval_steps=1, eval_num_inference_steps=2,
+                              **NOT_APPLICABLE[name][0], **OTHER_SETTINGS.get(name, {}))
+        runs[name] = (code, out, stderr.getvalue(), calls)
     return runs
 
 
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_family_trains_saves_reloads_and_draws_eval_images(trained, tiny_family, name):
-    code, out, _ = trained[name]
+    code, out, *_ = trained[name]
     assert code == 0
     adapter = out / "test_lora"
     info = json.loads((adapter / "tlab_adaptor_info.json").read_text())
@@ -92,7 +108,7 @@ def test_family_trains_saves_reloads_and_draws_eval_images(trained, tiny_family,
 def test_adapter_keys_use_the_denoiser_of_the_family(trained, name):
     """Predecessor fault: SD3 adapters were saved under the UNet keyword."""
     prefix = "unet." if name == "sdxl" else "transformer."
-    _, out, _ = trained[name]
+    _, out, *_ = trained[name]
     with safe_open(str(out / "test_lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys = list(f.keys())
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
@@ -103,6 +119,94 @@ def test_adapter_keys_use_the_denoiser_of_the_family(trained, name):
 @pytest.mark.parametrize("name", [n for n, (_, note) in NOT_APPLICABLE.items() if note])
 def test_parameters_a_family_cannot_use_are_named_once(trained, name):
     assert trained[name][2].count(NOT_APPLICABLE[name][1]) == 1
+
+
+def test_flux_lora_covers_attention_and_feed_forward_layers_by_default(trained):
+    """The reference Flux recipe's layers, in the file and in the adaptor info."""
+    _, out, *_ = trained["flux"]
+    info = json.loads((out / "test_lora" / "tlab_adaptor_info.json").read_text())
+    expected = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                "attn.to_out.0", "attn.to_q", "attn.to_v", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                "ff_context.net.2"]
+    assert info["lora_config"]["target_modules"] == expected
+    with safe_open(str(out / "test_lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    for layer in ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"):
+        assert any(f"transformer_blocks.0.{layer}.lora_A" in k for k in keys), layer
+
+
+def test_flux_eval_images_use_the_pipelines_guidance_unless_one_is_set(trained, tiny_family, star_folder, tmp_path,
+                                                                       monkeypatch):
+    """FLUX.1-dev samples at 3.5; eval_guidance_scale's 7.5 was used as its distilled guidance."""
+    _, _, _, calls = trained["flux"]
+    assert calls["eval"] and {c["guidance"].tolist()[0] for c in calls["eval"]} == {3.5}
+    assert {c["guidance"].tolist()[0] for c in calls["train"]} == {1.0}  # guidance_scale, for training
+
+    seen = []
+    forward = FluxTransformer2DModel.forward
+
+    def recording(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            seen.append(kwargs["guidance"].tolist()[0])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "forward", recording)
+    code, _ = train(tmp_path, tiny_family("flux"), star_folder, max_train_steps=1, eval_prompt=PROMPT,
+                    eval_num_inference_steps=1, eval_guidance_scale=5.0)
+    assert code == 0 and set(seen) == {5.0}
+
+
+def test_sd3_without_t5_trains_and_draws_on_max_sequence_length_zero_tokens(trained):
+    """Training and eval images give the transformer the same text: 77 CLIP tokens, then
+    max_sequence_length (24 here) zero tokens where T5 would be."""
+    _, _, _, calls = trained["sd3_without_t5"]
+    for phase in ("train", "eval"):
+        texts = [c["encoder_hidden_states"] for c in calls[phase]]
+        assert texts and {t.shape[1] for t in texts} == {77 + 24}, phase
+        assert all(not t[:, 77:].any() for t in texts)
+
+
+@pytest.mark.parametrize("name", ["sd3", "sd3_without_t5"])
+def test_sd3_training_text_is_what_the_pipeline_samples_with(tiny_family, name):
+    model = tiny_family(name)
+    pipe = reload(model, name)
+    family = StableDiffusion3(pipe, str(model))
+    params = parse_params({"adaptor_name": "a", "model_name": str(model), "dataset_name": "d",
+                           "max_sequence_length": 40})[0]
+    family.configure_objective(params, None)
+    ours = family.encode_prompts([PROMPT, "a red circle"])
+    with torch.no_grad():
+        text, _, pooled, _ = pipe.encode_prompt([PROMPT, "a red circle"], None, None, do_classifier_free_guidance=False,
+                                                max_sequence_length=40)
+    assert ours["encoder_hidden_states"].shape == text.shape == (2, 77 + 40, 64)
+    assert torch.allclose(ours["encoder_hidden_states"], text, atol=1e-6)
+    assert torch.allclose(ours["pooled_projections"], pooled, atol=1e-6)
+
+
+def test_lora_layers_presets_choose_the_layers_and_all_linear_reloads(tmp_path, tiny_sd, star_folder):
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_trainer.families.base import linear_layer_names
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    all_linear = linear_layer_names(pipe.unet)
+    assert "time_embedding.linear_1" in all_linear and not any("conv" in n for n in all_linear)
+    expected = {"attention": ["to_k", "to_out.0", "to_q", "to_v"],
+                "attention+mlp": ["ff.net.0.proj", "ff.net.2", "to_k", "to_out.0", "to_q", "to_v"]}
+    for layers in ("attention", "attention+mlp", "all-linear"):
+        code, out = train(tmp_path / layers, tiny_sd, star_folder, max_train_steps=2, lora_layers=layers)
+        assert code == 0
+        info = json.loads((out / "test_lora" / "tlab_adaptor_info.json").read_text())
+        with safe_open(str(out / "test_lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+            saved = json.loads(f.metadata()["lora_adapter_metadata"])["unet.target_modules"]
+        # the info records the targets the adapter was made with (peft shortens a long list of names)
+        assert info["lora_config"]["target_modules"] == sorted(saved) == expected.get(layers, sorted(saved))
+    before = draw(pipe)
+    pipe.load_lora_weights(str(out / "test_lora"))  # the all-linear adapter: LoRA on every linear layer
+    assert abs(draw(pipe) - before).mean() > 1e-5
+    adapted = {name for name, m in pipe.unet.named_modules() if isinstance(getattr(m, "scaling", None), dict) and m.scaling}
+    assert adapted == set(all_linear)
 
 
 def test_guidance_is_named_when_a_flux_model_has_no_guidance_input(tmp_path, tiny_family, star_folder, capsys):
@@ -219,15 +323,25 @@ def test_flow_models_get_flow_noise_levels_not_ddpm_timesteps(tmp_path, tiny_fam
         assert all(torch.equal(g, torch.ones_like(g)) for _, g in seen[:4])  # training guidance 1.0
 
 
-@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
-def test_gradient_checkpointing_works_for_every_family(tmp_path, tiny_family, star_folder, name):
+@pytest.mark.parametrize("name, family", [("sdxl", StableDiffusionXL), ("sd3", StableDiffusion3), ("flux", Flux)])
+def test_gradient_checkpointing_is_on_in_every_familys_denoiser(tmp_path, tiny_family, star_folder, monkeypatch,
+                                                                name, family):
     from safetensors.torch import load_file
 
+    enabled = []
+    predict = family.predict
+
+    def recording(self, denoiser, noisy, conditioning, batch):
+        enabled.append(self.denoiser.is_gradient_checkpointing)
+        return predict(self, denoiser, noisy, conditioning, batch)
+
+    monkeypatch.setattr(family, "predict", recording)
     weights = []
     for sub, checkpointing in (("plain", False), ("checkpointed", True)):
+        enabled.clear()
         code, out = train(tmp_path / sub, tiny_family(name), star_folder, num_train_epochs=1,
                           gradient_checkpointing=checkpointing)
-        assert code == 0
+        assert code == 0 and enabled and set(enabled) == {checkpointing}
         weights.append(load_file(out / "test_lora" / "pytorch_lora_weights.safetensors"))
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-5) for k in weights[0])
 
@@ -249,7 +363,11 @@ def test_bf16_loads_the_base_in_bf16_and_trains_lora_in_fp32(tmp_path, tiny_fami
     assert dtypes == {"base": {torch.bfloat16}, "lora": {torch.float32}}
 
 
-def test_flux_family_is_registered_for_the_lab_architecture():
-    from diffusion_trainer.families import FAMILIES
+@pytest.mark.parametrize("name, family", [("sdxl", StableDiffusionXL), ("sd3", StableDiffusion3), ("flux", Flux)])
+def test_a_saved_pipeline_finds_the_family_that_loads_it(tiny_family, name, family):
+    from diffusion_trainer.families import family_for
 
-    assert FAMILIES["FluxPipeline"] is Flux and FAMILIES["StableDiffusion3Pipeline"] is StableDiffusion3
+    model = tiny_family(name)
+    assert family_for(str(model)) is family
+    loaded = family.load(str(model), torch.float32)
+    assert type(loaded.pipeline).__name__ == json.loads((model / "model_index.json").read_text())["_class_name"]

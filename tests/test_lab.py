@@ -274,9 +274,9 @@ def test_task_yaml_is_generated_from_the_schema_and_importable():
     assert list(task["parameters"]) == list(FIELDS)
     for name, value in task["parameters"].items():
         field = FIELDS[name]
-        expected = "" if field.is_required() or name in manifest.TASK_UNSET else field.default
+        expected = "" if field.is_required() else field.default
         assert value == expected and type(value) is type(expected), name
     # the defaults as the Lab sends them back (plus the required ones) are valid parameters
     params, warnings = parse_params({**task["parameters"], "adaptor_name": "x", "model_name": "m",
                                      "dataset_name": "d"})
-    assert warnings == [] and "prediction_type" not in params.model_fields_set
+    assert warnings == [] and params.prediction_type == "auto"  # the model's own, not a forced epsilon

@@ -44,14 +44,17 @@ def test_min_snr_weight_at_zero_snr_is_its_limit():
 
 
 @pytest.mark.parametrize("raw", [{"snr_gamma": 5}, {"min_snr_gamma": 5}, {"snr_gamma": 5, "min_snr_gamma": 0}])
-def test_snr_weighting_is_on_whichever_name_sets_it(raw):
-    """Predecessor fault: snr_gamma did nothing when min_snr_gamma was 0."""
+def test_snr_weighting_is_on_whichever_name_sets_it(raw, monkeypatch):
+    """Predecessor fault: snr_gamma did nothing when min_snr_gamma was 0. The batch's weights are
+    diffusers' compute_snr put through the paper's formula, min(SNR, 5) / SNR, at fixed timesteps."""
     params = base(**raw)
     objective = DDPMObjective(ddpm_scheduler().config, "epsilon", params.effective_snr_gamma)
-    torch.manual_seed(0)
-    noisy = objective.noisy_batch(torch.randn(6, 4, 8, 8))
-    expected = min_snr_weights(objective.scheduler, noisy.timesteps, 5.0, "epsilon")
-    assert noisy.loss_weights is not None and torch.equal(noisy.loss_weights, expected)
+    monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: TIMESTEPS.clone())
+    noisy = objective.noisy_batch(torch.randn(len(TIMESTEPS), 4, 8, 8))
+    assert noisy.timesteps.tolist() == TIMESTEPS.tolist()
+    snr = compute_snr(objective.scheduler, TIMESTEPS).tolist()
+    expected = [min(s, 5.0) / s for s in snr]
+    assert noisy.loss_weights is not None and noisy.loss_weights.tolist() == pytest.approx(expected, rel=1e-6)
 
 
 def test_no_gamma_means_uniform_weights():
@@ -86,10 +89,14 @@ def test_noise_offset_adds_a_per_sample_per_channel_constant():
 
 
 def test_noise_offset_stays_a_fraction():
-    """Predecessor fault: noise_offset was cast to int (0.05 became 0)."""
-    assert base(noise_offset="0.05").noise_offset == 0.05
+    """Predecessor fault: noise_offset was cast to int (0.05 became 0): the target noise of a
+    Lab-string 0.05 must carry 0.05 x a per-sample, per-channel constant."""
     objective = DDPMObjective(ddpm_scheduler().config, "epsilon", noise_offset=base(noise_offset="0.05").noise_offset)
-    assert objective.noise_offset == 0.05
+    torch.manual_seed(0)
+    noisy = objective.noisy_batch(torch.zeros(3, 4, 8, 8))
+    torch.manual_seed(0)
+    expected = torch.randn(3, 4, 8, 8) + 0.05 * torch.randn(3, 4, 1, 1)
+    assert torch.equal(noisy.target, expected)
 
 
 def test_l2_loss_weights_each_sample_mean():

@@ -23,12 +23,12 @@ SEED_DEFAULTS = {
     "color_jitter_hue": 0.05, "random_rotation": False, "rotation_degrees": 5, "rotation_prob": 0.3,
     "lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-4, "lr_scheduler": "constant", "lr_warmup_steps": 50,
     "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 0.01, "adam_epsilon": 1e-8,
-    "max_grad_norm": 1.0, "loss_type": "l2", "huber_c": 0.1, "prediction_type": "epsilon", "snr_gamma": 0,
+    "max_grad_norm": 1.0, "loss_type": "l2", "huber_c": 0.1, "prediction_type": "auto", "snr_gamma": 0,
     "min_snr_gamma": 0, "noise_offset": 0, "mixed_precision": "no",
     "enable_xformers_memory_efficient_attention": False, "gradient_checkpointing": False, "use_ema": False,
     "ema_decay": 0.9999, "eval_prompt": "", "eval_steps": 1, "eval_num_inference_steps": 50,
-    "eval_guidance_scale": 7.5, "log_to_wandb": True, "output_dir": "./output",
-}
+    "eval_guidance_scale": 0.0, "log_to_wandb": True, "output_dir": "./output",
+}  # issue 10: prediction_type 'auto' (the model's own), eval_guidance_scale 0 (the pipeline's own)
 
 # The predecessor plugin's manifest: saved jobs use these names, types and enums.
 PREDECESSOR = {
@@ -50,7 +50,8 @@ PREDECESSOR = {
 PREDECESSOR_ENUMS = {
     "image_interpolation_mode": ["lanczos", "bilinear", "bicubic", "nearest"],
     "lr_scheduler": ["constant", "linear", "cosine", "constant_with_warmup"],
-    "loss_type": ["l2", "huber"], "prediction_type": ["epsilon", "v_prediction"], "mixed_precision": ["no", "fp16", "bf16"],
+    "loss_type": ["l2", "huber"], "prediction_type": ["auto", "epsilon", "v_prediction"],  # 'auto' added by issue 10
+    "mixed_precision": ["no", "fp16", "bf16"],
 }
 
 

@@ -134,9 +134,11 @@ def test_wishes_this_machine_cannot_grant_warn_and_the_run_goes_on(tmp_path, tin
                       enable_xformers_memory_efficient_attention=True, learnin_rate=0.1)
     err = capsys.readouterr().err
     assert code == 0 and (out / "test_lora" / "pytorch_lora_weights.safetensors").is_file()
-    if not torch.cuda.is_available():
-        assert "fp16 needs a CUDA GPU" in err
-        assert "enable_xformers_memory_efficient_attention needs a CUDA GPU" in err
+    cuda = torch.cuda.is_available()
+    # fp16 is granted on a GPU and refused (fp32) elsewhere; the log says which weights were loaded
+    assert f"(base weights {'float16' if cuda else 'float32'})" in err
+    assert ("fp16 needs a CUDA GPU" in err) is not cuda
+    assert ("enable_xformers_memory_efficient_attention needs a CUDA GPU" in err) is not cuda
     assert "Unknown parameter 'learnin_rate' is ignored. Did you mean 'learning_rate'?" in err
 
 
@@ -151,6 +153,20 @@ def test_the_models_own_prediction_type_is_kept_unless_another_is_asked_for(tmp_
     err = capsys.readouterr().err
     assert code == 0 and "prediction_type=epsilon but this base model was trained with v_prediction" in err
     assert json.loads((out / "test_lora" / "tlab_adaptor_info.json").read_text())["prediction_type"] == "epsilon"
+
+
+def test_a_lab_form_run_on_a_v_prediction_model_trains_v_prediction(tmp_path, tiny_sd_v, star_folder, capsys):
+    """The Lab sends every form value as a string, prediction_type included, at the form's default."""
+    from conftest import ROOT
+
+    form = json.loads((ROOT / "index.json").read_text())["parameters"]
+    config = {key: str(value).lower() if isinstance(value, bool) else str(value)
+              for key, value in quick_params(tiny_sd_v, star_folder, tmp_path / "output", num_train_epochs=1).items()}
+    config["prediction_type"] = form["prediction_type"]["default"]
+    assert run_main(["--config", str(write_config(tmp_path / "lab.json", config))]) == 0
+    assert "prediction_type" not in capsys.readouterr().err
+    info = json.loads((tmp_path / "output" / "test_lora" / "tlab_adaptor_info.json").read_text())
+    assert info["prediction_type"] == "v_prediction"
 
 
 def test_ema_weights_differ_from_the_raw_ones_and_are_the_saved_ones(tmp_path, tiny_sd, star_folder):
@@ -183,11 +199,21 @@ def test_gradient_clipping_bounds_every_step(tmp_path, tiny_sd, star_folder, mon
     assert max(norms) <= 1e-4 * 1.001
 
 
-def test_gradient_checkpointing_trains_to_the_same_adapter(tmp_path, tiny_sd, star_folder):
+def test_gradient_checkpointing_is_on_in_the_denoiser_and_trains_to_the_same_adapter(tmp_path, tiny_sd, star_folder,
+                                                                                     monkeypatch):
+    enabled = []
+    predict = StableDiffusion.predict
+
+    def recording(self, denoiser, noisy, conditioning, batch):
+        enabled.append(self.denoiser.is_gradient_checkpointing)
+        return predict(self, denoiser, noisy, conditioning, batch)
+
+    monkeypatch.setattr(StableDiffusion, "predict", recording)
     outs = []
     for name, checkpointing in (("plain", False), ("checkpointed", True)):
+        enabled.clear()
         code, out = train(tmp_path / name, tiny_sd, star_folder, gradient_checkpointing=checkpointing)
-        assert code == 0
+        assert code == 0 and enabled and set(enabled) == {checkpointing}
         outs.append(load_file(out / "test_lora" / "pytorch_lora_weights.safetensors"))
     assert all(torch.allclose(outs[0][k], outs[1][k], atol=1e-5) for k in outs[0])
 

@@ -32,7 +32,12 @@ FLOW_ONLY = {
     name: "DDPM models draw timesteps uniformly and weight them with snr_gamma"
     for name in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "flow_loss_weighting")
 }
+# LoRA targets of the joint (MMDiT) blocks of SD3 and Flux: image and text streams.
+JOINT_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                   "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+JOINT_MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 FLUX_ONLY = {"guidance_scale": "only guidance-distilled Flux models take a guidance input while training"}
+SD3_ONLY = {"max_sequence_length": "only SD3's T5 prompt length is set by it (Flux uses 512)"}
 
 
 def read_model_index(source: str) -> dict:
@@ -63,13 +68,24 @@ def read_model_index(source: str) -> dict:
         raise InputError(f"model_name: {index} is not readable JSON ({exc}).") from None
 
 
+def linear_layer_names(module: torch.nn.Module) -> tuple[str, ...]:
+    """Every linear layer of a model, by its full name (LoRA on all of them: 'all-linear')."""
+    return tuple(name for name, child in module.named_modules() if isinstance(child, torch.nn.Linear))
+
+
 class ModelFamily(ABC):
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     label: ClassVar[str]  # for people: "Stable Diffusion 1.x/2.x"
     denoiser_attr: ClassVar[str] = "unet"
     # The keyword the pipeline's save_lora_weights takes for the denoiser: unet_lora_layers…
     lora_save_prefix: ClassVar[str] = "unet"
-    lora_target_modules: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
+    # LoRA targets per `lora_layers` preset ("all-linear" is found in the model), and the family's
+    # own choice for lora_layers=default.
+    lora_presets: ClassVar[dict[str, tuple[str, ...]]] = {
+        "attention": ("to_k", "to_q", "to_v", "to_out.0"),
+        "attention+mlp": ("to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
+    }
+    default_lora_layers: ClassVar[str] = "attention"
     resolution_multiple: ClassVar[int] = 8
     text_encoder_attrs: ClassVar[tuple[str, ...]] = ("text_encoder",)
     # Extra from_pretrained keywords (e.g. skip SD's safety checker).
@@ -150,6 +166,13 @@ class ModelFamily(ABC):
             done.append(attr)
         return done
 
+    def lora_targets(self, layers: str) -> tuple[str, ...]:
+        """The denoiser modules a `lora_layers` choice puts LoRA on."""
+        preset = self.default_lora_layers if layers == "default" else layers
+        if preset == "all-linear":
+            return linear_layer_names(self.denoiser)
+        return self.lora_presets[preset]
+
     def model_prediction_type(self) -> str | None:
         """The prediction type the base model was trained with, if it has one."""
         return getattr(self.pipeline.scheduler.config, "prediction_type", None)
@@ -208,7 +231,8 @@ class ModelFamily(ABC):
         return self.pipeline
 
     def eval_call_kwargs(self, guidance_scale: float) -> dict[str, Any]:
-        return {"guidance_scale": guidance_scale}
+        """Keywords for the pipeline call; guidance 0 leaves the pipeline's own default."""
+        return {"guidance_scale": guidance_scale} if guidance_scale else {}
 
 
 class FlowMatchingFamily(ModelFamily):
@@ -218,7 +242,7 @@ class FlowMatchingFamily(ModelFamily):
     lora_save_prefix = "transformer"
     single_file_form = "folded"  # ComfyUI reads transformer.* lora_A/lora_B keys, but no alpha
     resolution_multiple = 16  # 8x VAE, then 2x2 patches
-    inapplicable_params = {**DDPM_ONLY, **FLUX_ONLY}
+    inapplicable_params = {**DDPM_ONLY, **FLUX_ONLY, **SD3_ONLY}
 
     def model_prediction_type(self) -> str | None:
         return None

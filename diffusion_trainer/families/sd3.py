@@ -9,10 +9,8 @@ import torch.nn.functional as F
 from diffusers import StableDiffusion3Pipeline
 
 from ..objectives import NoisyBatch
-from .base import Conditioning, FlowMatchingFamily
+from .base import DDPM_ONLY, FLUX_ONLY, JOINT_ATTENTION, JOINT_MLP, Conditioning, FlowMatchingFamily
 from .text import clip_penultimate_and_pooled, t5_hidden_states
-
-T5_TOKENS = 77  # diffusers' SD3 LoRA recipe; the zeros that stand in for T5 are as long as a CLIP prompt
 
 
 def sd3_model_type(transformer_config: dict[str, Any]) -> str:
@@ -27,8 +25,13 @@ class StableDiffusion3(FlowMatchingFamily):
     pipeline_class = StableDiffusion3Pipeline
     label = "Stable Diffusion 3"
     text_encoder_attrs = ("text_encoder", "text_encoder_2", "text_encoder_3")
-    lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                           "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+    lora_presets = {"attention": JOINT_ATTENTION, "attention+mlp": JOINT_ATTENTION + JOINT_MLP}
+    inapplicable_params = {**DDPM_ONLY, **FLUX_ONLY}
+    max_sequence_length = 77  # T5 tokens; set from the run's parameters
+
+    def configure_objective(self, params: Any, prediction_type: str | None) -> None:
+        super().configure_objective(params, prediction_type)
+        self.max_sequence_length = params.max_sequence_length
 
     @classmethod
     def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:
@@ -43,15 +46,17 @@ class StableDiffusion3(FlowMatchingFamily):
         hidden_1, pooled_1 = clip_penultimate_and_pooled(pipe.tokenizer, pipe.text_encoder, prompts)
         hidden_2, pooled_2 = clip_penultimate_and_pooled(pipe.tokenizer_2, pipe.text_encoder_2, prompts)
         clip = torch.cat([hidden_1, hidden_2], dim=-1)
-        width = self.denoiser.config.joint_attention_dim
         if pipe.text_encoder_3 is not None:
-            t5 = t5_hidden_states(pipe.tokenizer_3, pipe.text_encoder_3, prompts,
-                                  min(T5_TOKENS, pipe.tokenizer_3.model_max_length))
-        else:  # a pipeline saved without T5 trains on zeros in its place, as the SD3 pipeline samples
-            t5 = clip.new_zeros(len(prompts), pipe.tokenizer_max_length, width)
+            t5 = t5_hidden_states(pipe.tokenizer_3, pipe.text_encoder_3, prompts, self.max_sequence_length)
+        else:  # without T5, the zeros the installed SD3 pipeline samples with (their length varies by version)
+            t5 = pipe._get_t5_prompt_embeds(prompts, max_sequence_length=self.max_sequence_length,
+                                            device=clip.device, dtype=clip.dtype)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2),
                 "pooled_projections": torch.cat([pooled_1, pooled_2], dim=-1)}
+
+    def eval_call_kwargs(self, guidance_scale: float) -> dict[str, Any]:
+        return {**super().eval_call_kwargs(guidance_scale), "max_sequence_length": self.max_sequence_length}
 
     def predict(self, denoiser: torch.nn.Module, noisy: NoisyBatch, conditioning: Conditioning,
                 batch: dict[str, Any]) -> torch.Tensor:
