@@ -85,6 +85,27 @@ def test_only_the_main_process_reaches_the_lab():
     assert calls == ["info", "completed"]
 
 
+def test_the_other_processes_read_the_lab_job_without_writing_it(monkeypatch):
+    import asyncio
+    import uuid
+
+    from lab import Experiment, Job
+
+    from diffusion_trainer import cli
+
+    name = f"exp_{uuid.uuid4().hex[:8]}"
+    job = asyncio.run(asyncio.run(Experiment.create_or_get(name, create_new=True)).create_job())
+    asyncio.run(job.update_job_data_field("parameters", {"lora_r": "4"}))
+    before = asyncio.run(job.get_status()), asyncio.run(job.get_job_data())
+    monkeypatch.setenv("_TFL_JOB_ID", str(job.id))
+    monkeypatch.setenv("_TFL_EXPERIMENT_ID", name)
+    monkeypatch.setenv("RANK", "1")
+    lab = cli.connect_lab()
+    assert lab.get_config() == {"lora_r": "4"}
+    fresh = asyncio.run(Job.get(job.id, name))
+    assert (asyncio.run(fresh.get_status()), asyncio.run(fresh.get_job_data())) == before  # lab.init() writes RUNNING
+
+
 def test_fsdp_and_zero3_are_refused_with_what_to_use_instead():
     from accelerate.utils import DistributedType
 
