@@ -263,7 +263,8 @@ def prepare_data(family: Any, records: Any, params: TrainingParams, accelerator:
         reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB); "
                       f"{', '.join(parked)} {'moved off the accelerator' if keep_for_eval else 'freed'}.")
     if params.cache_latents:
-        store = build_latent_cache(family, samples, params, Path(params.output_dir).expanduser() / "cache", reporter)
+        store = build_latent_cache(family, samples, params, Path(params.output_dir).expanduser() / "cache", reporter,
+                                   accelerator.local_main_process_first)
         samples = CachedSamples(store, samples)
         family.park(("vae",), keep_for_eval)
     else:

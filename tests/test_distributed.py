@@ -138,7 +138,7 @@ def read_trace(path: Path) -> list[dict]:
 def test_two_processes_train_one_run_on_disjoint_halves(tmp_path, monkeypatch, tiny_sd, star_folder):
     # 8 images, batch 1 on each of 2 processes, 2 epochs: 4 global steps an epoch, 8 in all
     settings = dict(num_train_epochs=2, lr_scheduler="linear", lr_warmup_steps=2, eval_prompt="a sks star",
-                    eval_steps=100)
+                    eval_steps=100, cache_memory_budget_mb=0)  # latents cached on disk, written once
     output = tmp_path / "output"
     config = write_config(tmp_path / "run.json", quick_params(tiny_sd, star_folder, output, train_batch_size=1,
                                                               **settings))
@@ -157,7 +157,9 @@ def test_two_processes_train_one_run_on_disjoint_halves(tmp_path, monkeypatch, t
         assert sorted(halves[0] + halves[1]) == list(range(8))
 
     # one adapter, one eval image, one TensorBoard log, nothing half-written
-    assert sorted(p.name for p in output.iterdir()) == ["eval_images", "logs", "test_lora"]
+    assert sorted(p.name for p in output.iterdir()) == ["cache", "eval_images", "logs", "test_lora"]
+    assert len([p for p in (output / "cache").iterdir() if p.name.startswith("latents-")]) == 1
+    assert not [p for p in output.rglob("*") if ".partial" in p.name]
     adapter = output / "test_lora"
     assert json.loads((adapter / "tlab_adaptor_info.json").read_text())["steps_trained"] == 8
     assert [p.name for p in (output / "eval_images" / "test_lora").iterdir()] == ["final.png"]
