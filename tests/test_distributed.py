@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import ROOT, quick_params, train, write_config
 
 from diffusion_trainer import distributed, launch
@@ -36,6 +37,7 @@ def test_steps_count_global_optimizer_steps_across_processes():
     assert (plan.total_steps, plan.num_epochs) == (5, 3)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine accelerate chooses NCCL itself")
 def test_a_cpu_launch_asks_accelerate_for_gloo(monkeypatch):
     for key in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
         monkeypatch.delenv(key, raising=False)
@@ -53,6 +55,10 @@ def test_launch_uses_accelerate_for_several_gpus_and_main_py_otherwise(monkeypat
     several = launch.command(4, args, python="py")
     assert several[:5] == ["py", "-m", "accelerate.commands.launch", "--num_processes", "4"]
     assert several[-3:] == [main_py, *args]
+    from accelerate.commands.launch import launch_command_parser
+
+    parsed = launch_command_parser().parse_args(several[3:])  # flags accelerate launch accepts
+    assert (parsed.num_processes, parsed.training_script, parsed.training_script_args) == (4, main_py, args)
     assert launch.command(4, args, python="py", already_launched=True) == ["py", main_py, *args]
 
     ran = []
