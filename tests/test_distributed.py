@@ -97,7 +97,7 @@ def test_the_other_processes_read_the_lab_job_without_writing_it(monkeypatch):
 
     from lab import Experiment, Job
 
-    from diffusion_trainer import cli
+    from diffusion_trainer import lab_launch
 
     name = f"exp_{uuid.uuid4().hex[:8]}"
     job = asyncio.run(asyncio.run(Experiment.create_or_get(name, create_new=True)).create_job())
@@ -106,7 +106,7 @@ def test_the_other_processes_read_the_lab_job_without_writing_it(monkeypatch):
     monkeypatch.setenv("_TFL_JOB_ID", str(job.id))
     monkeypatch.setenv("_TFL_EXPERIMENT_ID", name)
     monkeypatch.setenv("RANK", "1")
-    lab = cli.connect_lab()
+    lab = lab_launch.connect_lab()
     assert lab.get_config() == {"lora_r": "4"}
     fresh = asyncio.run(Job.get(job.id, name))
     assert (asyncio.run(fresh.get_status()), asyncio.run(fresh.get_job_data())) == before  # lab.init() writes RUNNING
