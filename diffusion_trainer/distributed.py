@@ -110,7 +110,8 @@ class ProcessReporter:
     the real reporter; the others' go to a silent terminal reporter (no Lab, no messages, no
     progress bar). stop_requested() answers the same in every process: every STOP_CHECK_EVERY
     calls (one per optimizer step) the main process's answer is broadcast, so all processes
-    leave the loop at the same step and none waits forever in a collective."""
+    leave the loop at the same step and none waits forever in a collective. So every process
+    must ask it at the same points (never under `if is_main_process`)."""
 
     def __init__(self, reporter: Any, main: bool):
         self._real = reporter

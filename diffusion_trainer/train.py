@@ -215,8 +215,10 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_adapter(family, params, paths.adapter_dir, outcome, prediction_type, ema, samples.captions)
-        if not (outcome.stopped or reporter.stop_requested()):  # a stop may have seconds left: no extra image
-            evaluator.run("final", outcome.steps)
+    # asked after the save (a stop may come meanwhile) by every process: with several, a collective
+    stopping = outcome.stopped or reporter.stop_requested()
+    if accelerator.is_main_process and not stopping:  # a stop may have seconds left: no extra image
+        evaluator.run("final", outcome.steps)
     accelerator.end_training()
     return RunResult("stopped" if outcome.stopped else "completed", paths, outcome.steps, outcome.epochs,
                      outcome.final_loss, outcome.losses, evaluator.images, time.monotonic() - started,
