@@ -2,6 +2,8 @@
 
     python bench/benchmark.py                    # both models, table at the end
     python bench/benchmark.py --models tiny --rounds 6
+    python bench/benchmark.py --scaling          # tiny model: 1 process vs 2 (torchrun, gloo on CPUs)
+    python bench/benchmark.py --scaling --steps 200 --rounds 3
 
 For each model (a tiny SD 1.x pipeline, and an SD 1.5-proportional one: SD 1.5's depths with every
 width divided by 4), it builds the pipeline and a dataset offline, then runs, in alternation and
@@ -9,13 +11,16 @@ each in its own process: our trainer with its caches on, our trainer with them o
 floor loop on the same model and data. The floor only adds noise, runs the LoRA'd UNet forward and
 backward and steps the optimizer, on latents and text embeddings already in memory. Each run
 reports steady-state optimizer steps/s (after its first step), time from process start to the
-first step done, and peak RSS.
+first step done, and peak RSS. With --scaling it runs the tiny model's cached trainer in one
+process and, by torchrun, in two (each with the same per-process batch, so twice the global
+batch): global optimizer steps/s and images/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import statistics
@@ -160,14 +165,19 @@ def child(args: argparse.Namespace) -> None:
         result = run_floor(args.model_dir, args.data_dir, args.model)
     else:
         result = run_trainer(args.model_dir, args.data_dir, args.model, args.child == "cached", args.out)
-    print("RESULT " + json.dumps(result), flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print("RESULT " + json.dumps(result), flush=True)
 
 
-def spawn(kind: str, name: str, model: Path, data: Path, workdir: Path) -> dict:
+def spawn(kind: str, name: str, model: Path, data: Path, workdir: Path, processes: int = 1,
+          env: dict[str, str] | None = None) -> dict:
     started = time.monotonic()  # CLOCK_MONOTONIC is shared by all processes on Linux
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--model", name, "--model-dir", str(model),
-                           "--data-dir", str(data), "--out", str(workdir / f"out_{kind}")],
-                          capture_output=True, text=True, check=True)
+    launcher = [sys.executable] if processes == 1 else [
+        str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(processes)]
+    proc = subprocess.run([*launcher, __file__, "--child", kind, "--model", name, "--model-dir", str(model),
+                           "--data-dir", str(data), "--out", str(workdir / f"out_{kind}_{processes}"),
+                           "--steps", str(MODELS[name]["steps"])],
+                          capture_output=True, text=True, check=True, env=env)
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
     result = json.loads(line[len("RESULT "):])
     result["to_first_step_s"] = result.pop("first_step") - started
@@ -211,10 +221,41 @@ def component_split(model: Path, name: str) -> dict[str, float]:
     return {k: v / total for k, v in times.items()}
 
 
+def scaling(rounds: int) -> None:
+    """The tiny model's cached trainer on one process and on two (torchrun), in alternation."""
+    import torch
+
+    spec = MODELS["tiny"]
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    # One thread per process in both (torchrun's default): on a shared machine, a process of two
+    # spinning OpenMP threads slows down many-fold when the cores are busy.
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        model, data = build("tiny", workdir)
+        for _ in range(rounds):
+            for processes in runs:
+                runs[processes].append(spawn("cached", "tiny", model, data, workdir, processes, one_thread))
+                print(f"  tiny cached x{processes}: {runs[processes][-1]}", flush=True)
+    print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs, CUDA {torch.cuda.is_available()}; tiny: "
+          f"{spec['resolution']} px, batch {spec['batch']} per process, {spec['steps']} optimizer steps; median "
+          f"of {rounds} rounds, one thread per process (OMP_NUM_THREADS=1)\n")
+    print("| processes | global batch | steps/s | images/s | vs one process (images/s, range) | to first step (s) |")
+    print("|---|---|---|---|---|---|")
+    for processes, results in runs.items():
+        images = [r["steps_per_s"] * spec["batch"] * processes for r in results]
+        ratios = [i / (one["steps_per_s"] * spec["batch"]) for i, one in zip(images, runs[1])]
+        print(f"| {processes} | {spec['batch'] * processes} | {statistics.median(r['steps_per_s'] for r in results):.2f} "
+              f"| {statistics.median(images):.1f} | {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) "
+              f"| {statistics.median(r['to_first_step_s'] for r in results):.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,sd15")
     parser.add_argument("--rounds", type=int, default=4, help="alternations of trainer / floor per model")
+    parser.add_argument("--scaling", action="store_true", help="one process vs two on the tiny model")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: each model's own)")
     parser.add_argument("--child", choices=["cached", "uncached", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -224,8 +265,12 @@ def main() -> None:
     from diffusion_trainer.cli import quiet_libraries
 
     quiet_libraries()
+    for spec in MODELS.values():
+        spec["steps"] = args.steps or spec["steps"]
     if args.child:
         return child(args)
+    if args.scaling:
+        return scaling(args.rounds)
     import torch
 
     rows = []

@@ -11,9 +11,10 @@ import json
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -157,26 +158,42 @@ def encode_variants(family: Any, samples: TrainingSamples, plan: list[list[bool 
 
 
 def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, cache_root: Path,
-                       reporter: Any) -> MemoryLatents | DiskLatents:
+                       reporter: Any, writer_first: Callable[[], Any] = nullcontext) -> MemoryLatents | DiskLatents:
+    """The latent store: in memory within cache_memory_budget_mb (every process encodes its own:
+    each needs every sample), else on disk, reused when complete. writer_first() is entered by
+    every process around the disk cache: with several processes on a machine, one writes while
+    the others wait, then reuse it."""
     plan, message = variant_plan(samples, params.latent_cache_variants)
     reporter.info(message)
     dtype = family.vae.dtype
     key = fingerprint(params.model_name, dict(family.vae.config), dtype, params, samples.records, plan)
     folder = cache_root / f"latents-{key}"
-    if (folder / "complete.json").is_file():
-        reporter.info(f"Reusing the latent cache in {folder}.")
-        return DiskLatents(folder, dtype)
     channels = 2 * family.vae.config.latent_channels
     scale = 2 ** (len(family.vae.config.block_out_channels) - 1)
     element = torch.finfo(family.vae.dtype).bits // 8
     size_mb = sum(len(flips) * channels * (h // scale) * (w // scale) * element
                   for flips, (h, w) in zip(plan, samples.targets)) / 2**20
-    started = time.monotonic()
     if size_mb <= params.cache_memory_budget_mb:
+        if (folder / "complete.json").is_file():  # an earlier run's (no process writes it in this one)
+            reporter.info(f"Reusing the latent cache in {folder}.")
+            return DiskLatents(folder, dtype)
+        started = time.monotonic()
         entries: list[list[Variant]] = [[] for _ in plan]
         encode_variants(family, samples, plan, lambda index, variants: entries.__setitem__(index, variants))
         reporter.info(f"Encoded {size_mb:.1f} MB of latents in {time.monotonic() - started:.1f} s (kept in memory).")
         return MemoryLatents(entries)
+    with writer_first():
+        if (folder / "complete.json").is_file():
+            reporter.info(f"Reusing the latent cache in {folder}.")
+            return DiskLatents(folder, dtype)
+        started = time.monotonic()
+        write_disk_cache(family, samples, plan, folder)
+    reporter.info(f"Encoded {size_mb:.1f} MB of latents in {time.monotonic() - started:.1f} s into {folder} "
+                  f"(over cache_memory_budget_mb={params.cache_memory_budget_mb}); later runs reuse it.")
+    return DiskLatents(folder, dtype)
+
+
+def write_disk_cache(family: Any, samples: TrainingSamples, plan: list[list[bool | None]], folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
@@ -184,16 +201,13 @@ def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, cache
         (staging / "complete.json").write_text(json.dumps({"variants": [len(p) for p in plan]}))
         try:
             staging.rename(folder)
-        except OSError:  # another process (a second GPU) finished the same cache first
+        except OSError:  # another process (another machine on a shared disk) finished it first
             if not (folder / "complete.json").is_file():
                 raise
             shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    reporter.info(f"Encoded {size_mb:.1f} MB of latents in {time.monotonic() - started:.1f} s into {folder} "
-                  f"(over cache_memory_budget_mb={params.cache_memory_budget_mb}); later runs reuse it.")
-    return DiskLatents(folder, dtype)
 
 
 class CachedSamples(torch.utils.data.Dataset):

@@ -51,7 +51,9 @@ def run_lab_task(config_file: Path | None, overrides: list[str]) -> int:
         config.update(parse_overrides(overrides))
     except ValueError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
-        LabReporter(lab, TASK).failed(str(exc))
+        from .distributed import reporter_for_this_process
+
+        reporter_for_this_process(LabReporter(lab, TASK)).failed(str(exc))
         return EXIT_BAD_INPUT
     return run_in_lab(config, lab, TASK)
 
@@ -72,6 +74,10 @@ def connect_lab():
     try:
         from lab import lab
 
+        from .distributed import attach_lab_read_only, is_main_process
+
+        if not is_main_process():
+            return attach_lab_read_only(lab)  # one of several processes: only the main one writes the job
         lab.init()
         return lab
     except Exception as exc:
@@ -81,12 +87,14 @@ def connect_lab():
 
 
 def run_in_lab(config: dict[str, Any], lab: Any, launch: str) -> int:
+    from .distributed import reporter_for_this_process
     from .reporting import Reporter
 
     hub_id = str(config.get("model_name") or "")
     if str(config.get("model_path") or "").strip():
         config["model_name"] = config["model_path"]  # the Lab's local copy, when it has one
-    reporter = LabReporter(lab, launch, parent_model=hub_id) if lab is not None else Reporter()
+    reporter = reporter_for_this_process(LabReporter(lab, launch, parent_model=hub_id) if lab is not None
+                                         else Reporter())
     params = validated(config, reporter)
     if params is None:
         return EXIT_BAD_INPUT

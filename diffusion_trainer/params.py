@@ -82,7 +82,7 @@ class TrainingParams(BaseModel):
     gradient_accumulation_steps: int = _param(
         1, title="Gradient Accumulation Steps", group="Run", ge=1, le=32,
         help="Batches whose gradients are summed before each optimizer step; the effective "
-             "batch is train_batch_size x this.")
+             "batch is train_batch_size x this x the number of GPUs (processes).")
 
     # --- Data ----------------------------------------------------------------------------
     caption_column: str = _param(

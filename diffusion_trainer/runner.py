@@ -43,10 +43,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 
 def run_standalone(raw: dict[str, Any]) -> int:
     """A run from a JSON config / --set flags (or the demo): terminal progress, Ctrl-C stops."""
+    from .distributed import reporter_for_this_process
     from .reporting import Reporter
     from .train import RunPaths
 
-    reporter = Reporter()
+    reporter = reporter_for_this_process(Reporter())
     params = validated(raw, reporter)
     if params is None:
         return EXIT_BAD_INPUT
@@ -70,6 +71,7 @@ def validated(raw: dict[str, Any], reporter: Any):
 
 def execute(params: Any, paths: Any, reporter: Any, lab_datasets_dir: Path | None = None) -> int:
     """Train, hand the outputs to the reporter, end the job; the process's exit status."""
+    from .distributed import is_main_process
     from .errors import InputError
     from .train import run_training
 
@@ -96,7 +98,8 @@ def execute(params: Any, paths: Any, reporter: Any, lab_datasets_dir: Path | Non
             reporter.failed(f"Training finished but its outputs could not be handed over "
                             f"({type(exc).__name__}: {exc}); the adapter is at {paths.adapter_dir}")
             return EXIT_FAILED
-        print(summary(result), flush=True)
+        if is_main_process():
+            print(summary(result), flush=True)
         if result.status == "stopped":
             reporter.stopped(f"Stopped at step {result.steps} ({result.stop_reason}); "
                              f"adapter saved to {paths.adapter_dir}")

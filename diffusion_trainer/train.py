@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import adapter, export, loop, optimizers
+from . import adapter, distributed, export, loop, optimizers
 from .caching import CachedSamples, DiskLatents, TextCache, build_latent_cache
 from .data import BucketBatchSampler, build_samples, load_records
 from .errors import InputError
@@ -118,6 +118,7 @@ def make_accelerator(params: TrainingParams, runtime: Runtime, paths: RunPaths, 
         gradient_accumulation_steps=params.gradient_accumulation_steps,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=str(paths.logs_dir), logging_dir=str(paths.logs_dir)),
+        **distributed.accelerator_kwargs(),
     )
 
 
@@ -159,6 +160,7 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
 
     # --- model -----------------------------------------------------------------------------
     accelerator = make_accelerator(params, runtime, paths, reporter)
+    distributed.refuse_unsupported(accelerator)
     set_seed(params.seed)
     family = load_family(family_cls, params, runtime, accelerator, reporter)
     prediction_type = choose_prediction_type(params, family, reporter)
@@ -173,14 +175,19 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     samples, inputs = prepare_data(family, records, params, accelerator, reporter)
     dataloader = make_dataloader(samples, params, accelerator)
 
-    # --- optimizer -----------------------------------------------------------------------------
-    updates_per_epoch = math.ceil(len(dataloader) / params.gradient_accumulation_steps)
-    total_steps = params.num_train_epochs * updates_per_epoch
-    if params.max_train_steps:
-        total_steps = min(total_steps, params.max_train_steps)
-    num_epochs = math.ceil(total_steps / updates_per_epoch)
-    optimizer, lr_scheduler = make_optimizer(trainable, params, total_steps, accelerator)
+    # --- optimizer: steps are global optimizer steps, whatever the number of processes ------------
+    planned = distributed.plan_steps(distributed.batches_per_process(len(dataloader), accelerator.num_processes),
+                                     params.gradient_accumulation_steps, params.num_train_epochs,
+                                     params.max_train_steps)
+    optimizer, lr_scheduler = make_optimizer(trainable, params, planned.total_steps, accelerator)
     prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
+    steps = distributed.plan_steps(len(dataloader), accelerator.gradient_accumulation_steps,
+                                   params.num_train_epochs, params.max_train_steps)
+    if steps != planned:  # e.g. a DeepSpeed config's own gradient accumulation (diffusers warns alike)
+        reporter.warn(f"The prepared data makes {steps.total_steps} optimizer steps, not the {planned.total_steps} "
+                      "the learning-rate schedule was built for.")
+    total_steps, num_epochs = steps.total_steps, steps.num_epochs
+    dataloader = distributed.traced(dataloader, samples, optimizer, accelerator.process_index)
     ema = LoraEMA(trainable, params.ema_decay) if params.use_ema else None
 
     # --- outputs -----------------------------------------------------------------------------
@@ -190,11 +197,13 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     accelerator.init_trackers("diffusion_trainer", config=tracker_config(params), init_kwargs={"wandb": wandb_kwargs})
     evaluator = Evaluator(family, params, paths.eval_images_dir if params.eval_prompt.strip() else None,
                           accelerator, ema)
-    if evaluator.enabled:
+    if evaluator.enabled and accelerator.is_main_process:
         paths.eval_images_dir.mkdir(parents=True, exist_ok=True)
     reporter.record_outputs(eval_images_dir=evaluator.out_dir, tensorboard_dir=paths.logs_dir)
+    processes = f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
     reporter.info(f"Training {len(samples)} images for {total_steps} optimizer steps ({num_epochs} epochs, "
-                  f"batch {params.train_batch_size} x {params.gradient_accumulation_steps} accumulation).")
+                  f"batch {params.train_batch_size}{processes} x {accelerator.gradient_accumulation_steps} "
+                  "accumulation).")
 
     outcome = loop.run(loop.Training(
         accelerator=accelerator, family=family, denoiser=prepared, trainable=trainable,
@@ -207,8 +216,10 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_adapter(family, params, paths.adapter_dir, outcome, prediction_type, ema, samples.captions)
-        if not (outcome.stopped or reporter.stop_requested()):  # a stop may have seconds left: no extra image
-            evaluator.run("final", outcome.steps)
+    # asked after the save (a stop may come meanwhile) by every process: with several, a collective
+    stopping = outcome.stopped or reporter.stop_requested()
+    if accelerator.is_main_process and not stopping:  # a stop may have seconds left: no extra image
+        evaluator.run("final", outcome.steps)
     accelerator.end_training()
     return RunResult("stopped" if outcome.stopped else "completed", paths, outcome.steps, outcome.epochs,
                      outcome.final_loss, outcome.losses, evaluator.images, time.monotonic() - started,
@@ -255,7 +266,8 @@ def prepare_data(family: Any, records: Any, params: TrainingParams, accelerator:
         reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB); "
                       f"{', '.join(parked)} {'moved off the accelerator' if keep_for_eval else 'freed'}.")
     if params.cache_latents:
-        store = build_latent_cache(family, samples, params, Path(params.output_dir).expanduser() / "cache", reporter)
+        store = build_latent_cache(family, samples, params, Path(params.output_dir).expanduser() / "cache", reporter,
+                                   accelerator.local_main_process_first)
         samples = CachedSamples(store, samples)
         family.park(("vae",), keep_for_eval)
     else:

@@ -267,7 +267,7 @@ def test_task_yaml_is_generated_from_the_schema_and_importable():
     # the keys the Lab's task.yaml schema allows (it forbids others)
     assert set(task) <= {"name", "resources", "envs", "setup", "run", "github_repo_url", "github_repo_dir",
                          "github_repo_branch", "parameters", "sweeps", "minutes_requested"}
-    assert task["run"].startswith("python main.py") and task["setup"] == "bash setup.sh"
+    assert task["run"] == "python -m diffusion_trainer.launch" and task["setup"] == "bash setup.sh"  # all GPUs
     assert re.fullmatch(r"[\w-]+:\d+", task["resources"]["accelerators"])
     assert task["envs"]["HF_TOKEN"] == "{{secret._HF_TOKEN}}"
     assert task["envs"]["WANDB_API_KEY"] == "{{secret._WANDB_API_KEY}}"

@@ -1,0 +1,227 @@
+"""Training on several processes (GPUs, machines) through accelerate.
+
+Started by `accelerate launch` or `torchrun`, every process runs the whole of main.py on its
+own shard of each epoch. This module holds what differs from one process: who this process
+is, how many optimizer steps an epoch makes once the data is sharded, and the reporter that
+lets only the main process speak (terminal, Transformer Lab) while every process agrees on
+when to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .reporting import Reporter
+
+# Set by torchrun / accelerate launch (RANK), or by MPI launchers (accelerate's multi-CPU mode).
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+# Optimizer steps between the processes' agreement on a stop request. Every step: the Lab's Stop
+# sends SIGTERM and SIGKILL 3 s later, and the agreement (one broadcast int) costs little.
+STOP_CHECK_EVERY = 1
+TRACE_ENV = "DIFFUSION_TRAINER_TRACE_DIR"  # debugging: where each process writes what it trained on
+
+
+def _first_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "").strip():
+            return int(os.environ[name])
+    return default
+
+
+def process_index() -> int:
+    """This process's global rank, read from the launcher's environment (0 when not launched)."""
+    return _first_int(RANK_VARIABLES, 0)
+
+
+def is_main_process() -> bool:
+    return process_index() == 0
+
+
+def launched_distributed() -> bool:
+    """True under torchrun / accelerate launch with several processes (accelerate's own test)."""
+    return int(os.environ.get("LOCAL_RANK", -1)) != -1 or _first_int(WORLD_SIZE_VARIABLES, 1) > 1
+
+
+def accelerator_kwargs() -> dict[str, Any]:
+    """On a machine without CUDA, accelerate only sets up gloo (CPU) process groups when told
+    cpu=True; otherwise every launched process would train alone on all the data."""
+    return {"cpu": True} if launched_distributed() and not torch.cuda.is_available() else {}
+
+
+def refuse_unsupported(accelerator: Any) -> None:
+    """FSDP (from an `accelerate config`) shards the frozen base weights too, which the adapter
+    saving and the eval images here read whole: refuse it before anything is loaded. DDP and
+    DeepSpeed (ZeRO-1/2 keep every weight whole on every GPU) are fine."""
+    from accelerate.utils import DistributedType
+
+    from .errors import InputError
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise InputError("accelerate config: FSDP is not supported for LoRA training here (the adapter is "
+                         "saved and eval images are drawn from whole weights). Use plain multi-GPU (DDP) or "
+                         "DeepSpeed ZeRO stage 1/2: run `accelerate config` again, or launch with "
+                         "`accelerate launch --multi_gpu`.")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        if stage == 3:
+            raise InputError("accelerate config: DeepSpeed ZeRO stage 3 shards the weights, which the adapter "
+                             "saving and eval images here read whole; use ZeRO stage 1 or 2.")
+
+
+# --- how many optimizer steps ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Counts of global optimizer steps: one step = one batch on every process, times the
+    gradient accumulation (global batch = train_batch_size x processes x accumulation)."""
+
+    updates_per_epoch: int
+    total_steps: int
+    num_epochs: int
+
+
+def batches_per_process(batches: int, num_processes: int) -> int:
+    """A process's share of an epoch's batches after accelerate shards the loader
+    (even_batches: the last batches are filled from the epoch's start, so each gets the ceiling)."""
+    return math.ceil(batches / num_processes)
+
+
+def plan_steps(batches_per_process: int, gradient_accumulation_steps: int, epochs: int,
+               max_train_steps: int) -> StepPlan:
+    updates_per_epoch = max(1, math.ceil(batches_per_process / gradient_accumulation_steps))
+    total_steps = epochs * updates_per_epoch
+    if max_train_steps:
+        total_steps = min(total_steps, max_train_steps)
+    return StepPlan(updates_per_epoch, total_steps, math.ceil(total_steps / updates_per_epoch))
+
+
+# --- reporting: the main process speaks, every process stops together -------------------------
+
+class ProcessReporter:
+    """The run's reporter as one of several processes sees it. The main process's calls go to
+    the real reporter; the others' go to a silent terminal reporter (no Lab, no messages, no
+    progress bar). stop_requested() answers the same in every process: every STOP_CHECK_EVERY
+    calls (one per optimizer step) the main process's answer is broadcast, so all processes
+    leave the loop at the same step and none waits forever in a collective. So every process
+    must ask it at the same points (never under `if is_main_process`)."""
+
+    def __init__(self, reporter: Any, main: bool):
+        self._real = reporter
+        self._inner = reporter if main else SilentReporter()
+        self._main = main
+        self._calls = 0
+        self._stopping = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def checkpoint_to_resume(self) -> Any:
+        """A read: every process resumes from the same checkpoint."""
+        return self._real.checkpoint_to_resume() if hasattr(self._real, "checkpoint_to_resume") else None
+
+    def stop_requested(self) -> bool:
+        self._calls += 1
+        if not self._stopping and self._calls % STOP_CHECK_EVERY == 0:
+            wanted = bool(self._inner.stop_requested()) if self._main else False
+            self._stopping = _broadcast_flag(wanted)
+        return self._stopping
+
+
+def _broadcast_flag(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    from accelerate import PartialState
+
+    value = torch.tensor([int(flag)], device=PartialState().device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+class SilentReporter(Reporter):
+    """The other processes' reporter: the terminal reporter with nothing to say."""
+
+    def info(self, message: str) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        pass
+
+    def begin(self, total_steps: int) -> None:
+        pass
+
+    def advance(self, step: int) -> None:
+        pass
+
+    def report(self, step: int, total: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def end_progress(self) -> None:
+        pass
+
+
+def reporter_for_this_process(reporter: Any) -> Any:
+    """The reporter itself in a single process; a ProcessReporter under a distributed launch."""
+    if not launched_distributed():
+        return reporter
+    return ProcessReporter(reporter, is_main_process())
+
+
+def attach_lab_read_only(lab: Any) -> Any:
+    """For the other processes of a multi-GPU Lab job: the SDK's `lab` attached to the job named
+    by _TFL_JOB_ID without lab.init(), which writes the job (status, start time). They only read
+    it (parameters, directories); the main process alone writes."""
+    import asyncio
+
+    from lab import Experiment, Job
+
+    experiment_id = os.environ.get("_TFL_EXPERIMENT_ID") or "alpha"
+    experiment = asyncio.run(Experiment.create_or_get(experiment_id, create_new=False))
+    job = asyncio.run(Job.get(os.environ["_TFL_JOB_ID"], experiment.id))
+    if job is None:
+        raise RuntimeError(f"job {os.environ['_TFL_JOB_ID']} not found")
+    lab._experiment, lab._job = experiment, job
+    return lab
+
+
+# --- debugging: which samples each process trained on ------------------------------------------
+
+class TracedLoader:
+    """With DIFFUSION_TRAINER_TRACE_DIR set, each process appends one JSON line per batch to
+    <dir>/rank<k>.jsonl: the epoch, the dataset indices of the batch and the learning rate its
+    optimizer step uses. Iterating and len() are the wrapped loader's own."""
+
+    def __init__(self, loader: Any, samples: Any, optimizer: Any, folder: Path, rank: int):
+        self.loader, self.samples, self.optimizer = loader, samples, optimizer
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"rank{rank}.jsonl"
+        self.path.write_text("")
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        with self.path.open("a") as out:
+            for batch in self.loader:
+                line = {"epoch": self.samples.epoch, "indices": batch["index"].tolist(),
+                        "lr": self.optimizer.param_groups[0]["lr"]}
+                out.write(json.dumps(line) + "\n")
+                out.flush()
+                yield batch
+
+
+def traced(loader: Any, samples: Any, optimizer: Any, rank: int) -> Any:
+    folder = os.environ.get(TRACE_ENV, "").strip()
+    return TracedLoader(loader, samples, optimizer, Path(folder), rank) if folder else loader

@@ -1,0 +1,221 @@
+"""Several processes: two CPU processes (gloo) under torchrun train the tiny pipeline as one run.
+
+The two-process runs are subprocesses (`torchrun --standalone --nproc_per_node 2 main.py …`);
+each process writes the samples it trained on through DIFFUSION_TRAINER_TRACE_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ROOT, quick_params, train, write_config
+
+from diffusion_trainer import distributed, launch
+from diffusion_trainer.errors import InputError
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+# --- step counts, backend and launch decisions (no processes started) --------------------------
+
+def test_steps_count_global_optimizer_steps_across_processes():
+    # the issue's case: 4 images, batch 1, 3 epochs on 2 processes -> 2 batches each per epoch -> 6 steps
+    plan = distributed.plan_steps(distributed.batches_per_process(4, 2), 1, 3, 0)
+    assert (plan.updates_per_epoch, plan.total_steps, plan.num_epochs) == (2, 6, 3)
+    # 5 batches on 2 processes: accelerate evens them out to 3 each; accumulation 2 -> 2 updates
+    plan = distributed.plan_steps(distributed.batches_per_process(5, 2), 2, 4, 0)
+    assert (plan.updates_per_epoch, plan.total_steps, plan.num_epochs) == (2, 8, 4)
+    plan = distributed.plan_steps(distributed.batches_per_process(8, 4), 1, 10, 5)  # max_train_steps caps
+    assert (plan.total_steps, plan.num_epochs) == (5, 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine accelerate chooses NCCL itself")
+def test_a_cpu_launch_asks_accelerate_for_gloo(monkeypatch):
+    for key in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.accelerator_kwargs() == {}
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.accelerator_kwargs() == {"cpu": True}  # this machine has no CUDA
+
+
+def test_launch_uses_accelerate_for_several_gpus_and_main_py_otherwise(monkeypatch):
+    args = ["--config", "run.json"]
+    main_py = str(ROOT / "main.py")
+    assert launch.command(0, args, python="py") == ["py", main_py, *args]
+    assert launch.command(1, args, python="py") == ["py", main_py, *args]
+    several = launch.command(4, args, python="py")
+    assert several[:5] == ["py", "-m", "accelerate.commands.launch", "--num_processes", "4"]
+    assert several[-3:] == [main_py, *args]
+    from accelerate.commands.launch import launch_command_parser
+
+    parsed = launch_command_parser().parse_args(several[3:])  # flags accelerate launch accepts
+    assert (parsed.num_processes, parsed.training_script, parsed.training_script_args) == (4, main_py, args)
+    assert launch.command(4, args, python="py", already_launched=True) == ["py", main_py, *args]
+
+    ran = []
+    monkeypatch.setattr(launch.os, "execv", lambda path, argv: ran.append(argv))
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 2)
+    for key in ("LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    launch.main(["--input_file", "in.json"])
+    assert ran[-1][ran[-1].index("--num_processes") + 1] == "2" and ran[-1][-2:] == ["--input_file", "in.json"]
+
+
+def test_only_the_main_process_reaches_the_lab():
+    calls = []
+
+    class FakeLabReporter:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: calls.append(name)
+
+    other = distributed.ProcessReporter(FakeLabReporter(), main=False)
+    other.info("hello")
+    other.begin(5)
+    other.report(1, 5, {"loss": 1.0})
+    other.record_outputs(eval_images_dir=None, tensorboard_dir=Path("."))
+    other.completed("done", {})
+    other.failed("boom")
+    assert calls == [] and not any(other.stop_requested() for _ in range(25))
+    main = distributed.ProcessReporter(FakeLabReporter(), main=True)
+    main.info("hello")
+    main.completed("done", {})
+    assert calls == ["info", "completed"]
+
+
+def test_the_other_processes_read_the_lab_job_without_writing_it(monkeypatch):
+    import asyncio
+    import uuid
+
+    from lab import Experiment, Job
+
+    from diffusion_trainer import lab_launch
+
+    name = f"exp_{uuid.uuid4().hex[:8]}"
+    job = asyncio.run(asyncio.run(Experiment.create_or_get(name, create_new=True)).create_job())
+    asyncio.run(job.update_job_data_field("parameters", {"lora_r": "4"}))
+    before = asyncio.run(job.get_status()), asyncio.run(job.get_job_data())
+    monkeypatch.setenv("_TFL_JOB_ID", str(job.id))
+    monkeypatch.setenv("_TFL_EXPERIMENT_ID", name)
+    monkeypatch.setenv("RANK", "1")
+    lab = lab_launch.connect_lab()
+    assert lab.get_config() == {"lora_r": "4"}
+    fresh = asyncio.run(Job.get(job.id, name))
+    assert (asyncio.run(fresh.get_status()), asyncio.run(fresh.get_job_data())) == before  # lab.init() writes RUNNING
+
+
+def test_fsdp_and_zero3_are_refused_with_what_to_use_instead():
+    from accelerate.utils import DistributedType
+
+    with pytest.raises(InputError, match="FSDP.*DDP"):
+        distributed.refuse_unsupported(SimpleNamespace(distributed_type=DistributedType.FSDP))
+    zero3 = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    with pytest.raises(InputError, match="stage 1 or 2"):
+        distributed.refuse_unsupported(zero3)
+    zero2 = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)))
+    distributed.refuse_unsupported(zero2)
+    distributed.refuse_unsupported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+
+
+# --- two processes --------------------------------------------------------------------------
+
+def torchrun(tmp_path: Path, script: Path, config: Path, trace: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, distributed.TRACE_ENV: str(trace), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), "--config",
+                           str(config)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def read_trace(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_processes_train_one_run_on_disjoint_halves(tmp_path, monkeypatch, tiny_sd, star_folder):
+    # 8 images, batch 1 on each of 2 processes, 2 epochs: 4 global steps an epoch, 8 in all
+    settings = dict(num_train_epochs=2, lr_scheduler="linear", lr_warmup_steps=2, eval_prompt="a sks star",
+                    eval_steps=100, cache_memory_budget_mb=0)  # latents cached on disk, written once
+    output = tmp_path / "output"
+    config = write_config(tmp_path / "run.json", quick_params(tiny_sd, star_folder, output, train_batch_size=1,
+                                                              **settings))
+    result = torchrun(tmp_path, ROOT / "main.py", config, tmp_path / "trace")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+
+    # announced once (the main process speaks alone), and kept
+    assert re.findall(r"Training 8 images for (\d+) optimizer steps", log) == ["8"]
+    assert re.findall(r"Done in .*?: (\d+) optimizer steps", log) == ["8"]
+    ranks = [read_trace(tmp_path / "trace" / f"rank{k}.jsonl") for k in (0, 1)]
+    assert [len(r) for r in ranks] == [8, 8]  # batch 1, no accumulation: one line per optimizer step
+    for epoch in sorted({line["epoch"] for line in ranks[0]}):
+        halves = [[i for line in r if line["epoch"] == epoch for i in line["indices"]] for r in ranks]
+        assert not set(halves[0]) & set(halves[1])
+        assert sorted(halves[0] + halves[1]) == list(range(8))
+
+    # one adapter, one eval image, one TensorBoard log, nothing half-written
+    assert sorted(p.name for p in output.iterdir()) == ["cache", "eval_images", "logs", "test_lora"]
+    assert len([p for p in (output / "cache").iterdir() if p.name.startswith("latents-")]) == 1
+    assert not [p for p in output.rglob("*") if ".partial" in p.name]
+    adapter = output / "test_lora"
+    assert json.loads((adapter / "tlab_adaptor_info.json").read_text())["steps_trained"] == 8
+    assert [p.name for p in (output / "eval_images" / "test_lora").iterdir()] == ["final.png"]
+    writers = {p.name.split(".")[-2] for p in (output / "logs").rglob("events.out.tfevents.*")}
+    assert len(writers) == 1  # events.out.tfevents.<time>.<host>.<pid>.<n>: one process wrote them
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+    pipe.load_lora_weights(str(adapter))
+
+    # the learning rate follows the single-process run with the same global batch (2)
+    monkeypatch.setenv(distributed.TRACE_ENV, str(tmp_path / "single"))
+    code, _ = train(tmp_path / "one", tiny_sd, star_folder, train_batch_size=2, **settings)
+    assert code == 0
+    single = read_trace(tmp_path / "single" / "rank0.jsonl")
+    assert [line["lr"] for line in single] == pytest.approx([line["lr"] for line in ranks[0]])
+    assert [line["lr"] for line in ranks[0]] == [line["lr"] for line in ranks[1]]
+    # linear, warmup 2 of 8 steps, 1e-3: up over steps 0-1, down to 0 over steps 2-8
+    assert [line["lr"] for line in single] == pytest.approx([k / 2 * 1e-3 if k < 2 else (8 - k) / 6 * 1e-3
+                                                            for k in range(8)])
+
+
+FAILING_RANK_1 = """
+import os, sys
+sys.argv[0] = "main.py"
+from diffusion_trainer import loop
+original = loop.batch_loss
+batches = []
+
+def batch_loss(t, batch):
+    batches.append(1)
+    if os.environ["RANK"] == "1" and len(batches) == 3:
+        raise RuntimeError("disk on fire in process 1")
+    return original(t, batch)
+
+loop.batch_loss = batch_loss
+import main
+main.main(sys.argv[1:])
+"""
+
+
+def test_a_failure_in_one_process_ends_the_run_with_its_message(tmp_path, tiny_sd, star_folder):
+    output = tmp_path / "output"
+    config = write_config(tmp_path / "run.json", quick_params(tiny_sd, star_folder, output, train_batch_size=1,
+                                                              num_train_epochs=20))
+    script = tmp_path / "failing_main.py"
+    script.write_text(FAILING_RANK_1)
+    result = torchrun(tmp_path, script, config, tmp_path / "trace")
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "disk on fire in process 1" in log
+    assert len(read_trace(tmp_path / "trace" / "rank0.jsonl")) < 10  # ended, not trained on to the end
+    assert not (output / "test_lora").exists()
