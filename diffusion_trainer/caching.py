@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .adapter import FOLDER_MODE
 from .data import TrainingSamples, sample_seed, training_item, upright_sizes
 
 ENCODE_BATCH = 8
@@ -173,6 +174,7 @@ def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, cache
         return MemoryLatents(entries)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    staging.chmod(FOLDER_MODE)  # mkdtemp makes it owner-only
     try:
         encode_variants(family, samples, plan, lambda index, variants: DiskLatents.write_sample(staging, index, variants))
         (staging / "complete.json").write_text(json.dumps({"variants": [len(p) for p in plan]}))
