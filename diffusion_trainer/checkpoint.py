@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -161,35 +162,43 @@ class Checkpoints:
     # --- save -------------------------------------------------------------------------------
     def save(self, step: int, epoch: int, batches_done: int) -> Path | None:
         """Write checkpoint-<step>; on a failed write (a full disk) warn, keep training and the
-        checkpoints already written."""
+        checkpoints already written. Every process passes the same barriers, whatever fails."""
         acc = self.accelerator
         self.state.step, self.state.epoch, self.state.batches_done = step, epoch, batches_done
         target = self.folder / f"{PREFIX}{step}"
-        staging = None
+        staging = self.folder / f".{target.name}.partial-0"  # one name for all processes
+        error: OSError | None = None
         try:
             if acc.is_main_process:
-                staging = adapter.staging_dir(target, tag="0")
-            acc.wait_for_everyone()
-            staging = self.folder / f".{target.name}.partial-0"
-            acc.save_state(str(staging))
-            acc.wait_for_everyone()
-            if acc.is_main_process:
+                adapter.staging_dir(target, tag="0")
+        except OSError as exc:
+            error = exc
+        acc.wait_for_everyone()
+        try:
+            if error is None:
+                acc.save_state(str(staging))
+        except OSError as exc:
+            error = exc
+        acc.wait_for_everyone()
+        try:
+            if error is None and acc.is_main_process:
                 (staging / PARAMETERS_NAME).write_text(json.dumps({**self.record, "step": step}, indent=1, default=str))
                 if os.environ.get(TEST_SLEEP_ENV):
                     time.sleep(float(os.environ[TEST_SLEEP_ENV]))
                 adapter.commit(staging, target)
                 self._prune()
-                self.reporter.save_checkpoint(target, target.name)
         except OSError as exc:
-            if staging is not None and acc.is_main_process:
-                import shutil
-
-                shutil.rmtree(staging, ignore_errors=True)
+            error = exc
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+        if error is not None:
+            shutil.rmtree(staging, ignore_errors=True)
             kept = existing(self.folder)
-            self.reporter.warn(f"Could not write the checkpoint at step {step} in {self.folder} ({exc}); training "
+            self.reporter.warn(f"Could not write the checkpoint at step {step} in {self.folder} ({error}); training "
                                f"on. {'The last good one is ' + str(kept[-1]) if kept else 'No checkpoint is kept'}.")
             return None
-        acc.wait_for_everyone()
+        self.reporter.save_checkpoint(target, target.name)
         return target
 
     def _prune(self) -> None:

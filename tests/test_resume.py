@@ -122,14 +122,25 @@ def test_a_full_disk_at_save_keeps_the_weights_in_a_named_fallback(tmp_path, tin
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(self, directory, metadata)
 
+    real_commit = adapter.commit
+
+    def commit(staging, target):  # the disk is full by the last checkpoint too
+        if target.name == "checkpoint-4":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_commit(staging, target)
+
     monkeypatch.setattr(StableDiffusion, "save_adapter", save)
+    monkeypatch.setattr(adapter, "commit", commit)
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     import tempfile
     monkeypatch.setattr(tempfile, "tempdir", None)
-    code, out = train(tmp_path, tiny_sd, star_folder, num_train_epochs=1)
+    code, out = train(tmp_path, tiny_sd, star_folder, num_train_epochs=1, checkpointing_steps=2)
     err = capsys.readouterr().err
     assert code == 1 and "No space left on device" in err
+    checkpoints = out / "checkpoints" / "test_lora"
+    assert "Could not write the checkpoint at step 4" in err and f"last good one is {checkpoints / 'checkpoint-2'}" in err
+    assert folders(checkpoints) == ["checkpoint-2"]  # the failed write left nothing behind
     rescued = list((tmp_path / "tmp" / "diffusion_trainer_rescued").iterdir())
     assert len(rescued) == 1 and str(rescued[0]) in err
     assert load_file(rescued[0] / adapter.WEIGHTS_NAME)
