@@ -104,7 +104,7 @@ def compatibility_notes(path: Path, params: Any, data_fingerprint: str) -> list[
     before, now = recorded["parameters"], params.model_dump()
     refused, notes = [], []
     for name in sorted(set(before) | set(now)):
-        if before.get(name) == now.get(name):
+        if before.get(name) == now.get(name) or name == "resume_from_checkpoint":
             continue
         change = f"{name}: {before.get(name)!r} -> {now.get(name)!r}"
         (notes if name in SAFE_TO_CHANGE else refused).append(change)
