@@ -107,7 +107,8 @@ def compatibility_notes(path: Path, params: Any, data_fingerprint: str) -> list[
         if before.get(name) == now.get(name) or name == "resume_from_checkpoint":
             continue
         change = f"{name}: {before.get(name)!r} -> {now.get(name)!r}"
-        (notes if name in SAFE_TO_CHANGE else refused).append(change)
+        safe = name in SAFE_TO_CHANGE or name not in before  # a parameter newer than the checkpoint
+        (notes if safe else refused).append(change)
     if recorded.get("data_fingerprint") != data_fingerprint:
         refused.append("dataset_name: the dataset's contents (images, captions or their order) differ "
                        "from the checkpoint's")
