@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .adapter import FOLDER_MODE
 from .data import TrainingSamples, sample_seed, training_item, upright_sizes
 
 ENCODE_BATCH = 8
@@ -196,6 +197,7 @@ def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, cache
 def write_disk_cache(family: Any, samples: TrainingSamples, plan: list[list[bool | None]], folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    staging.chmod(FOLDER_MODE)  # mkdtemp makes it owner-only
     try:
         encode_variants(family, samples, plan, lambda index, variants: DiskLatents.write_sample(staging, index, variants))
         (staging / "complete.json").write_text(json.dumps({"variants": [len(p) for p in plan]}))

@@ -9,6 +9,7 @@ records the original size and the crop it made (SDXL conditions on both).
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -35,19 +36,27 @@ INTERPOLATION = {
 # --- sources -----------------------------------------------------------------------------
 
 def load_records(dataset_name: str, image_column: str, caption_column: str,
-                 lab_datasets_dir: Path | None = None):
-    """The dataset's training split as a `datasets.Dataset`, with both columns checked."""
+                 lab_datasets_dir: Path | None = None, problems: list[str] | None = None,
+                 allow_outside: bool = False):
+    """The dataset's training split as a `datasets.Dataset`, with both columns checked.
+
+    Rows of a local folder that cannot be used (a caption file that is not UTF-8, a metadata line
+    that is not JSON or names no file, a file outside the folder unless `allow_outside`) are left
+    out and described in `problems`; without that list the first one raises InputError."""
     path = Path(dataset_name).expanduser()
     if not path.exists() and lab_datasets_dir is not None and (lab_datasets_dir / dataset_name).is_dir():
         path = lab_datasets_dir / dataset_name
+    found: list[str] = [] if problems is None else problems
     if path.is_dir():
-        records = _load_folder(path, image_column, caption_column)
+        records = _load_folder(path, image_column, caption_column, found, allow_outside)
     elif path.exists():
         raise InputError(f"dataset_name: '{dataset_name}' is a file; give a dataset folder or a hub id.")
     elif dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1:
         raise InputError(f"dataset_name: there is no folder '{dataset_name}'.")
     else:
         records = _load_hub(dataset_name)
+    if problems is None and found:
+        raise InputError(f"dataset_name: {found[0]}")
     _check_columns(records, dataset_name, image_column, caption_column)
     return records
 
@@ -62,7 +71,7 @@ def _load_hub(dataset_id: str):
                          f"({type(exc).__name__}: {exc}).") from None
 
 
-def _load_folder(path: Path, image_column: str, caption_column: str):
+def _load_folder(path: Path, image_column: str, caption_column: str, problems: list[str], allow_outside: bool):
     import datasets
 
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -71,20 +80,24 @@ def _load_folder(path: Path, image_column: str, caption_column: str):
             split = "train" if "train" in loaded else next(iter(loaded))
             loaded = loaded[split]
         return loaded
-    if _has_metadata(path):
-        return datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+    metadata = _metadata_files(path)
+    if metadata:
+        return _load_metadata(path, metadata, problems, allow_outside)
     hub_id = _lab_hub_dataset_id(path)
     if hub_id:
         return _load_hub(hub_id)
-    return _load_captioned_images(path, image_column, caption_column)
+    return _load_captioned_images(path, image_column, caption_column, problems, allow_outside)
 
 
-def _has_metadata(path: Path) -> bool:
-    """metadata.jsonl/.csv at the top, or where Lab-made datasets keep it: under train/ or
-    train/<label>/ (imagefolder reads all three layouts)."""
+def _metadata_files(path: Path) -> list[Path]:
+    """metadata.jsonl/.csv at the top; else where Lab-made datasets keep them, under train/ and
+    train/<label>/ (the layouts datasets' imagefolder reads)."""
+    def found(folder: Path) -> list[Path]:
+        return [folder / name for name in ("metadata.jsonl", "metadata.csv") if (folder / name).is_file()][:1]
+
     train = path / "train"
-    folders = [path, train, *(sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else [])]
-    return any((f / name).is_file() for f in folders for name in ("metadata.jsonl", "metadata.csv"))
+    labels = sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+    return found(path) or [file for folder in (train, *labels) for file in found(folder)]
 
 
 def _lab_hub_dataset_id(path: Path) -> str | None:
@@ -101,7 +114,73 @@ def _lab_hub_dataset_id(path: Path) -> str | None:
     return str(dataset_id) if dataset_id else None
 
 
-def _load_captioned_images(path: Path, image_column: str, caption_column: str):
+def _outside(path: Path, folder: Path) -> bool:
+    return not path.resolve().is_relative_to(folder.resolve())
+
+
+def _metadata_rows(metadata: Path, problems: list[str]) -> list[tuple[str, dict]]:
+    """(where, row) for each readable row of metadata.jsonl / metadata.csv."""
+    import csv
+
+    try:
+        text = metadata.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(f"{metadata}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+        return []
+    if metadata.suffix == ".csv":
+        return [(f"{metadata.name} row {n}", row) for n, row in enumerate(csv.DictReader(io.StringIO(text)), 2)]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{metadata.name} line {n}: not valid JSON ({exc.msg})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{metadata.name} line {n}: not a JSON object")
+            continue
+        rows.append((f"{metadata.name} line {n}", row))
+    return rows
+
+
+def _load_metadata(folder: Path, metadata_files: list[Path], problems: list[str], allow_outside: bool):
+    """An imagefolder: metadata rows with file_name (relative to the metadata file's folder) and other
+    columns; the images land in an `image` column, as datasets' imagefolder loader names it."""
+    import datasets
+
+    columns: dict[str, list] = {"image": []}
+    kept = 0
+    rows = [(metadata, where, row) for metadata in metadata_files for where, row in _metadata_rows(metadata, problems)]
+    for metadata, where, row in rows:
+        name = row.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"{where}: no file_name")
+            continue
+        file = metadata.parent / name
+        if not file.is_file():
+            problems.append(f"{where}: file_name '{name}' is not a file in {metadata.parent}")
+            continue
+        if not allow_outside and _outside(file, folder):
+            problems.append(f"{file}: leads outside the dataset folder (to {file.resolve()}); set "
+                            "allow_files_outside_dataset to use it")
+            continue
+        for key, value in row.items():
+            if key != "file_name":
+                columns.setdefault(key, [None] * kept).append(value)
+        columns["image"].append(str(file))
+        kept += 1
+        for values in columns.values():
+            values.extend([None] * (kept - len(values)))
+    if not kept:
+        raise InputError(f"dataset_name: {', '.join(map(str, metadata_files))} list no usable image" +
+                         (f" ({len(problems)} problem(s), e.g. {problems[0]})." if problems else "."))
+    return datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image())
+
+
+def _load_captioned_images(path: Path, image_column: str, caption_column: str, problems: list[str],
+                           allow_outside: bool):
     import datasets
 
     images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -113,8 +192,24 @@ def _load_captioned_images(path: Path, image_column: str, caption_column: str):
         raise InputError(f"dataset_name: {len(uncaptioned)} image(s) in '{path}' have no caption file "
                          f"(e.g. {uncaptioned[0]} needs {Path(uncaptioned[0]).stem}.txt beside it), and "
                          "there is no metadata.jsonl.")
-    captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in images]
-    table = datasets.Dataset.from_dict({image_column: [str(p) for p in images], caption_column: captions})
+    kept, captions = [], []
+    for image in images:
+        caption_file = image.with_suffix(".txt")
+        outside = [f for f in (image, caption_file) if _outside(f, path)]
+        if outside and not allow_outside:
+            problems.extend(f"{f}: leads outside the dataset folder (to {f.resolve()}); set "
+                            "allow_files_outside_dataset to use it" for f in outside)
+            continue
+        try:
+            captions.append(caption_file.read_text(encoding="utf-8").strip())
+        except UnicodeDecodeError as exc:
+            problems.append(f"{caption_file}: caption is not UTF-8 text ({exc.reason} at byte {exc.start})")
+            continue
+        kept.append(image)
+    if not kept:
+        raise InputError(f"dataset_name: no usable image in '{path}' ({len(problems)} problem(s), "
+                         f"e.g. {problems[0]}).")
+    table = datasets.Dataset.from_dict({image_column: [str(p) for p in kept], caption_column: captions})
     return table.cast_column(image_column, datasets.Image())
 
 
@@ -154,16 +249,35 @@ def drop_captions(captions: list[str], rate: float) -> list[str]:
 
 # --- images ------------------------------------------------------------------------------
 
+MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused (or skipped) as oversized, e.g. 10000 x 10000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL warns above this and refuses above twice it
+
+
 def to_rgb(image: Any) -> Image.Image:
-    """A PIL RGB image, turned upright per its EXIF orientation, transparency over white."""
+    """A PIL RGB image, turned upright per its EXIF orientation, transparency over white. 16- and
+    32-bit grayscale keep their tones (PIL's own conversion clips them to white), CMYK and palette
+    images convert through PIL."""
     if not isinstance(image, Image.Image):
         image = Image.open(image)
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _eight_bit_gray(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB")
+
+
+def _eight_bit_gray(image: Image.Image) -> Image.Image:
+    """An "I;16*", "I" or "F" grayscale image as 8-bit "L": 16-bit ranges scaled by 1/257, float
+    images taken as 0-1 unless their values reach past 1 (then as 0-255)."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
+    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
 
 
 EXIF_ORIENTATION, SWAPS_SIDES = 0x0112, {5, 6, 7, 8}  # orientations that turn the picture 90 degrees
@@ -324,7 +438,9 @@ def bucket_targets(images: list[tuple[int, int]], resolution: int) -> list[tuple
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Batches that never mix shapes, shuffled anew each epoch (the dataset's epoch)."""
+    """Batches that never mix shapes, shuffled anew each epoch. The order is a pure function of
+    (seed, the dataset's epoch), so a resumed run can skip the batches it already trained on.
+    Without bucketing every image has the same target shape: one group."""
 
     def __init__(self, samples: Any, batch_size: int, seed: int):
         self.samples = samples

@@ -1,4 +1,9 @@
-"""The training loop: one pass over batches, with no architecture names in it."""
+"""The training loop: one pass over batches, with no architecture names in it.
+
+A resumed run starts at `start` (step, epoch, batches of that epoch already trained) and skips
+those batches; `checkpoints` (checkpoint.Checkpoints) writes one every N steps, at the end, and
+when a stop is requested.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ class Training:
     max_grad_norm: float
     num_epochs: int
     total_steps: int
+    start: Any = None  # checkpoint.RunState of a resumed run; None: from the beginning
+    checkpoints: Any = None  # checkpoint.Checkpoints, or None
 
 
 @dataclass
@@ -57,17 +64,35 @@ def batch_loss(t: Training, batch: dict[str, Any]) -> torch.Tensor:
     return weighted_loss(prediction, noisy.target, noisy.loss_weights, t.loss_type, t.huber_c)
 
 
+def epoch_batches(t: Training, epoch: int, skip: int) -> Any:
+    """The epoch's batches, in its own order, less the first `skip` (trained before a resume)."""
+    from accelerate import skip_first_batches
+
+    loader = skip_first_batches(t.dataloader, skip) if skip else t.dataloader
+    (loader if hasattr(loader, "set_epoch") else t.samples).set_epoch(epoch)
+    return loader
+
+
+def checkpoint_due(t: Training, step: int, last: bool) -> bool:
+    return t.checkpoints is not None and t.checkpoints.enabled and (last or t.checkpoints.due(step))
+
+
 def run(t: Training) -> Outcome:
-    acc, out = t.accelerator, Outcome()
+    acc = t.accelerator
+    first_epoch, skip = (t.start.epoch, t.start.batches_done) if t.start else (1, 0)
+    out = Outcome(steps=t.start.step if t.start else 0, epochs=first_epoch - 1)
     window_loss, window_batches, last_read = torch.zeros((), device=acc.device), 0, time.monotonic()
     t.denoiser.train()
     t.reporter.begin(t.total_steps)
     out.timing["start"] = time.monotonic()
     try:
-        for epoch in range(1, t.num_epochs + 1):
+        if out.steps >= t.total_steps:
+            return out
+        for epoch in range(first_epoch, t.num_epochs + 1):
             out.epochs = epoch
-            t.samples.set_epoch(epoch)
-            for batch in t.dataloader:
+            position, batches = skip, epoch_batches(t, epoch, skip)
+            skip = 0
+            for batch in batches:
                 with acc.accumulate(t.denoiser):
                     loss = batch_loss(t, batch)
                     acc.backward(loss)  # accelerate divides by the accumulation steps
@@ -79,12 +104,13 @@ def run(t: Training) -> Outcome:
                     t.optimizer.step()
                     t.lr_scheduler.step()
                     t.optimizer.zero_grad(set_to_none=True)
+                position += 1
                 window_loss += loss.detach()
                 window_batches += 1
                 if not acc.sync_gradients:
                     continue
                 out.steps += 1
-                if out.steps == 1:
+                if "first_step" not in out.timing:
                     out.timing["first_step"] = time.monotonic()
                 if t.ema is not None:
                     t.ema.step()
@@ -100,6 +126,8 @@ def run(t: Training) -> Outcome:
                     t.reporter.report(out.steps, t.total_steps, metrics)
                 if t.reporter.stop_requested():
                     out.stopped = True
+                if checkpoint_due(t, out.steps, last=done or out.stopped):
+                    t.checkpoints.save(out.steps, epoch, position)
                 if done or out.stopped:
                     return out
             if t.evaluator.due(epoch):

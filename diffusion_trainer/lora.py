@@ -39,6 +39,14 @@ class LoraEMA:
     def step(self) -> None:
         self.ema.step(self.parameters)
 
+    # registered with accelerate, so checkpoints hold the average too
+    def state_dict(self) -> dict:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state)
+        self.ema.shadow_params = [s.to(p.device) for s, p in zip(self.ema.shadow_params, self.parameters)]
+
     @contextmanager
     def applied(self) -> Iterator[None]:
         """The averaged weights in the model for the duration (eval images, saving)."""

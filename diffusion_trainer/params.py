@@ -106,6 +106,16 @@ class TrainingParams(BaseModel):
         "lanczos", title="Image Interpolation Mode", group="Data",
         help="Filter used when resizing images.")
 
+    skip_bad_images: bool = _param(
+        False, title="Skip Bad Images", group="Data",
+        help="Train without the images (and rows) that cannot be used: broken, truncated, not images, "
+             "over 100 megapixels, or with an unreadable caption. Off: such a dataset is refused, "
+             "every bad file named.")
+    allow_files_outside_dataset: bool = _param(
+        False, title="Allow Files Outside the Dataset Folder", group="Data",
+        help="Follow symlinks (and metadata paths) that lead out of the dataset folder. Off: such "
+             "files are refused.")
+
     # --- Augmentation --------------------------------------------------------------------
     random_flip: bool = _param(
         False, title="Random Horizontal Flip", group="Augmentation",
@@ -310,6 +320,21 @@ class TrainingParams(BaseModel):
         True, title="Log to Weights and Biases", group="Logging",
         help="Also log to W&B when it is configured (WANDB_API_KEY, or WANDB_MODE=offline). "
              "TensorBoard logs are always written.")
+
+    # --- Checkpoints ---------------------------------------------------------------------
+    checkpointing_steps: int = _param(
+        500, title="Checkpointing Steps", group="Checkpoints", ge=0,
+        help="Save a checkpoint (LoRA, optimizer, scheduler, EMA, RNG states, position in the data) "
+             "every this many optimizer steps, at the end, and when the run is stopped, so it can be "
+             "resumed exactly. 0 = off.")
+    checkpoints_total_limit: int = _param(
+        3, title="Checkpoints Total Limit", group="Checkpoints", ge=0,
+        help="Keep only the newest this many checkpoints. 0 = keep all.")
+    resume_from_checkpoint: str = _param(
+        "", title="Resume From Checkpoint", group="Checkpoints",
+        help="Empty = start fresh; 'latest' = the newest checkpoint of this adaptor_name under "
+             "output_dir; or the path of one checkpoint folder. Only more steps or epochs, eval and "
+             "logging settings may differ from the checkpoint's run.")
 
     @field_validator("adaptor_name")
     @classmethod

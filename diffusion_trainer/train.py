@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from . import adapter, distributed, export, loop, optimizers
+from . import adapter, checkpoint, distributed, export, loop, optimizers
 from .caching import CachedSamples, DiskLatents, TextCache, build_latent_cache
 from .data import BucketBatchSampler, build_samples, load_records
+from .datacheck import check_dataset, long_captions
 from .errors import InputError
 from .evaluate import Evaluator
 from .families import family_for
@@ -35,12 +36,16 @@ class RunPaths:
     adapter_dir: Path
     eval_images_dir: Path
     logs_dir: Path
+    checkpoints_dir: Path | None = None  # None: <output_dir>/checkpoints/<adaptor_name>
 
     @classmethod
     def standalone(cls, params: TrainingParams) -> "RunPaths":
         root = Path(params.output_dir).expanduser()
         name = params.adaptor_name
-        return cls(root / name, root / "eval_images" / name, root / "logs" / name)
+        return cls(root / name, root / "eval_images" / name, root / "logs" / name, root / "checkpoints" / name)
+
+    def checkpoints(self, params: TrainingParams) -> Path:
+        return self.checkpoints_dir or Path(params.output_dir).expanduser() / "checkpoints" / params.adaptor_name
 
 
 @dataclass
@@ -151,12 +156,24 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     if params.resolution % family_cls.resolution_multiple:
         raise InputError(f"resolution: {family_cls.label} needs a multiple of "
                          f"{family_cls.resolution_multiple} (got {params.resolution}).")
-    records = load_records(params.dataset_name, params.image_column, params.caption_column, lab_datasets_dir)
+    load_problems: list[str] = []
+    records = load_records(params.dataset_name, params.image_column, params.caption_column, lab_datasets_dir,
+                           load_problems, params.allow_files_outside_dataset)
+    checked = check_dataset(records, params, load_problems, reporter)
+    records = checked.records
     runtime = decide_runtime(params, reporter)
     optimizers.check_optimizer(params, reporter)
     if params.lr_scheduler == "constant" and params.lr_warmup_steps:
         reporter.info(f"lr_warmup_steps={params.lr_warmup_steps} is not used by lr_scheduler=constant "
                       "(choose constant_with_warmup for a warmup).")
+    checkpoints_dir = paths.checkpoints(params)
+    for note in tidy_outputs(paths, checkpoints_dir):
+        reporter.info(note)
+    check_output_folders(paths, checkpoints_dir, params)
+    resume_from = choose_checkpoint(params, checkpoints_dir, reporter)
+    if resume_from is not None:
+        for note in checkpoint.compatibility_notes(resume_from, params, checked.fingerprint):
+            reporter.info(f"Resuming with a changed setting (allowed): {note}")
 
     # --- model -----------------------------------------------------------------------------
     accelerator = make_accelerator(params, runtime, paths, reporter)
@@ -189,6 +206,9 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     total_steps, num_epochs = steps.total_steps, steps.num_epochs
     dataloader = distributed.traced(dataloader, samples, optimizer, accelerator.process_index)
     ema = LoraEMA(trainable, params.ema_decay) if params.use_ema else None
+    checkpoints = checkpoint.Checkpoints(checkpoints_dir, accelerator, denoiser, ema, params, checked.fingerprint,
+                                         reporter)
+    check_room(paths, trainable, params, reporter)
 
     # --- outputs -----------------------------------------------------------------------------
     wandb_kwargs = {"name": params.adaptor_name, "dir": str(paths.logs_dir)}
@@ -205,17 +225,23 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
                   f"batch {params.train_batch_size}{processes} x {accelerator.gradient_accumulation_steps} "
                   "accumulation).")
 
+    start = None
+    if resume_from is not None:  # last of all: it restores the RNG states the setup above drew on
+        start = checkpoints.load(resume_from)
+        reporter.info(f"Resuming from {resume_from}: step {start.step} of {total_steps}, epoch {start.epoch} "
+                      f"({start.batches_done} of its {len(dataloader)} batches already trained).")
     outcome = loop.run(loop.Training(
         accelerator=accelerator, family=family, denoiser=prepared, trainable=trainable,
         optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, samples=samples,
         inputs=inputs, evaluator=evaluator, reporter=reporter, ema=ema, loss_type=params.loss_type,
         huber_c=params.huber_c, max_grad_norm=params.max_grad_norm, num_epochs=num_epochs,
-        total_steps=total_steps))
+        total_steps=total_steps, start=start, checkpoints=checkpoints))
 
     # --- save, then the final eval image -------------------------------------------------------
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_adapter(family, params, paths.adapter_dir, outcome, prediction_type, ema, samples.captions)
+        save_adapter_somewhere(family, params, paths.adapter_dir, outcome, prediction_type, ema, samples.captions,
+                               checkpoints_dir, reporter)
     # asked after the save (a stop may come meanwhile) by every process: with several, a collective
     stopping = outcome.stopped or reporter.stop_requested()
     if accelerator.is_main_process and not stopping:  # a stop may have seconds left: no extra image
@@ -224,6 +250,57 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     return RunResult("stopped" if outcome.stopped else "completed", paths, outcome.steps, outcome.epochs,
                      outcome.final_loss, outcome.losses, evaluator.images, time.monotonic() - started,
                      outcome.timing)
+
+
+def tidy_outputs(paths: RunPaths, checkpoints_dir: Path) -> list[str]:
+    """Sort out what killed writes of an earlier run left: the adapter's and checkpoints' temporary
+    folders (a complete one is put in place)."""
+    notes = adapter.recover_leftovers(paths.adapter_dir.parent, only=paths.adapter_dir.name)
+    return notes + adapter.recover_leftovers(checkpoints_dir)
+
+
+def choose_checkpoint(params: TrainingParams, checkpoints_dir: Path, reporter: Any) -> Path | None:
+    """resume_from_checkpoint, or else the checkpoint a launcher (the Lab's resume) hands us."""
+    if params.resume_from_checkpoint.strip():
+        return checkpoint.resolve(params.resume_from_checkpoint, checkpoints_dir, reporter)
+    handed = reporter.checkpoint_to_resume()
+    if handed is not None:
+        reporter.info(f"The Lab asks to resume from checkpoint {handed}.")
+        return checkpoint.resolve(str(handed), checkpoints_dir, reporter)
+    return None
+
+
+def check_output_folders(paths: RunPaths, checkpoints_dir: Path, params: TrainingParams) -> None:
+    """Every folder the run writes to can be created and written, before anything loads."""
+    import tempfile
+
+    folders = [("output_dir (adapter)", paths.adapter_dir.parent), ("output_dir (logs)", paths.logs_dir)]
+    if params.checkpointing_steps or params.resume_from_checkpoint.strip():
+        folders.append(("output_dir (checkpoints)", checkpoints_dir))
+    for name, folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            raise InputError(f"{name}: cannot write in '{folder}' ({exc.strerror or exc}).") from None
+
+
+def check_room(paths: RunPaths, trainable: list[torch.nn.Parameter], params: TrainingParams, reporter: Any) -> None:
+    """Room on disk for the adapter and a checkpoint (weights, two Adam moments, EMA) with a margin;
+    refuse when there is not even room for the adapter, warn when checkpoints may not fit."""
+    import shutil
+
+    weights = sum(p.numel() * 4 for p in trainable)
+    adapter_bytes, checkpoint_bytes = 2 * weights, 5 * weights  # x2: a new adapter beside the old one
+    free = shutil.disk_usage(paths.adapter_dir.parent).free
+    mb = 2**20
+    if free < adapter_bytes:
+        raise InputError(f"output_dir: {free / mb:.1f} MB free at '{paths.adapter_dir.parent}', the adapter "
+                         f"needs about {adapter_bytes / mb:.1f} MB.")
+    if params.checkpointing_steps and free < adapter_bytes + checkpoint_bytes * max(1, params.checkpoints_total_limit):
+        reporter.warn(f"Only {free / mb:.1f} MB free at '{paths.adapter_dir.parent}': the adapter needs about "
+                      f"{adapter_bytes / mb:.1f} MB and each checkpoint about {checkpoint_bytes / mb:.1f} MB.")
 
 
 def load_family(family_cls: Any, params: TrainingParams, runtime: Runtime, accelerator: Any, reporter: Any):
@@ -255,6 +332,8 @@ def prepare_data(family: Any, records: Any, params: TrainingParams, accelerator:
     embeddings when asked for, after which the VAE and text encoders leave the accelerator
     (or are freed when no eval image will need them)."""
     samples = build_samples(records, params)
+    for note in long_captions(family.pipeline, samples.captions):
+        reporter.warn(note)
     if params.aspect_ratio_bucketing:
         shapes = sorted(set(samples.targets))
         reporter.info(f"Aspect-ratio buckets in use (height x width): {', '.join(f'{h}x{w}' for h, w in shapes)}.")
@@ -285,11 +364,11 @@ def make_dataloader(samples: Any, params: TrainingParams, accelerator: Any):
     options: dict[str, Any] = {"num_workers": max(0, workers), "pin_memory": cuda}
     if options["num_workers"]:
         options["worker_init_fn"] = ignore_stop_signals
-    if params.aspect_ratio_bucketing:
-        sampler = BucketBatchSampler(samples, params.train_batch_size, params.seed)
-        return torch.utils.data.DataLoader(samples, batch_sampler=sampler, **options)
-    return torch.utils.data.DataLoader(samples, batch_size=params.train_batch_size, shuffle=True,
-                                       generator=torch.Generator().manual_seed(params.seed), **options)
+    # The order comes from (seed, epoch) alone; the loader's own generator (worker seeds only: the
+    # transforms are seeded per sample) keeps it from drawing on the global RNG each epoch.
+    sampler = BucketBatchSampler(samples, params.train_batch_size, params.seed)
+    return torch.utils.data.DataLoader(samples, batch_sampler=sampler, generator=torch.Generator().manual_seed(params.seed),
+                                       **options)
 
 
 def make_optimizer(trainable: list[torch.nn.Parameter], params: TrainingParams, total_steps: int, accelerator: Any):
@@ -300,6 +379,34 @@ def make_optimizer(trainable: list[torch.nn.Parameter], params: TrainingParams, 
                                  num_warmup_steps=params.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=total_steps * accelerator.num_processes)
     return optimizer, lr_scheduler
+
+
+def save_adapter_somewhere(family: Any, params: TrainingParams, target: Path, outcome: loop.Outcome,
+                           prediction_type: str | None, ema: LoraEMA | None, captions: list[str],
+                           checkpoints_dir: Path, reporter: Any) -> Path:
+    """Save the adapter to `target`; when that write fails (a full disk), to a fallback folder that
+    is named, so trained weights are never lost; when nothing can be written, name the last good
+    checkpoint. Either way the run then fails, saying where the weights are."""
+    import tempfile
+
+    try:
+        return save_adapter(family, params, target, outcome, prediction_type, ema, captions)
+    except OSError as exc:
+        failure = f"The adapter could not be written to {target} ({exc.strerror or exc})"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for root in (Path(tempfile.gettempdir()), Path.home()):
+        fallback = root / "diffusion_trainer_rescued" / f"{params.adaptor_name}-{stamp}"
+        try:
+            save_adapter(family, params, fallback, outcome, prediction_type, ema, captions)
+        except OSError:
+            continue
+        reporter.warn(f"{failure}; the trained adapter was saved to {fallback} instead.")
+        raise RuntimeError(f"{failure}. The trained adapter was saved to {fallback} instead: move it into place "
+                           "once there is room.")
+    kept = checkpoint.existing(checkpoints_dir)
+    where = (f"the last good checkpoint is {kept[-1]} (resume from it with resume_from_checkpoint=latest "
+             "once there is room)") if kept else "no checkpoint was kept"
+    raise RuntimeError(f"{failure}, nor to any fallback folder; {where}.")
 
 
 def save_adapter(family: Any, params: TrainingParams, target: Path, outcome: loop.Outcome,

@@ -45,7 +45,11 @@ def test_cached_and_uncached_training_are_the_same_training(tmp_path, tiny_sd, n
         assert code == 0
         runs[name] = adapter(out)
     cached, uncached = runs["cached"], runs["uncached"]
-    assert all(torch.allclose(cached[k], uncached[k], rtol=1e-3, atol=1e-6) for k in cached)
+    # The VAE encodes 8 images at a time for the cache and 2 per step without it: float rounding,
+    # which Adam's normalisation enlarges where gradients are near zero (2 of ~10000 weights over
+    # 1e-3 relative with the (seed, epoch) data order). A latent paired with another image's caption
+    # would differ by orders of magnitude more.
+    assert all(torch.allclose(cached[k], uncached[k], rtol=1e-2, atol=1e-5) for k in cached)
     assert any(cached[k].abs().max() > 1e-3 for k in cached)  # and they did train
 
 

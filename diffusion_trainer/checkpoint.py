@@ -1,0 +1,214 @@
+"""Checkpoints: everything a run needs to continue as if it had never stopped.
+
+A checkpoint is accelerate's `save_state` folder: the optimizer, LR scheduler, GradScaler and every
+RNG state (python, numpy, torch, CUDA), plus what we register with it: the LoRA weights (as
+safetensors, through a save/load hook, instead of the whole denoiser), the EMA and a `RunState`
+(step, epoch, batches of that epoch already trained, the seed the data order derives from). The
+data order is a pure function of (seed, epoch) (`data.BucketBatchSampler`), so a resumed run skips
+the batches already trained and sees the rest in the same order. `run_parameters.json` records the
+parameters; a resume that changes one that matters is refused by name.
+
+Folders: <checkpoints_dir>/checkpoint-<step>, written beside as `.checkpoint-<step>.partial-*` and
+renamed into place (adapter.commit), so `latest` never finds half a checkpoint.
+
+Test hook: DIFFUSION_TRAINER_TEST_CHECKPOINT_SLEEP=<seconds> sleeps inside each checkpoint write
+(after the files, before the rename), so a test can kill a run mid-write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import adapter
+from .errors import InputError
+
+PREFIX = "checkpoint-"
+PARAMETERS_NAME = "run_parameters.json"
+LORA_NAME = "lora_weights.safetensors"
+TEST_SLEEP_ENV = "DIFFUSION_TRAINER_TEST_CHECKPOINT_SLEEP"
+
+# Parameters a resume may change: they alter how long the run goes on, or what it shows and where,
+# never what the steps already taken would have been. Any other difference is refused.
+SAFE_TO_CHANGE = frozenset({
+    "num_train_epochs", "max_train_steps", "eval_prompt", "eval_steps", "eval_num_inference_steps",
+    "eval_guidance_scale", "log_to_wandb", "checkpointing_steps", "checkpoints_total_limit",
+    "resume_from_checkpoint", "output_dir", "dataset_name", "cache_memory_budget_mb", "cache_latents",
+    "cache_text_embeddings", "torch_compile", "gradient_checkpointing", "skip_bad_images",
+    "enable_xformers_memory_efficient_attention", "allow_files_outside_dataset",
+})
+# cache_latents / cache_text_embeddings / dataset_name: the same data by other means or from another
+# place; the data's contents are compared through their fingerprint instead.
+
+
+@dataclass
+class RunState:
+    """Where the run is, registered with accelerate as a custom checkpoint object."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 1  # the epoch in progress
+    batches_done: int = 0  # dataloader batches of that epoch already trained
+    seed: int = 0  # the data order of an epoch is a function of (seed, epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = re.fullmatch(rf"{PREFIX}(\d+)", path.name)
+    return int(match.group(1)) if match and path.is_dir() else None
+
+
+def existing(folder: Path) -> list[Path]:
+    """Complete checkpoints in `folder`, oldest step first."""
+    if not folder.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in folder.iterdir()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+
+
+def resolve(setting: str, folder: Path, reporter: Any) -> Path | None:
+    """The checkpoint `resume_from_checkpoint` names: None to start fresh."""
+    setting = setting.strip()
+    if not setting:
+        return None
+    if setting == "latest":
+        found = existing(folder)
+        if not found:
+            reporter.info(f"resume_from_checkpoint=latest: no checkpoint in {folder} yet; starting fresh.")
+            return None
+        return found[-1]
+    path = Path(setting).expanduser()
+    if not (path / PARAMETERS_NAME).is_file():
+        raise InputError(f"resume_from_checkpoint: '{setting}' is not a checkpoint folder (no {PARAMETERS_NAME} "
+                         f"in it); use 'latest', a folder like {folder / (PREFIX + '500')}, or leave it empty.")
+    return path
+
+
+def compatibility_notes(path: Path, params: Any, data_fingerprint: str) -> list[str]:
+    """What differs from the checkpoint's run, as notes; raises InputError for what may not."""
+    recorded = json.loads((path / PARAMETERS_NAME).read_text())
+    before, now = recorded["parameters"], params.model_dump()
+    refused, notes = [], []
+    for name in sorted(set(before) | set(now)):
+        if before.get(name) == now.get(name) or name == "resume_from_checkpoint":
+            continue
+        change = f"{name}: {before.get(name)!r} -> {now.get(name)!r}"
+        safe = name in SAFE_TO_CHANGE or name not in before  # a parameter newer than the checkpoint
+        (notes if safe else refused).append(change)
+    if recorded.get("data_fingerprint") != data_fingerprint:
+        refused.append("dataset_name: the dataset's contents (images, captions or their order) differ "
+                       "from the checkpoint's")
+    if refused:
+        raise InputError(
+            f"resume_from_checkpoint: {path} was made with other settings, and continuing it with these "
+            "would not be the same run:\n    " + "\n    ".join(refused) + "\n  Set them back, or start a "
+            "fresh run (resume_from_checkpoint empty, or another adaptor_name). A resume may change only: "
+            + ", ".join(sorted(SAFE_TO_CHANGE)) + ".")
+    return notes
+
+
+class Checkpoints:
+    """Saves and loads checkpoints of one run through its accelerator."""
+
+    def __init__(self, folder: Path, accelerator: Any, denoiser: torch.nn.Module, ema: Any, params: Any,
+                 data_fingerprint: str, reporter: Any):
+        self.folder = folder
+        self.accelerator = accelerator
+        self.every = params.checkpointing_steps
+        self.keep = params.checkpoints_total_limit
+        self.reporter = reporter
+        self.record = {"parameters": params.model_dump(), "data_fingerprint": data_fingerprint}
+        self.state = RunState(seed=params.seed)
+        self.lora = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
+        accelerator.register_save_state_pre_hook(self._save_lora)
+        accelerator.register_load_state_pre_hook(self._load_lora)
+        accelerator.register_for_checkpointing(*([ema] if ema is not None else []), self.state)
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0
+
+    def due(self, step: int) -> bool:
+        return self.enabled and step % self.every == 0
+
+    # --- accelerate hooks: only the LoRA weights, as safetensors --------------------------
+    def _save_lora(self, models: list, weights: list, output_dir: str) -> None:
+        if self.accelerator.is_main_process:
+            save_file({k: v.detach().contiguous() for k, v in self.lora.items()}, os.path.join(output_dir, LORA_NAME))
+        weights.clear()  # not the whole denoiser
+
+    def _load_lora(self, models: list, input_dir: str) -> None:
+        saved = load_file(os.path.join(input_dir, LORA_NAME))
+        if saved.keys() != self.lora.keys():
+            raise InputError(f"resume_from_checkpoint: {input_dir} holds LoRA weights for other layers.")
+        with torch.no_grad():
+            for name, param in self.lora.items():
+                param.copy_(saved[name])
+        models.clear()
+
+    # --- save -------------------------------------------------------------------------------
+    def save(self, step: int, epoch: int, batches_done: int) -> Path | None:
+        """Write checkpoint-<step>; on a failed write (a full disk) warn, keep training and the
+        checkpoints already written. Every process passes the same barriers, whatever fails."""
+        acc = self.accelerator
+        self.state.step, self.state.epoch, self.state.batches_done = step, epoch, batches_done
+        target = self.folder / f"{PREFIX}{step}"
+        staging = self.folder / f".{target.name}.partial-0"  # one name for all processes
+        error: OSError | None = None
+        try:
+            if acc.is_main_process:
+                adapter.staging_dir(target, tag="0")
+        except OSError as exc:
+            error = exc
+        acc.wait_for_everyone()
+        try:
+            if error is None:
+                acc.save_state(str(staging))
+        except OSError as exc:
+            error = exc
+        acc.wait_for_everyone()
+        try:
+            if error is None and acc.is_main_process:
+                (staging / PARAMETERS_NAME).write_text(json.dumps({**self.record, "step": step}, indent=1, default=str))
+                if os.environ.get(TEST_SLEEP_ENV):
+                    time.sleep(float(os.environ[TEST_SLEEP_ENV]))
+                adapter.commit(staging, target)
+                self._prune()
+        except OSError as exc:
+            error = exc
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+        if error is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            kept = existing(self.folder)
+            self.reporter.warn(f"Could not write the checkpoint at step {step} in {self.folder} ({error}); training "
+                               f"on. {'The last good one is ' + str(kept[-1]) if kept else 'No checkpoint is kept'}.")
+            return None
+        self.reporter.save_checkpoint(target, target.name)
+        return target
+
+    def _prune(self) -> None:
+        found = existing(self.folder)
+        if self.keep and len(found) > self.keep:
+            for old in found[:len(found) - self.keep]:
+                adapter.remove_atomically(old)
+
+    # --- load -------------------------------------------------------------------------------
+    def load(self, path: Path) -> RunState:
+        self.accelerator.load_state(str(path))
+        return self.state

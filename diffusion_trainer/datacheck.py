@@ -1,0 +1,120 @@
+"""Bad data caught before training, by name: every image is opened and fully decoded once (before
+the model loads), so a broken, truncated, non-image or oversized file, or an unreadable caption, is
+named in one report instead of crashing the run when its batch comes up. The same pass fingerprints
+the data (every file's bytes and caption, in order) for checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .data import MAX_IMAGE_PIXELS, to_rgb
+from .errors import InputError
+
+
+@dataclass
+class CheckedData:
+    records: Any  # the usable rows
+    fingerprint: str  # of every image's bytes and caption, in order
+    skipped: list[str]  # what was left out (skip_bad_images)
+
+
+def _source(item: Any, row: int) -> tuple[str, bytes]:
+    """(a name for the user, the file's bytes) of one undecoded `datasets.Image` item."""
+    if isinstance(item, dict):
+        path = item.get("path")
+        if item.get("bytes"):
+            return path or f"row {row}", item["bytes"]
+        return path, Path(path).read_bytes()
+    if isinstance(item, Image.Image):  # an in-memory image: encode it to hash it
+        buffer = io.BytesIO()
+        item.save(buffer, format="PNG")
+        return f"row {row}", buffer.getvalue()
+    return str(item), Path(str(item)).read_bytes()
+
+
+def image_problem(data: bytes) -> str | None:
+    """Why these bytes are not a usable image, or None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    return f"oversized: {width}x{height} is over {MAX_IMAGE_PIXELS // 10**6} megapixels"
+                image.load()  # the whole file: a truncated one fails here
+                to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return f"oversized ({exc})"
+    except Image.UnidentifiedImageError:
+        return "not an image PIL can read"
+    except Exception as exc:  # truncated, corrupt, an unsupported mode…
+        return f"cannot be decoded ({type(exc).__name__}: {exc})"
+    return None
+
+
+def check_dataset(records: Any, params: Any, load_problems: list[str], reporter: Any) -> CheckedData:
+    """Decode every image once; refuse the run listing every problem (exit 2), or with
+    skip_bad_images leave those rows out and say which."""
+    import datasets
+
+    column = params.image_column
+    raw = records.cast_column(column, datasets.Image(decode=False)) if isinstance(
+        records.features.get(column), datasets.Image) else records
+    items, captions = raw[column], records[params.caption_column]
+
+    def inspect(row: int) -> tuple[str, bytes | None, str | None]:
+        try:
+            name, data = _source(items[row], row)
+        except OSError as exc:
+            return f"row {row}", None, f"cannot be read ({exc.strerror or exc})"
+        return name, data, image_problem(data)
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL
+        results = list(pool.map(inspect, range(len(records))))
+    problems = list(load_problems) + [f"{name}: {why}" for name, _, why in results if why]
+    good = [row for row, (_, _, why) in enumerate(results) if not why]
+    if problems and not params.skip_bad_images:
+        raise InputError(f"dataset_name: {len(problems)} unusable file(s) or row(s) in '{params.dataset_name}':\n  "
+                         + "\n  ".join(problems) + "\n  Fix or remove them, or set skip_bad_images to train "
+                         "without them.")
+    if problems:
+        if not good:
+            raise InputError(f"dataset_name: no usable image in '{params.dataset_name}' "
+                             f"({len(problems)} problem(s), e.g. {problems[0]}).")
+        reporter.warn(f"skip_bad_images: training without {len(problems)} unusable file(s) or row(s):\n  "
+                      + "\n  ".join(problems))
+        records = records.select(good)
+    digest = hashlib.sha256()
+    for row in good:
+        digest.update(hashlib.sha256(results[row][1]).digest())
+        digest.update(repr(captions[row]).encode())
+    return CheckedData(records, digest.hexdigest()[:20], problems)
+
+
+def long_captions(pipeline: Any, captions: list[str]) -> list[str]:
+    """One note per text encoder whose window some captions overflow (the rest is cut off)."""
+    notes = []
+    distinct = sorted(set(captions))
+    for attr in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = getattr(pipeline, attr, None)
+        if tokenizer is None or not distinct:
+            continue
+        window = min(tokenizer.model_max_length, 512)
+        lengths = [len(ids) for ids in tokenizer(distinct, truncation=False).input_ids]
+        over = {c for c, n in zip(distinct, lengths) if n > window}
+        if over:
+            count = sum(c in over for c in captions)
+            notes.append(f"{count} of {len(captions)} captions are longer than {attr}'s {window} tokens "
+                         f"({type(tokenizer).__name__}); the text encoder sees only their first {window} tokens.")
+    return notes
