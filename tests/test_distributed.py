@@ -163,7 +163,7 @@ def test_two_processes_train_one_run_on_disjoint_halves(tmp_path, monkeypatch, t
         assert sorted(halves[0] + halves[1]) == list(range(8))
 
     # one adapter, one eval image, one TensorBoard log, nothing half-written
-    assert sorted(p.name for p in output.iterdir()) == ["cache", "eval_images", "logs", "test_lora"]
+    assert sorted(p.name for p in output.iterdir()) == ["cache", "checkpoints", "eval_images", "logs", "test_lora"]
     assert len([p for p in (output / "cache").iterdir() if p.name.startswith("latents-")]) == 1
     assert not [p for p in output.rglob("*") if ".partial" in p.name]
     adapter = output / "test_lora"
