@@ -90,14 +90,6 @@ class Reporter:
     def completed(self, message: str, score: dict[str, float]) -> None:
         pass
 
-    # --- checkpoints (the Lab's Checkpoints panel and resume action) ----------------------
-    def save_checkpoint(self, path: Path, name: str) -> None:
-        """A checkpoint was written at `path`."""
-
-    def checkpoint_to_resume(self) -> Path | None:
-        """A checkpoint the launcher asks this run to continue from, if any."""
-        return None
-
     def stopped(self, message: str) -> None:
         pass
 
