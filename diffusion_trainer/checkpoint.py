@@ -8,8 +8,12 @@ data order is a pure function of (seed, epoch) (`data.BucketBatchSampler`), so a
 the batches already trained and sees the rest in the same order. `run_parameters.json` records the
 parameters; a resume that changes one that matters is refused by name.
 
-Folders: <checkpoints_dir>/checkpoint-<step>, written beside as `.checkpoint-<step>.partial-*` and
-renamed into place (adapter.commit), so `latest` never finds half a checkpoint.
+Folders: <checkpoints_dir>/<run id>/checkpoint-<step>: each run keeps its checkpoints apart (a resume
+continues in its checkpoint's run folder), so one run never prunes or overwrites another's. Each is
+written beside as `.checkpoint-<step>.partial-*` and renamed into place (adapter.commit), so
+`latest` never finds half a checkpoint; a checkpoint damaged later (a truncated file) is named on an
+explicit resume and skipped, with a note, by `latest`. Checkpoints of older versions, directly in
+<checkpoints_dir>, are still found.
 
 Test hook: DIFFUSION_TRAINER_TEST_CHECKPOINT_SLEEP=<seconds> sleeps inside each checkpoint write
 (after the files, before the rename), so a test can kill a run mid-write.
@@ -73,29 +77,107 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def existing(folder: Path) -> list[Path]:
-    """Complete checkpoints in `folder`, oldest step first."""
+    """Complete checkpoints in `folder` (one run's folder), oldest step first."""
     if not folder.is_dir():
         return []
     found = [(checkpoint_step(p), p) for p in folder.iterdir()]
     return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
 
 
-def resolve(setting: str, folder: Path, reporter: Any) -> Path | None:
-    """The checkpoint `resume_from_checkpoint` names: None to start fresh."""
+def new_run_folder(checkpoints_dir: Path) -> Path:
+    """A run folder no other run uses: run-<date>-<time>[-n]."""
+    stamp = time.strftime("run-%Y%m%d-%H%M%S")
+    candidate, n = checkpoints_dir / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = checkpoints_dir / f"{stamp}-{n}"
+    return candidate
+
+
+def run_folders(checkpoints_dir: Path) -> list[Path]:
+    """The runs' checkpoint folders under `checkpoints_dir`, oldest first (run ids sort by time);
+    `checkpoints_dir` itself first when it holds checkpoints of older versions."""
+    if not checkpoints_dir.is_dir():
+        return []
+    runs = sorted(p for p in checkpoints_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and checkpoint_step(p) is None)
+    return ([checkpoints_dir] if existing(checkpoints_dir) else []) + runs
+
+
+def all_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Every complete checkpoint of this adapter, newest run's newest step last."""
+    return [c for run in run_folders(checkpoints_dir) for c in existing(run)]
+
+
+class CheckpointDamaged(InputError):
+    pass
+
+
+def verify(path: Path, process_index: int = 0) -> list[str]:
+    """Read every file of checkpoint `path` through; raise CheckpointDamaged naming the first that
+    does not load. Returns notes on what is missing but not needed (the RNG state)."""
+    def damaged(name: str, why: str) -> CheckpointDamaged:
+        return CheckpointDamaged(f"resume_from_checkpoint: {path / name} {why}; this checkpoint cannot be resumed. "
+                                 "Resume from an earlier one (or 'latest', which skips damaged ones), or start fresh.")
+
+    try:
+        recorded = json.loads((path / PARAMETERS_NAME).read_text())
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("parameters"), dict):
+            raise ValueError("it holds no 'parameters' object")
+    except FileNotFoundError:
+        raise damaged(PARAMETERS_NAME, "is missing") from None
+    except (OSError, ValueError) as exc:
+        raise damaged(PARAMETERS_NAME, f"is not a valid run record ({exc})") from None
+    try:
+        load_file(str(path / LORA_NAME))
+    except FileNotFoundError:
+        raise damaged(LORA_NAME, "is missing") from None
+    except Exception as exc:  # safetensors raises its own SafetensorError on a truncated file
+        raise damaged(LORA_NAME, f"is damaged ({exc})") from None
+    for file in sorted(path.glob("*.bin")) + sorted(path.glob("*.pkl")):
+        try:
+            torch.load(file, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise damaged(file.name, f"is damaged ({type(exc).__name__}: {exc})") from None
+    if not (path / "optimizer.bin").is_file():
+        raise damaged("optimizer.bin", "is missing")
+    if not (path / f"random_states_{process_index}.pkl").is_file():
+        return [f"{path} holds no random state (random_states_{process_index}.pkl): the resumed run continues with "
+                "fresh noise and augmentation draws, so it is not an exact continuation of the stopped one."]
+    return []
+
+
+def resolve(setting: str, checkpoints_dir: Path, reporter: Any) -> tuple[Path | None, list[str]]:
+    """The checkpoint `resume_from_checkpoint` names (None: start fresh), and notes about it."""
     setting = setting.strip()
     if not setting:
-        return None
+        return None, []
     if setting == "latest":
-        found = existing(folder)
+        found = all_checkpoints(checkpoints_dir)
         if not found:
-            reporter.info(f"resume_from_checkpoint=latest: no checkpoint in {folder} yet; starting fresh.")
-            return None
-        return found[-1]
+            reporter.info(f"resume_from_checkpoint=latest: no checkpoint in {checkpoints_dir} yet; starting fresh.")
+            return None, []
+        for candidate in reversed(found):
+            try:
+                return candidate, verify(candidate)
+            except CheckpointDamaged as exc:
+                reporter.warn(f"{exc} Trying the one before it.".replace("resume_from_checkpoint: ", "", 1))
+        reporter.warn(f"resume_from_checkpoint=latest: every checkpoint in {checkpoints_dir} is damaged; "
+                      "starting fresh.")
+        return None, []
     path = Path(setting).expanduser()
-    if not (path / PARAMETERS_NAME).is_file():
+    if not (path / PARAMETERS_NAME).is_file() and not (path / LORA_NAME).is_file():
         raise InputError(f"resume_from_checkpoint: '{setting}' is not a checkpoint folder (no {PARAMETERS_NAME} "
-                         f"in it); use 'latest', a folder like {folder / (PREFIX + '500')}, or leave it empty.")
-    return path
+                         f"in it); use 'latest', a folder like {checkpoints_dir / 'run-20260101-120000' / (PREFIX + '500')}, "
+                         "or leave it empty.")
+    return path, verify(path)
+
+
+def run_folder_for(resume_from: Path | None, checkpoints_dir: Path) -> Path:
+    """Where this run writes its checkpoints: a resume continues in its checkpoint's run folder."""
+    if resume_from is not None and resume_from.parent.parent.resolve() == checkpoints_dir.resolve():
+        return resume_from.parent
+    return new_run_folder(checkpoints_dir)
 
 
 def compatibility_notes(path: Path, params: Any, data_fingerprint: str) -> list[str]:
@@ -168,17 +250,17 @@ class Checkpoints:
         self.state.step, self.state.epoch, self.state.batches_done = step, epoch, batches_done
         target = self.folder / f"{PREFIX}{step}"
         staging = self.folder / f".{target.name}.partial-0"  # one name for all processes
-        error: OSError | None = None
+        error: Exception | None = None  # not only OSError: safetensors raises its own error on a full disk
         try:
             if acc.is_main_process:
                 adapter.staging_dir(target, tag="0")
-        except OSError as exc:
+        except Exception as exc:
             error = exc
         acc.wait_for_everyone()
         try:
             if error is None:
                 acc.save_state(str(staging))
-        except OSError as exc:
+        except Exception as exc:
             error = exc
         acc.wait_for_everyone()
         try:
@@ -188,7 +270,7 @@ class Checkpoints:
                     time.sleep(float(os.environ[TEST_SLEEP_ENV]))
                 adapter.commit(staging, target)
                 self._prune()
-        except OSError as exc:
+        except Exception as exc:
             error = exc
         acc.wait_for_everyone()
         if not acc.is_main_process:

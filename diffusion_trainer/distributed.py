@@ -225,3 +225,14 @@ class TracedLoader:
 def traced(loader: Any, samples: Any, optimizer: Any, rank: int) -> Any:
     folder = os.environ.get(TRACE_ENV, "").strip()
     return TracedLoader(loader, samples, optimizer, Path(folder), rank) if folder else loader
+
+
+def same_on_every_process(accelerator: Any, decide: Any) -> Any:
+    """`decide()` run on the main process, its (picklable) answer given to every process."""
+    if accelerator.num_processes == 1:
+        return decide()
+    from accelerate.utils import broadcast_object_list
+
+    answer = [decide() if accelerator.is_main_process else None]
+    broadcast_object_list(answer, from_process=0)
+    return answer[0]

@@ -1,4 +1,5 @@
-"""Eval images: the eval prompt drawn with the LoRA as trained so far, at a fixed seed."""
+"""Eval images: the eval prompt drawn with the LoRA as trained so far, at a fixed seed. A stop
+asked while an image is drawn ends it at the next denoising step (the image is not kept)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from PIL import Image
 
 class Evaluator:
     def __init__(self, family: Any, params: Any, out_dir: Path | None, accelerator: Any,
-                 ema: Any = None):
+                 ema: Any = None, stop_asked: Any = lambda: False):
         self.family = family
+        self.stop_asked = stop_asked
         self.params = params
         self.out_dir = out_dir
         self.accelerator = accelerator
@@ -35,6 +37,8 @@ class Evaluator:
         if not self.enabled or not self.accelerator.is_main_process:
             return None
         image = self.draw(self.params.eval_prompt.strip(), self.params.seed)
+        if image is None:
+            return None
         path = self.out_dir / f"{tag}.png"
         partial = path.with_suffix(".png.partial")
         image.save(partial, format="PNG")
@@ -43,8 +47,14 @@ class Evaluator:
         self._log(tag, image, step)
         return path
 
+    def _check_stop(self, pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        if self.stop_asked():
+            pipeline._interrupt = True  # diffusers' pipelines skip their remaining denoising steps
+        return callback_kwargs
+
     @torch.no_grad()
-    def draw(self, prompt: str, seed: int) -> Image.Image:
+    def draw(self, prompt: str, seed: int) -> Image.Image | None:
+        """The image, or None when a stop was asked meanwhile."""
         averaged = self.ema.applied() if self.ema is not None else nullcontext()
         device = self.accelerator.device
         # the VAE and text encoders wait on the CPU between evals (see train.prepare_data)
@@ -58,9 +68,10 @@ class Evaluator:
                 height=self.params.resolution,
                 width=self.params.resolution,
                 generator=generator,
+                callback_on_step_end=self._check_stop,
                 **self.family.eval_call_kwargs(self.params.eval_guidance_scale),
             )
-        return result.images[0]
+        return None if self.stop_asked() else result.images[0]
 
     def _log(self, tag: str, image: Image.Image, step: int) -> None:
         for tracker in self.accelerator.trackers:

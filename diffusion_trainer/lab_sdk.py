@@ -84,6 +84,11 @@ class LabReporter(Reporter):
         if self.stop_reason is None and self._stop_flag():
             self.stop_reason = LAB_STOP
 
+    def stop_asked_here(self) -> bool:
+        if self.stop_reason is None and self._stop_flag():
+            self.stop_reason = LAB_STOP
+        return self.stop_reason is not None
+
     def _stop_flag(self) -> bool:
         try:
             if hasattr(self.lab, "get_job_data"):

@@ -1,8 +1,9 @@
 """The training loop: one pass over batches, with no architecture names in it.
 
 A resumed run starts at `start` (step, epoch, batches of that epoch already trained) and skips
-those batches; `checkpoints` (checkpoint.Checkpoints) writes one every N steps, at the end, and
-when a stop is requested.
+those batches; `checkpoints` (checkpoint.Checkpoints) writes one every N steps. The last one (at
+the end, or at a stop) is written by train.py after the adapter: a stop has seconds left, and the
+adapter is what the user wants.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class Outcome:
     steps: int = 0
     epochs: int = 0
     stopped: bool = False
+    position: int = 0  # batches of epoch `epochs` trained when the loop ended
+    checkpointed_step: int = -1  # the step of the last checkpoint the loop wrote
     losses: list[tuple[int, float]] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)  # monotonic: start, first_step, end
 
@@ -73,8 +76,8 @@ def epoch_batches(t: Training, epoch: int, skip: int) -> Any:
     return loader
 
 
-def checkpoint_due(t: Training, step: int, last: bool) -> bool:
-    return t.checkpoints is not None and t.checkpoints.enabled and (last or t.checkpoints.due(step))
+def checkpoint_due(t: Training, step: int) -> bool:
+    return t.checkpoints is not None and t.checkpoints.due(step)
 
 
 def run(t: Training) -> Outcome:
@@ -105,6 +108,7 @@ def run(t: Training) -> Outcome:
                     t.lr_scheduler.step()
                     t.optimizer.zero_grad(set_to_none=True)
                 position += 1
+                out.position = position
                 window_loss += loss.detach()
                 window_batches += 1
                 if not acc.sync_gradients:
@@ -126,12 +130,16 @@ def run(t: Training) -> Outcome:
                     t.reporter.report(out.steps, t.total_steps, metrics)
                 if t.reporter.stop_requested():
                     out.stopped = True
-                if checkpoint_due(t, out.steps, last=done or out.stopped):
-                    t.checkpoints.save(out.steps, epoch, position)
                 if done or out.stopped:
                     return out
+                if checkpoint_due(t, out.steps):
+                    t.checkpoints.save(out.steps, epoch, position)
+                    out.checkpointed_step = out.steps
             if t.evaluator.due(epoch):
                 t.evaluator.run(f"epoch_{epoch:04d}", out.steps)
+                if t.reporter.stop_requested():  # asked during the eval image: stop before another step
+                    out.stopped = True
+                    return out
         return out
     finally:
         out.timing["end"] = time.monotonic()

@@ -343,6 +343,11 @@ class TrainingParams(BaseModel):
             raise ValueError(
                 "must be a plain folder name: letters, digits, '.', '_' or '-', starting with a "
                 "letter or digit and not ending in '.' or '_' (no spaces, slashes or '..')")
+        from .guards import RESERVED_NAMES
+
+        if name.lower() in RESERVED_NAMES:
+            raise ValueError(f"'{name}' is the name of a folder the trainer keeps beside the adapters; reserved "
+                             f"names: {', '.join(sorted(RESERVED_NAMES))}")
         return name
 
     @field_validator("model_name", "dataset_name")

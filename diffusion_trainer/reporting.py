@@ -80,6 +80,10 @@ class Reporter:
     def stop_requested(self) -> bool:
         return self.stop_reason is not None
 
+    def stop_asked_here(self) -> bool:
+        """This process's own answer, no collective: for work one process does alone (eval images)."""
+        return self.stop_reason is not None
+
     # --- outputs and endings -------------------------------------------------------------
     def record_outputs(self, *, eval_images_dir: Path | None, tensorboard_dir: Path) -> None:
         pass

@@ -73,7 +73,7 @@ def execute(params: Any, paths: Any, reporter: Any, lab_datasets_dir: Path | Non
     """Train, hand the outputs to the reporter, end the job; the process's exit status."""
     from .distributed import is_main_process
     from .errors import InputError
-    from .train import run_training
+    from .train import RunFailed, run_training
 
     with reporter.catching_stop_signals():
         try:
@@ -86,6 +86,10 @@ def execute(params: Any, paths: Any, reporter: Any, lab_datasets_dir: Path | Non
             reporter.stopped("Aborted by a second Ctrl-C before the adapter was saved.")
             print("Aborted: nothing was saved.", file=sys.stderr)
             return reporter.stop_exit_status()
+        except RunFailed as exc:  # the message says where the trained weights are
+            print(f"ERROR: {exc}", file=sys.stderr)
+            reporter.failed(str(exc))
+            return EXIT_FAILED
         except Exception as exc:
             traceback.print_exc()
             reporter.failed(f"Training failed: {type(exc).__name__}: {exc}")
@@ -102,12 +106,12 @@ def execute(params: Any, paths: Any, reporter: Any, lab_datasets_dir: Path | Non
             print(summary(result), flush=True)
         if result.status == "stopped":
             reporter.stopped(f"Stopped at step {result.steps} ({result.stop_reason}); "
-                             f"adapter saved to {paths.adapter_dir}")
+                             f"adapter saved to {result.paths.adapter_dir}")
             if reporter.sigterm_received:
                 exit_now(reporter.stop_exit_status())
             return reporter.stop_exit_status()
         score = {"final_loss": result.final_loss} if result.final_loss is not None else {}
-        reporter.completed(f"Adapter saved to {paths.adapter_dir}", score)
+        reporter.completed(f"Adapter saved to {result.paths.adapter_dir}", score)
         return EXIT_OK
 
 

@@ -10,13 +10,13 @@ import importlib.util
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import adapter, checkpoint, distributed, export, loop, optimizers
+from . import adapter, checkpoint, distributed, export, guards, loop, optimizers
 from .caching import CachedSamples, DiskLatents, TextCache, build_latent_cache
 from .data import BucketBatchSampler, build_samples, load_records
 from .datacheck import check_dataset, long_captions
@@ -148,6 +148,35 @@ def tracker_config(params: TrainingParams) -> dict[str, Any]:
 
 def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
                  lab_datasets_dir: Path | None = None) -> RunResult:
+    """Check what the run would write over, hold the output folder's lock, train."""
+    dataset_dir = local_dataset_folder(params.dataset_name, lab_datasets_dir)
+    checkpoints_dir = paths.checkpoints(params)
+    guards.check_output_dir_outside_dataset(Path(params.output_dir), dataset_dir)
+    guards.check_adapter_target(paths.adapter_dir, adapter.INFO_NAME, dataset_dir,
+                                [paths.logs_dir, paths.eval_images_dir, checkpoints_dir, cache_dir(params)])
+    lock = guards.OutputLock(paths.adapter_dir.parent, paths.adapter_dir.name)
+    try:
+        return train_with_lock(lock, params, paths, reporter, lab_datasets_dir)
+    finally:
+        lock.release()
+
+
+def local_dataset_folder(dataset_name: str, lab_datasets_dir: Path | None) -> Path | None:
+    path = Path(dataset_name).expanduser()
+    if path.is_dir():
+        return path
+    if lab_datasets_dir is not None and (lab_datasets_dir / dataset_name).is_dir():
+        return lab_datasets_dir / dataset_name
+    return None
+
+
+def cache_dir(params: TrainingParams) -> Path:
+    return Path(params.output_dir).expanduser() / "cache"
+
+
+def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunPaths, reporter: Any,
+                    lab_datasets_dir: Path | None = None) -> RunResult:
+    """The run; `lock` is taken once the cheap checks pass, before the first write."""
     started = time.monotonic()
     from accelerate.utils import set_seed
 
@@ -167,10 +196,12 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
         reporter.info(f"lr_warmup_steps={params.lr_warmup_steps} is not used by lr_scheduler=constant "
                       "(choose constant_with_warmup for a warmup).")
     checkpoints_dir = paths.checkpoints(params)
+    if distributed.is_main_process():
+        lock.acquire()
     for note in tidy_outputs(paths, checkpoints_dir):
         reporter.info(note)
     check_output_folders(paths, checkpoints_dir, params)
-    resume_from = choose_checkpoint(params, checkpoints_dir, reporter)
+    resume_from, resume_notes = choose_checkpoint(params, checkpoints_dir, reporter)
     if resume_from is not None:
         for note in checkpoint.compatibility_notes(resume_from, params, checked.fingerprint):
             reporter.info(f"Resuming with a changed setting (allowed): {note}")
@@ -206,7 +237,9 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     total_steps, num_epochs = steps.total_steps, steps.num_epochs
     dataloader = distributed.traced(dataloader, samples, optimizer, accelerator.process_index)
     ema = LoraEMA(trainable, params.ema_decay) if params.use_ema else None
-    checkpoints = checkpoint.Checkpoints(checkpoints_dir, accelerator, denoiser, ema, params, checked.fingerprint,
+    run_folder = distributed.same_on_every_process(
+        accelerator, lambda: checkpoint.run_folder_for(resume_from, checkpoints_dir))
+    checkpoints = checkpoint.Checkpoints(run_folder, accelerator, denoiser, ema, params, checked.fingerprint,
                                          reporter)
     check_room(paths, trainable, params, reporter)
 
@@ -216,7 +249,7 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
         wandb_kwargs["mode"] = os.environ["WANDB_MODE"].lower()  # not whatever an earlier import fixed
     accelerator.init_trackers("diffusion_trainer", config=tracker_config(params), init_kwargs={"wandb": wandb_kwargs})
     evaluator = Evaluator(family, params, paths.eval_images_dir if params.eval_prompt.strip() else None,
-                          accelerator, ema)
+                          accelerator, ema, reporter.stop_asked_here)
     if evaluator.enabled and accelerator.is_main_process:
         paths.eval_images_dir.mkdir(parents=True, exist_ok=True)
     reporter.record_outputs(eval_images_dir=evaluator.out_dir, tensorboard_dir=paths.logs_dir)
@@ -230,6 +263,8 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
         start = checkpoints.load(resume_from)
         reporter.info(f"Resuming from {resume_from}: step {start.step} of {total_steps}, epoch {start.epoch} "
                       f"({start.batches_done} of its {len(dataloader)} batches already trained).")
+        for note in resume_notes:
+            reporter.warn(note)
     outcome = loop.run(loop.Training(
         accelerator=accelerator, family=family, denoiser=prepared, trainable=trainable,
         optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, samples=samples,
@@ -237,18 +272,26 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
         huber_c=params.huber_c, max_grad_norm=params.max_grad_norm, num_epochs=num_epochs,
         total_steps=total_steps, start=start, checkpoints=checkpoints))
 
-    # --- save, then the final eval image -------------------------------------------------------
+    # --- the adapter first (a stop has seconds left), then the last checkpoint, then the final eval image ---
     accelerator.wait_for_everyone()
+    saved_to, failure = paths.adapter_dir, None
     if accelerator.is_main_process:
-        save_adapter_somewhere(family, params, paths.adapter_dir, outcome, prediction_type, ema, samples.captions,
-                               checkpoints_dir, reporter)
-    # asked after the save (a stop may come meanwhile) by every process: with several, a collective
+        try:
+            saved_to = save_adapter_somewhere(family, params, paths.adapter_dir, outcome, prediction_type, ema,
+                                              samples.captions, run_folder, reporter)
+        except RunFailed as exc:  # the weights went to a rescue folder (or nowhere): still try the checkpoint
+            failure = exc
+    if checkpoints.enabled and outcome.steps > max(start.step if start else 0, outcome.checkpointed_step):
+        checkpoints.save(outcome.steps, outcome.epochs, outcome.position)
+    if failure is not None:
+        raise failure
+    # asked after the saves (a stop may come meanwhile) by every process: with several, a collective
     stopping = outcome.stopped or reporter.stop_requested()
     if accelerator.is_main_process and not stopping:  # a stop may have seconds left: no extra image
         evaluator.run("final", outcome.steps)
     accelerator.end_training()
-    return RunResult("stopped" if outcome.stopped else "completed", paths, outcome.steps, outcome.epochs,
-                     outcome.final_loss, outcome.losses, evaluator.images, time.monotonic() - started,
+    return RunResult("stopped" if stopping else "completed", replace(paths, adapter_dir=saved_to), outcome.steps,
+                     outcome.epochs, outcome.final_loss, outcome.losses, evaluator.images, time.monotonic() - started,
                      outcome.timing)
 
 
@@ -256,18 +299,21 @@ def tidy_outputs(paths: RunPaths, checkpoints_dir: Path) -> list[str]:
     """Sort out what killed writes of an earlier run left: the adapter's and checkpoints' temporary
     folders (a complete one is put in place)."""
     notes = adapter.recover_leftovers(paths.adapter_dir.parent, only=paths.adapter_dir.name)
-    return notes + adapter.recover_leftovers(checkpoints_dir)
+    for folder in dict.fromkeys([checkpoints_dir, *checkpoint.run_folders(checkpoints_dir)]):
+        notes += adapter.recover_leftovers(folder)
+    return notes
 
 
-def choose_checkpoint(params: TrainingParams, checkpoints_dir: Path, reporter: Any) -> Path | None:
-    """resume_from_checkpoint, or else the checkpoint a launcher (the Lab's resume) hands us."""
+def choose_checkpoint(params: TrainingParams, checkpoints_dir: Path, reporter: Any) -> tuple[Path | None, list[str]]:
+    """resume_from_checkpoint, or else the checkpoint a launcher (the Lab's resume) hands us, with
+    notes on it (a missing RNG state)."""
     if params.resume_from_checkpoint.strip():
         return checkpoint.resolve(params.resume_from_checkpoint, checkpoints_dir, reporter)
     handed = reporter.checkpoint_to_resume()
     if handed is not None:
         reporter.info(f"The Lab asks to resume from checkpoint {handed}.")
         return checkpoint.resolve(str(handed), checkpoints_dir, reporter)
-    return None
+    return None, []
 
 
 def check_output_folders(paths: RunPaths, checkpoints_dir: Path, params: TrainingParams) -> None:
@@ -345,7 +391,7 @@ def prepare_data(family: Any, records: Any, params: TrainingParams, accelerator:
         reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB); "
                       f"{', '.join(parked)} {'moved off the accelerator' if keep_for_eval else 'freed'}.")
     if params.cache_latents:
-        store = build_latent_cache(family, samples, params, Path(params.output_dir).expanduser() / "cache", reporter,
+        store = build_latent_cache(family, samples, params, cache_dir(params), reporter,
                                    accelerator.local_main_process_first)
         samples = CachedSamples(store, samples)
         family.park(("vae",), keep_for_eval)
@@ -383,30 +429,58 @@ def make_optimizer(trainable: list[torch.nn.Parameter], params: TrainingParams, 
 
 def save_adapter_somewhere(family: Any, params: TrainingParams, target: Path, outcome: loop.Outcome,
                            prediction_type: str | None, ema: LoraEMA | None, captions: list[str],
-                           checkpoints_dir: Path, reporter: Any) -> Path:
-    """Save the adapter to `target`; when that write fails (a full disk), to a fallback folder that
-    is named, so trained weights are never lost; when nothing can be written, name the last good
-    checkpoint. Either way the run then fails, saying where the weights are."""
+                           run_folder: Path, reporter: Any) -> Path:
+    """Save the adapter and return where it went: to `target`, or beside it when this run stopped
+    short of the adapter already there; when that write fails (a full disk, whatever the library's
+    error), to a fallback folder that is named, so trained weights are never lost; when nothing can
+    be written, name the last good checkpoint. After a fallback the run fails, saying where."""
     import tempfile
 
+    target = shorter_run_target(target, outcome, reporter)
     try:
         return save_adapter(family, params, target, outcome, prediction_type, ema, captions)
-    except OSError as exc:
-        failure = f"The adapter could not be written to {target} ({exc.strerror or exc})"
+    except Exception as exc:
+        failure = f"The adapter could not be written to {target} ({describe(exc)})"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for root in (Path(tempfile.gettempdir()), Path.home()):
         fallback = root / "diffusion_trainer_rescued" / f"{params.adaptor_name}-{stamp}"
         try:
             save_adapter(family, params, fallback, outcome, prediction_type, ema, captions)
-        except OSError:
+        except Exception:
             continue
         reporter.warn(f"{failure}; the trained adapter was saved to {fallback} instead.")
-        raise RuntimeError(f"{failure}. The trained adapter was saved to {fallback} instead: move it into place "
-                           "once there is room.")
-    kept = checkpoint.existing(checkpoints_dir)
+        raise RunFailed(f"{failure}. The trained adapter was saved to {fallback} instead: move it into place "
+                        "once there is room.")
+    kept = checkpoint.existing(run_folder)
     where = (f"the last good checkpoint is {kept[-1]} (resume from it with resume_from_checkpoint=latest "
              "once there is room)") if kept else "no checkpoint was kept"
-    raise RuntimeError(f"{failure}, nor to any fallback folder; {where}.")
+    raise RunFailed(f"{failure}, nor to any fallback folder; {where}.")
+
+
+class RunFailed(RuntimeError):
+    """The run ended without its adapter in place; the message says where the weights are."""
+
+
+def describe(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
+
+
+def shorter_run_target(target: Path, outcome: loop.Outcome, reporter: Any) -> Path:
+    """A stopped run that trained fewer steps than the adapter already at `target` writes beside it."""
+    import json
+
+    if not outcome.stopped or not (target / adapter.INFO_NAME).is_file():
+        return target
+    try:
+        before = int(json.loads((target / adapter.INFO_NAME).read_text()).get("steps_trained") or 0)
+    except (OSError, ValueError, TypeError):
+        return target
+    if before <= outcome.steps:
+        return target
+    beside = target.with_name(f"{target.name}-step{outcome.steps}")
+    reporter.warn(f"This run stopped after {outcome.steps} steps, short of the {before}-step adapter at {target}, "
+                  f"which is kept; this run's adapter goes to {beside}.")
+    return beside
 
 
 def save_adapter(family: Any, params: TrainingParams, target: Path, outcome: loop.Outcome,

@@ -157,3 +157,11 @@ def train(tmp_path: Path, model: Path, dataset: Path, **overrides) -> tuple[int,
     output = tmp_path / "output"
     config = write_config(tmp_path / "run.json", quick_params(model, dataset, output, **overrides))
     return run_main(["--config", str(config)]), output
+
+
+def run_folder(output: Path, name: str = "test_lora") -> Path:
+    """The one run folder under <output>/checkpoints/<name> (each run keeps its checkpoints apart)."""
+    root = output / "checkpoints" / name
+    runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(runs) == 1, runs
+    return runs[0]

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import train
+from conftest import run_folder, train
 from safetensors.torch import load_file
 
 from diffusion_trainer import adapter
@@ -42,7 +42,7 @@ def folders(path):
 
 def test_a_stop_writes_a_checkpoint_and_only_the_newest_are_kept(stopped_run):
     out = stopped_run / "output"
-    checkpoints = out / "checkpoints" / "test_lora"
+    checkpoints = run_folder(out)
     assert folders(checkpoints) == ["checkpoint-6", "checkpoint-7"]  # 2, 4, 6 every 2 steps, 7 at the stop
     state = torch.load(checkpoints / "checkpoint-7" / "custom_checkpoint_1.pkl", weights_only=False)
     assert state == {"step": 7, "epoch": 2, "batches_done": 3, "seed": 0}
@@ -72,7 +72,7 @@ def test_a_resume_with_more_epochs_continues_from_the_stop(stopped_run, tmp_path
     err = capsys.readouterr().err
     assert code == 0, err
     assert "changed setting (allowed): num_train_epochs: 3 -> 4" in err
-    checkpoint = out / "checkpoints" / "test_lora" / "checkpoint-7"
+    checkpoint = run_folder(out) / "checkpoint-7"
     assert f"Resuming from {checkpoint}: step 7 of 16, epoch 2" in err
     info = json.loads((out / "test_lora" / "tlab_adaptor_info.json").read_text())
     assert info["steps_trained"] == 16 and info["epochs_trained"] == 4 and not info["stopped_early"]
@@ -109,7 +109,7 @@ def test_output_folders_get_the_users_permissions(tmp_path, tiny_sd, star_folder
     assert code == 0
     expected = 0o777 & ~adapter._current_umask()
     assert (out / "test_lora").stat().st_mode & 0o777 == expected
-    assert (out / "checkpoints" / "test_lora" / "checkpoint-4").stat().st_mode & 0o777 == expected
+    assert (run_folder(out) / "checkpoint-4").stat().st_mode & 0o777 == expected
 
 
 def test_a_full_disk_at_save_keeps_the_weights_in_a_named_fallback(tmp_path, tiny_sd, star_folder, monkeypatch,
@@ -138,7 +138,7 @@ def test_a_full_disk_at_save_keeps_the_weights_in_a_named_fallback(tmp_path, tin
     code, out = train(tmp_path, tiny_sd, star_folder, num_train_epochs=1, checkpointing_steps=2)
     err = capsys.readouterr().err
     assert code == 1 and "No space left on device" in err
-    checkpoints = out / "checkpoints" / "test_lora"
+    checkpoints = run_folder(out)
     assert "Could not write the checkpoint at step 4" in err and f"last good one is {checkpoints / 'checkpoint-2'}" in err
     assert folders(checkpoints) == ["checkpoint-2"]  # the failed write left nothing behind
     rescued = list((tmp_path / "tmp" / "diffusion_trainer_rescued").iterdir())

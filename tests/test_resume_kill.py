@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import ROOT, quick_params, write_config
+from conftest import ROOT, quick_params, run_folder, write_config
 from safetensors.torch import load_file
 
 from diffusion_trainer.checkpoint import PREFIX, TEST_SLEEP_ENV
@@ -61,11 +61,11 @@ def kill_after(proc: subprocess.Popen, predicate, delay: float) -> bool:
 
 
 def checkpoints(folder: Path) -> list[Path]:
-    return sorted(folder.glob(f"{PREFIX}*")) if folder.is_dir() else []
+    return sorted(folder.glob(f"*/{PREFIX}*"))  # in the run folder(s) under checkpoints/<name>
 
 
 def writing(folder: Path) -> bool:
-    return folder.is_dir() and any(p.name.startswith(f".{PREFIX}") for p in folder.iterdir())
+    return any(folder.glob(f"*/.{PREFIX}*"))
 
 
 def state_of(checkpoint: Path) -> dict:
@@ -109,7 +109,7 @@ def test_runs_killed_at_random_moments_resume_to_the_same_adapter(tmp_path, tiny
     # 2: resumed, then killed in the middle of writing a checkpoint
     proc = start(resume, tmp_path / "run2.log", **{TEST_SLEEP_ENV: "1.0"})
     killed.append(kill_after(proc, lambda: writing(folder), rng.uniform(0.1, 0.8)))
-    leftover = [p.name for p in folder.iterdir() if p.name.startswith(".")]
+    leftover = [p.name for p in folder.glob("*/.*")]
     # 3: resumed, killed at a random moment after its next checkpoint
     seen = {p.name for p in checkpoints(folder)}
     proc = start(resume, tmp_path / "run3.log")
@@ -123,14 +123,15 @@ def test_runs_killed_at_random_moments_resume_to_the_same_adapter(tmp_path, tiny
     assert killed[1] and leftover, "the second kill did not land inside a checkpoint write"
     assert sum(killed) >= 2
     log = (tmp_path / "run4.log").read_text()
-    assert f"Resuming from {folder / PREFIX}" in log and f"of {TOTAL_STEPS}, epoch" in log
+    run = run_folder(tmp_path / "out")  # the resumes went on in the fresh run's folder
+    assert f"Resuming from {run / PREFIX}" in log and f"of {TOTAL_STEPS}, epoch" in log
     assert "leftover temporary folder" in (tmp_path / "run3.log").read_text()
-    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # the write killed mid-way: cleaned
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # the write killed mid-way: cleaned
 
     adapter = "test_lora/pytorch_lora_weights.safetensors"
     assert_identical(load_file(tmp_path / "ref" / adapter), load_file(tmp_path / "out" / adapter), "adapter")
     last = f"{PREFIX}{TOTAL_STEPS}"
-    mine, theirs = state_of(folder / last), state_of(tmp_path / "ref" / "checkpoints" / "test_lora" / last)
+    mine, theirs = state_of(run / last), state_of(run_folder(tmp_path / "ref") / last)
     assert mine["custom_checkpoint_1.pkl"]["step"] == TOTAL_STEPS
     assert_identical(theirs, mine, "final checkpoint")  # optimizer, LR scheduler, EMA, position
     assert len(checkpoints(folder)) == RUN["checkpoints_total_limit"]
