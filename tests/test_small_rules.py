@@ -46,3 +46,13 @@ def test_an_empty_output_dir_from_a_form_means_the_default_output_folder():
     assert parse_params({**raw, "output_dir": ""})[0].output_dir == "./output"
     assert parse_params({**raw, "output_dir": "  "})[0].output_dir == "./output"
     assert parse_params({**raw, "output_dir": "runs"})[0].output_dir == "runs"
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+def test_an_unknown_command_line_option_is_an_error_not_a_demo_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_main(["--cofnig", "run.json"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown argument(s) --cofnig run.json" in err and "did you mean --config?" in err
+    assert list(tmp_path.iterdir()) == []  # no demo ran
