@@ -158,7 +158,7 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
                          f"{family_cls.resolution_multiple} (got {params.resolution}).")
     load_problems: list[str] = []
     records = load_records(params.dataset_name, params.image_column, params.caption_column, lab_datasets_dir,
-                           load_problems, params.allow_files_outside_dataset)
+                           load_problems, params.allow_files_outside_dataset, output_folders(paths, params))
     checked = check_dataset(records, params, load_problems, reporter)
     records = checked.records
     runtime = decide_runtime(params, reporter)
@@ -250,6 +250,12 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     return RunResult("stopped" if outcome.stopped else "completed", paths, outcome.steps, outcome.epochs,
                      outcome.final_loss, outcome.losses, evaluator.images, time.monotonic() - started,
                      outcome.timing)
+
+
+def output_folders(paths: RunPaths, params: TrainingParams) -> tuple[Path, ...]:
+    """What this run writes; left out of a dataset folder they lie in (eval images are no data)."""
+    return (Path(params.output_dir).expanduser(), paths.adapter_dir, paths.eval_images_dir, paths.logs_dir,
+            paths.checkpoints(params))
 
 
 def tidy_outputs(paths: RunPaths, checkpoints_dir: Path) -> list[str]:

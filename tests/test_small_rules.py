@@ -6,8 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
+import pytest
 from conftest import quick_params, run_main
+from PIL import Image
 
+from diffusion_trainer.data import load_records
+from diffusion_trainer.errors import InputError
 from diffusion_trainer.params import parse_params
 
 
@@ -56,3 +61,54 @@ def test_an_unknown_command_line_option_is_an_error_not_a_demo_run(tmp_path, cap
     err = capsys.readouterr().err
     assert "unknown argument(s) --cofnig run.json" in err and "did you mean --config?" in err
     assert list(tmp_path.iterdir()) == []  # no demo ran
+
+
+# --- what a dataset folder holds -----------------------------------------------------------------
+
+def captioned(folder: Path, name: str, caption: str, size: tuple[int, int] = (40, 24), caption_name: str = "") -> Path:
+    """An image `name` and its caption (`caption_name`, else the image's stem + .txt)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (200, 40, 90)).save(folder / name)
+    (folder / (caption_name or Path(name).stem + ".txt")).write_text(caption)
+    return folder / name
+
+
+def listed(folder: Path, **options) -> dict[str, str]:
+    records = load_records(str(folder), "image", "text", **options)
+    raw = records.cast_column("image", datasets.Image(decode=False))
+    return {Path(item["path"]).relative_to(folder).as_posix(): text for item, text in zip(raw["image"], raw["text"])}
+
+
+def test_hidden_files_and_folders_are_not_images(tmp_path):
+    captioned(tmp_path, "a.png", "a red square")
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")  # what macOS leaves
+    (tmp_path / "._a.txt").write_bytes(b"\x00\x05\x16\x07")
+    captioned(tmp_path / ".ipynb_checkpoints", "b.png", "a notebook's copy")
+    captioned(tmp_path / "__MACOSX", "._c.png", "resource fork")
+    assert listed(tmp_path) == {"a.png": "a red square"}
+
+
+def test_caption_extensions_match_in_any_case(tmp_path):
+    captioned(tmp_path, "B.JPG", "an upper-case pair", caption_name="B.TXT")
+    captioned(tmp_path, "c.png", "a mixed pair", caption_name="c.Txt")
+    assert listed(tmp_path) == {"B.JPG": "an upper-case pair", "c.png": "a mixed pair"}
+
+
+def test_two_images_sharing_one_caption_are_refused_by_name(tmp_path):
+    captioned(tmp_path, "a.png", "a caption for two")
+    captioned(tmp_path, "a.jpg", "a caption for two")
+    captioned(tmp_path, "b.png", "b alone")
+    with pytest.raises(InputError, match=r"a\.jpg, a\.png in .* share one caption file a\.txt"):
+        load_records(str(tmp_path), "image", "text")
+    problems: list[str] = []  # as a run collects them: refused unless skip_bad_images, named either way
+    assert len(load_records(str(tmp_path), "image", "text", problems=problems)) == 1
+    assert problems == [f"a.jpg, a.png in {tmp_path} share one caption file a.txt; give each image its own "
+                        "(rename all but one)"]
+
+
+def test_an_output_folder_inside_the_dataset_is_not_listed_but_the_dataset_itself_is(tmp_path):
+    captioned(tmp_path / "data", "a.png", "a")
+    captioned(tmp_path / "data" / "output" / "eval_images" / "x", "final.png", "an eval image")
+    assert listed(tmp_path / "data", skip_folders=(tmp_path / "data" / "output",)) == {"a.png": "a"}
+    # an output folder above the dataset (output_dir "." and dataset "./data") leaves it whole
+    assert len(listed(tmp_path / "data", skip_folders=(tmp_path,))) == 2
