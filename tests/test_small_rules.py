@@ -3,14 +3,20 @@ naming what is wrong, or follows a rule the README states."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import datasets
 import pytest
-from conftest import quick_params, run_main
+from conftest import quick_params, run_main, write_config
 from PIL import Image
 
+from diffusion_trainer.adapter import INFO_NAME, WEIGHTS_NAME
 from diffusion_trainer.data import load_records
 from diffusion_trainer.errors import InputError
 from diffusion_trainer.params import parse_params
@@ -112,3 +118,92 @@ def test_an_output_folder_inside_the_dataset_is_not_listed_but_the_dataset_itsel
     assert listed(tmp_path / "data", skip_folders=(tmp_path / "data" / "output",)) == {"a.png": "a"}
     # an output folder above the dataset (output_dir "." and dataset "./data") leaves it whole
     assert len(listed(tmp_path / "data", skip_folders=(tmp_path,))) == 2
+
+
+# --- one awkward run, shared by the tests below ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def awkward_run(tiny_sd, star_folder, tmp_path_factory):
+    """A run whose dataset holds its own output folder (with a captioned image in it), under umask
+    002: (exit status, stderr, output folder)."""
+    root = tmp_path_factory.mktemp("awkward")
+    data = root / "data"
+    shutil.copytree(star_folder, data)
+    captioned(data / "output" / "eval_images", "stray.png", "an eval image an earlier run left")
+    config = write_config(root / "run.json", quick_params(
+        tiny_sd, data, data / "output", num_train_epochs=2, checkpointing_steps=1, cache_memory_budget_mb=0))
+    err = io.StringIO()
+    mask = os.umask(0o002)
+    try:
+        with contextlib.redirect_stderr(err):
+            code = run_main(["--config", str(config)])
+    finally:
+        os.umask(mask)
+    return code, err.getvalue(), data / "output"
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder no file can be written to: by its mode, or for root (whom modes do not stop) a
+    read-only tmpfs mounted on it."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    mounted = False
+    if os.access(folder, os.W_OK):
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                                 capture_output=True).returncode == 0
+        if not mounted:
+            pytest.skip("no read-only folder can be made here (root, and mount is not allowed)")
+    yield folder
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+    folder.chmod(0o755)
+
+
+def test_the_awkward_run_trains(awkward_run):
+    code, err, output = awkward_run
+    assert code == 0, err
+    assert (output / "test_lora" / WEIGHTS_NAME).is_file()
+
+
+# --- export --------------------------------------------------------------------------------------
+
+def damaged_copy(adapter: Path, folder: Path, weights: bytes) -> Path:
+    folder.mkdir()
+    (folder / INFO_NAME).write_text((adapter / INFO_NAME).read_text())
+    (folder / WEIGHTS_NAME).write_bytes(weights)
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_export_names_a_damaged_diffusers_file(awkward_run, tmp_path, capsys, damage):
+    adapter = awkward_run[2] / "test_lora"
+    good = (adapter / WEIGHTS_NAME).read_bytes()
+    weights = {"truncated": good[: len(good) * 2 // 3], "garbage": b"\x89PNG not a LoRA", "empty": b""}[damage]
+    folder = damaged_copy(adapter, tmp_path / damage, weights)
+    for form in ("kohya", "diffusers"):
+        assert run_main(["export", str(folder), "--format", form]) == 2
+        err = capsys.readouterr().err
+        assert f"{folder / WEIGHTS_NAME} is damaged or not a safetensors file" in err
+        assert "Traceback" not in err
+    assert (folder / WEIGHTS_NAME).read_bytes() == weights
+
+
+def test_export_refuses_a_folder_as_output(awkward_run, tmp_path, capsys):
+    adapter = awkward_run[2] / "test_lora"
+    for form in ("kohya", "diffusers"):
+        assert run_main(["export", str(adapter), "--format", form, "--output", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"--output: '{tmp_path}' is a folder; give the file to write" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_says_a_read_only_target_cannot_be_written(awkward_run, read_only_folder, capsys):
+    adapter = awkward_run[2] / "test_lora"
+    for form in ("kohya", "diffusers"):
+        target = read_only_folder / f"{form}.safetensors"
+        assert run_main(["export", str(adapter), "--format", form, "--output", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert f"--output: '{target}' cannot be written" in err
+        assert "could not be converted" not in err and "Traceback" not in err
