@@ -17,7 +17,8 @@ from conftest import quick_params, run_main, write_config
 from PIL import Image
 
 from diffusion_trainer.adapter import INFO_NAME, WEIGHTS_NAME
-from diffusion_trainer.data import load_records
+from diffusion_trainer.data import bucket_targets, load_records
+from diffusion_trainer.datacheck import resize_notes
 from diffusion_trainer.errors import InputError
 from diffusion_trainer.params import parse_params
 
@@ -124,14 +125,18 @@ def test_an_output_folder_inside_the_dataset_is_not_listed_but_the_dataset_itsel
 
 @pytest.fixture(scope="module")
 def awkward_run(tiny_sd, star_folder, tmp_path_factory):
-    """A run whose dataset holds its own output folder (with a captioned image in it), under umask
-    002: (exit status, stderr, output folder)."""
+    """A run whose dataset holds its own output folder (with a captioned image in it), a tiny image
+    and a long strip (10 images, 4 batches of 3 or fewer), accumulating over more batches than an
+    epoch has, under umask 002: (exit status, stderr, output folder)."""
     root = tmp_path_factory.mktemp("awkward")
     data = root / "data"
     shutil.copytree(star_folder, data)
     captioned(data / "output" / "eval_images", "stray.png", "an eval image an earlier run left")
+    captioned(data, "tiny.png", "a tiny image", size=(16, 16))
+    captioned(data, "strip.png", "a long strip", size=(700, 48))
     config = write_config(root / "run.json", quick_params(
-        tiny_sd, data, data / "output", num_train_epochs=2, checkpointing_steps=1, cache_memory_budget_mb=0))
+        tiny_sd, data, data / "output", num_train_epochs=2, checkpointing_steps=1, cache_memory_budget_mb=0,
+        train_batch_size=3, gradient_accumulation_steps=7))
     err = io.StringIO()
     mask = os.umask(0o002)
     try:
@@ -165,6 +170,24 @@ def test_the_awkward_run_trains(awkward_run):
     code, err, output = awkward_run
     assert code == 0, err
     assert (output / "test_lora" / WEIGHTS_NAME).is_file()
+
+
+def test_the_output_folder_inside_the_dataset_is_not_trained_on(awkward_run):
+    assert "Training 10 images" in awkward_run[1]
+
+
+def test_images_upscaled_or_cropped_a_lot_are_named_in_a_note(awkward_run):
+    err = awkward_run[1]
+    assert "Note: 2 image(s) are resized a lot for training" in err
+    assert "tiny.png (16x16): upscaled 4.0x to fit 64x64" in err
+    assert "strip.png (700x48): cropped to 6.9% of itself to fit 64x64" in err
+
+
+def test_images_are_noted_against_their_bucket_with_bucketing():
+    sizes = [(48, 700), (250, 260), (20, 30)]  # (height, width)
+    assert resize_notes(["wide.png", "fine.png", "small.png"], sizes, bucket_targets(sizes, 256)) == [
+        "wide.png (700x48): upscaled 4.0x and cropped to 13.7% of itself to fit 384x192",
+        "small.png (30x20): upscaled 10.7x to fit 320x192"]
 
 
 # --- export --------------------------------------------------------------------------------------
