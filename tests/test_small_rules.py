@@ -13,8 +13,10 @@ from pathlib import Path
 
 import datasets
 import pytest
-from conftest import quick_params, run_main, write_config
+import torch
+from conftest import quick_params, run_main, train, write_config
 from PIL import Image
+from safetensors.torch import load_file
 
 from diffusion_trainer.adapter import INFO_NAME, WEIGHTS_NAME
 from diffusion_trainer.data import bucket_targets, load_records
@@ -188,6 +190,25 @@ def test_images_are_noted_against_their_bucket_with_bucketing():
     assert resize_notes(["wide.png", "fine.png", "small.png"], sizes, bucket_targets(sizes, 256)) == [
         "wide.png (700x48): upscaled 4.0x and cropped to 13.7% of itself to fit 384x192",
         "small.png (30x20): upscaled 10.7x to fit 320x192"]
+
+
+def test_accumulating_over_more_batches_than_an_epoch_has_is_announced_as_clamped(awkward_run):
+    err = awkward_run[1]
+    assert ("gradient_accumulation_steps=7 is more than the 4 batches of an epoch: each optimizer step "
+            "accumulates those 4") in err
+    assert "(2 epochs, batch 3 x 4 accumulation)" in err
+
+
+def test_a_clamped_accumulation_trains_exactly_as_the_clamped_value(tiny_sd, star_folder, tmp_path):
+    """8 images in batches of 3: 3 batches an epoch; asking for 5 trains as 3 (the loss divided by 3)."""
+    weights = []
+    for accumulation in (5, 3):
+        code, output = train(tmp_path / str(accumulation), tiny_sd, star_folder, train_batch_size=3,
+                             gradient_accumulation_steps=accumulation, checkpointing_steps=0)
+        assert code == 0
+        weights.append(load_file(str(output / "test_lora" / WEIGHTS_NAME)))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 
 # --- export --------------------------------------------------------------------------------------
