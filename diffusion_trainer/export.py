@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .adapter import INFO_NAME, WEIGHTS_NAME, single_file_name
+from .adapter import INFO_NAME, WEIGHTS_NAME, file_mode, single_file_name
 from .errors import InputError
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -135,6 +135,7 @@ def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict
     partial = path.with_name(f".{path.name}.partial")
     try:
         save_file(tensors, str(partial), metadata=metadata)
+        partial.chmod(file_mode())  # safetensors writes 0600 whatever the umask
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

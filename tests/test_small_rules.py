@@ -251,3 +251,18 @@ def test_export_says_a_read_only_target_cannot_be_written(awkward_run, read_only
         err = capsys.readouterr().err
         assert f"--output: '{target}' cannot be written" in err
         assert "could not be converted" not in err and "Traceback" not in err
+
+
+def test_every_safetensors_written_gets_the_users_umask(awkward_run, tmp_path):
+    code, _, output = awkward_run
+    written = sorted(output.rglob("*.safetensors"))
+    kinds = {"adapter": output / "test_lora", "checkpoint": output / "checkpoints", "cache": output / "cache"}
+    assert all(any(f.is_relative_to(folder) for f in written) for folder in kinds.values()), written
+    assert {f.relative_to(output).as_posix(): oct(f.stat().st_mode & 0o777) for f in written} == {
+        f.relative_to(output).as_posix(): "0o664" for f in written}  # umask 002
+    mask = os.umask(0o027)
+    try:
+        assert run_main(["export", str(output / "test_lora"), "--output", str(tmp_path / "e.safetensors")]) == 0
+    finally:
+        os.umask(mask)
+    assert oct((tmp_path / "e.safetensors").stat().st_mode & 0o777) == "0o640"
