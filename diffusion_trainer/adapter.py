@@ -32,6 +32,19 @@ def _current_umask() -> int:
 FOLDER_MODE = 0o777 & ~_current_umask()  # what mkdir would give; mkdtemp alone makes 0700
 
 
+def file_mode() -> int:
+    """What open() gives a new file under the current umask."""
+    return 0o666 & ~_current_umask()
+
+
+def give_user_modes(folder: Path) -> None:
+    """Every file under `folder` with the user's usual mode: safetensors writes 0600 whatever the umask."""
+    mode = file_mode()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def staging_dir(target: Path, tag: str | None = None) -> Path:
     """An empty `.NAME.partial-*` folder beside `target`, with the user's normal permissions.
     A fixed `tag` gives the same name in every process (accelerate writes one file per process)."""
@@ -65,6 +78,7 @@ def write_adapter_dir(target: Path, write_contents: Callable[[Path], None]) -> P
 def commit(staging: Path, target: Path) -> None:
     """Put the complete folder `staging` in place of `target` (first marking it complete)."""
     ready = staging.with_name(staging.name.replace(".partial-", ".ready-", 1))
+    give_user_modes(staging)
     staging.rename(ready)
     try:
         _swap_in(ready, target)

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapter import FOLDER_MODE
+from .adapter import FOLDER_MODE, give_user_modes
 from .data import TrainingSamples, sample_seed, training_item, upright_sizes
 
 ENCODE_BATCH = 8
@@ -201,6 +201,7 @@ def write_disk_cache(family: Any, samples: TrainingSamples, plan: list[list[bool
     try:
         encode_variants(family, samples, plan, lambda index, variants: DiskLatents.write_sample(staging, index, variants))
         (staging / "complete.json").write_text(json.dumps({"variants": [len(p) for p in plan]}))
+        give_user_modes(staging)
         try:
             staging.rename(folder)
         except OSError:  # another process (another machine on a shared disk) finished it first

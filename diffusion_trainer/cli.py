@@ -12,6 +12,7 @@ The Lab launches live in lab_launch.py; running one configuration, in runner.py.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from pathlib import Path
@@ -32,9 +33,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plugin_dir", help=argparse.SUPPRESS)
     parser.add_argument("--workspace_dir", help=argparse.SUPPRESS)
     args, unknown = parser.parse_known_args(argv)
-    if unknown:
+    if unknown and args.input_file is None and not os.environ.get("_TFL_JOB_ID"):
+        parser.error(unknown_arguments(unknown, parser))  # exit 2, before anything runs
+    if unknown:  # the Lab's launchers may pass arguments of their own
         print(f"WARNING: ignoring unknown command-line arguments: {' '.join(unknown)}", file=sys.stderr)
     return args
+
+
+def unknown_arguments(unknown: list[str], parser: argparse.ArgumentParser) -> str:
+    known = [option for action in parser._actions if action.help != argparse.SUPPRESS
+             for option in action.option_strings]
+    close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown argument(s) {' '.join(unknown)}{hint}; see --help"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,18 +37,20 @@ INTERPOLATION = {
 
 def load_records(dataset_name: str, image_column: str, caption_column: str,
                  lab_datasets_dir: Path | None = None, problems: list[str] | None = None,
-                 allow_outside: bool = False):
+                 allow_outside: bool = False, skip_folders: tuple[Path, ...] = ()):
     """The dataset's training split as a `datasets.Dataset`, with both columns checked.
 
     Rows of a local folder that cannot be used (a caption file that is not UTF-8, a metadata line
-    that is not JSON or names no file, a file outside the folder unless `allow_outside`) are left
-    out and described in `problems`; without that list the first one raises InputError."""
+    that is not JSON or names no file, a file outside the folder unless `allow_outside`, images
+    sharing one caption file) are left out and described in `problems`; without that list the
+    first one raises InputError. A folder of captioned images is listed without its hidden files
+    and folders and without `skip_folders` (the run's own outputs)."""
     path = Path(dataset_name).expanduser()
     if not path.exists() and lab_datasets_dir is not None and (lab_datasets_dir / dataset_name).is_dir():
         path = lab_datasets_dir / dataset_name
     found: list[str] = [] if problems is None else problems
     if path.is_dir():
-        records = _load_folder(path, image_column, caption_column, found, allow_outside)
+        records = _load_folder(path, image_column, caption_column, found, allow_outside, skip_folders)
     elif path.exists():
         raise InputError(f"dataset_name: '{dataset_name}' is a file; give a dataset folder or a hub id.")
     elif dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1:
@@ -71,7 +73,8 @@ def _load_hub(dataset_id: str):
                          f"({type(exc).__name__}: {exc}).") from None
 
 
-def _load_folder(path: Path, image_column: str, caption_column: str, problems: list[str], allow_outside: bool):
+def _load_folder(path: Path, image_column: str, caption_column: str, problems: list[str], allow_outside: bool,
+                 skip_folders: tuple[Path, ...]):
     import datasets
 
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -86,7 +89,7 @@ def _load_folder(path: Path, image_column: str, caption_column: str, problems: l
     hub_id = _lab_hub_dataset_id(path)
     if hub_id:
         return _load_hub(hub_id)
-    return _load_captioned_images(path, image_column, caption_column, problems, allow_outside)
+    return _load_captioned_images(path, image_column, caption_column, problems, allow_outside, skip_folders)
 
 
 def _metadata_files(path: Path) -> list[Path]:
@@ -179,22 +182,69 @@ def _load_metadata(folder: Path, metadata_files: list[Path], problems: list[str]
     return datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image())
 
 
+def listed_files(folder: Path, skip_folders: tuple[Path, ...] = ()) -> list[Path]:
+    """The files under `folder`, sorted, without hidden ones (a name starting with '.', such as
+    macOS's `._photo.png`, or anything inside a hidden folder) and without what lies in
+    `skip_folders` that lie inside `folder` (the run's output folder, say)."""
+    root = folder.resolve()
+    skipped = [s for s in (Path(f).expanduser().resolve() for f in skip_folders) if s != root and s.is_relative_to(root)]
+    in_skipped: dict[Path, bool] = {}  # per parent folder
+    files = []
+    for file in sorted(folder.rglob("*")):
+        if any(part.startswith(".") for part in file.relative_to(folder).parts):
+            continue
+        if file.parent not in in_skipped:
+            in_skipped[file.parent] = any(file.parent.resolve().is_relative_to(s) for s in skipped)
+        if not in_skipped[file.parent] and file.is_file():
+            files.append(file)
+    return files
+
+
+def caption_files(images: list[Path], files: list[Path], problems: list[str]) -> tuple[dict[Path, Path], set[Path]]:
+    """({image: its caption}, the images refused): the caption is the `.txt` beside the image with
+    the same stem, its extension in any case (`B.JPG` + `B.TXT`). Images that would share one
+    caption (`a.png`, `a.jpg` and `a.txt`), or whose caption is ambiguous (`a.txt` and `a.TXT`),
+    are refused, each case described in `problems`."""
+    by_stem: dict[tuple[Path, str], list[Path]] = {}
+    for file in files:
+        if file.suffix.lower() == ".txt":
+            by_stem.setdefault((file.parent, file.stem), []).append(file)
+    images_by_stem: dict[tuple[Path, str], list[Path]] = {}
+    for image in images:
+        images_by_stem.setdefault((image.parent, image.stem), []).append(image)
+    found, refused = {}, set()
+    for key, same_stem in images_by_stem.items():
+        captions = by_stem.get(key, [])
+        if len(same_stem) > 1 and captions:
+            problems.append(f"{', '.join(p.name for p in same_stem)} in {key[0]} share one caption file "
+                            f"{captions[0].name}; give each image its own (rename all but one)")
+            refused.update(same_stem)
+        elif len(captions) > 1:
+            problems.append(f"{same_stem[0]}: has {len(captions)} caption files "
+                            f"({', '.join(p.name for p in captions)}); keep one")
+            refused.update(same_stem)
+        elif captions:
+            found[same_stem[0]] = captions[0]
+    return found, refused
+
+
 def _load_captioned_images(path: Path, image_column: str, caption_column: str, problems: list[str],
-                           allow_outside: bool):
+                           allow_outside: bool, skip_folders: tuple[Path, ...] = ()):
     import datasets
 
-    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = listed_files(path, skip_folders)
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
         raise InputError(f"dataset_name: folder '{path}' holds no images "
                          f"({', '.join(sorted(IMAGE_SUFFIXES))}), no metadata.jsonl and no saved dataset.")
-    uncaptioned = [p.name for p in images if not p.with_suffix(".txt").is_file()]
+    captions_of, refused = caption_files(images, files, problems)
+    uncaptioned = [p.name for p in images if p not in captions_of and p not in refused]
     if uncaptioned:
         raise InputError(f"dataset_name: {len(uncaptioned)} image(s) in '{path}' have no caption file "
                          f"(e.g. {uncaptioned[0]} needs {Path(uncaptioned[0]).stem}.txt beside it), and "
                          "there is no metadata.jsonl.")
     kept, captions = [], []
-    for image in images:
-        caption_file = image.with_suffix(".txt")
+    for image, caption_file in captions_of.items():
         outside = [f for f in (image, caption_file) if _outside(f, path)]
         if outside and not allow_outside:
             problems.extend(f"{f}: leads outside the dataset folder (to {f.resolve()}); set "

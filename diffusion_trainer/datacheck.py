@@ -1,7 +1,8 @@
 """Bad data caught before training, by name: every image is opened and fully decoded once (before
 the model loads), so a broken, truncated, non-image or oversized file, or an unreadable caption, is
-named in one report instead of crashing the run when its batch comes up. The same pass fingerprints
-the data (every file's bytes and caption, in order) for checkpoints.
+named in one report instead of crashing the run when its batch comes up, and an image that training
+will upscale or crop a lot is named in a note. The same pass fingerprints the data (every file's bytes
+and caption, in order) for checkpoints.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from .data import MAX_IMAGE_PIXELS, to_rgb
+from .data import MAX_IMAGE_PIXELS, bucket_targets, covering_size, to_rgb
 from .errors import InputError
 
 
@@ -42,29 +43,57 @@ def _source(item: Any, row: int) -> tuple[str, bytes]:
     return str(item), Path(str(item)).read_bytes()
 
 
-def image_problem(data: bytes) -> str | None:
-    """Why these bytes are not a usable image, or None."""
+def inspect_image(data: bytes) -> tuple[tuple[int, int] | None, str | None]:
+    """(its upright (height, width), None) for a usable image, else (None, why it is not)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
-                    return f"oversized: {width}x{height} is over {MAX_IMAGE_PIXELS // 10**6} megapixels"
+                    return None, f"oversized: {width}x{height} is over {MAX_IMAGE_PIXELS // 10**6} megapixels"
                 image.load()  # the whole file: a truncated one fails here
-                to_rgb(image)
+                width, height = to_rgb(image).size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return f"oversized ({exc})"
+        return None, f"oversized ({exc})"
     except Image.UnidentifiedImageError:
-        return "not an image PIL can read"
+        return None, "not an image PIL can read"
     except Exception as exc:  # truncated, corrupt, an unsupported mode…
-        return f"cannot be decoded ({type(exc).__name__}: {exc})"
-    return None
+        return None, f"cannot be decoded ({type(exc).__name__}: {exc})"
+    return (height, width), None
+
+
+MAX_UPSCALE, MIN_KEPT = 2.0, 0.25  # beyond these an image is worth a note: detail invented, or most of it cut
+MAX_LISTED = 20
+
+
+def resize_notes(names: list[str], sizes: list[tuple[int, int]], targets: list[tuple[int, int]]) -> list[str]:
+    """One line per image the transform enlarges more than MAX_UPSCALE times, or crops to less than
+    MIN_KEPT of itself, to cover its (height, width) target."""
+    notes = []
+    for name, size, target in zip(names, sizes, targets):
+        resized = covering_size(size, target)
+        scale = resized[0] / size[0]
+        kept = target[0] * target[1] / (resized[0] * resized[1])
+        what = ([f"upscaled {scale:.1f}x"] if scale > MAX_UPSCALE else []) + (
+            [f"cropped to {kept:.1%} of itself"] if kept < MIN_KEPT else [])
+        if what:
+            notes.append(f"{name} ({size[1]}x{size[0]}): {' and '.join(what)} to fit {target[1]}x{target[0]}")
+    return notes
+
+
+def report_resizing(notes: list[str], reporter: Any) -> None:
+    if not notes:
+        return
+    more = f"\n  ... and {len(notes) - MAX_LISTED} more" if len(notes) > MAX_LISTED else ""
+    reporter.info(f"Note: {len(notes)} image(s) are resized a lot for training (width x height; upscaling "
+                  f"blurs, a small crop loses most of the picture):\n  " + "\n  ".join(notes[:MAX_LISTED]) + more)
 
 
 def check_dataset(records: Any, params: Any, load_problems: list[str], reporter: Any) -> CheckedData:
     """Decode every image once; refuse the run listing every problem (exit 2), or with
-    skip_bad_images leave those rows out and say which."""
+    skip_bad_images leave those rows out and say which. Images resized a lot to their training
+    shape are named in a note."""
     import datasets
 
     column = params.image_column
@@ -72,18 +101,18 @@ def check_dataset(records: Any, params: Any, load_problems: list[str], reporter:
         records.features.get(column), datasets.Image) else records
     items, captions = raw[column], records[params.caption_column]
 
-    def inspect(row: int) -> tuple[str, bytes | None, str | None]:
+    def inspect(row: int) -> tuple[str, bytes | None, tuple[int, int] | None, str | None]:
         try:
             name, data = _source(items[row], row)
         except OSError as exc:
-            return f"row {row}", None, f"cannot be read ({exc.strerror or exc})"
-        return name, data, image_problem(data)
+            return f"row {row}", None, None, f"cannot be read ({exc.strerror or exc})"
+        return name, data, *inspect_image(data)
 
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL
         results = list(pool.map(inspect, range(len(records))))
-    problems = list(load_problems) + [f"{name}: {why}" for name, _, why in results if why]
-    good = [row for row, (_, _, why) in enumerate(results) if not why]
+    problems = list(load_problems) + [f"{name}: {why}" for name, _, _, why in results if why]
+    good = [row for row, (_, _, _, why) in enumerate(results) if not why]
     if problems and not params.skip_bad_images:
         raise InputError(f"dataset_name: {len(problems)} unusable file(s) or row(s) in '{params.dataset_name}':\n  "
                          + "\n  ".join(problems) + "\n  Fix or remove them, or set skip_bad_images to train "
@@ -95,6 +124,10 @@ def check_dataset(records: Any, params: Any, load_problems: list[str], reporter:
         reporter.warn(f"skip_bad_images: training without {len(problems)} unusable file(s) or row(s):\n  "
                       + "\n  ".join(problems))
         records = records.select(good)
+    sizes = [results[row][2] for row in good]
+    targets = (bucket_targets(sizes, params.resolution) if params.aspect_ratio_bucketing
+               else [(params.resolution, params.resolution)] * len(good))
+    report_resizing(resize_notes([results[row][0] for row in good], sizes, targets), reporter)
     digest = hashlib.sha256()
     for row in good:
         digest.update(hashlib.sha256(results[row][1]).digest())

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .adapter import INFO_NAME, WEIGHTS_NAME, single_file_name
+from .adapter import INFO_NAME, WEIGHTS_NAME, file_mode, single_file_name
 from .errors import InputError
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -135,6 +135,7 @@ def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict
     partial = path.with_name(f".{path.name}.partial")
     try:
         save_file(tensors, str(partial), metadata=metadata)
+        partial.chmod(file_mode())  # safetensors writes 0600 whatever the umask
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -218,7 +219,9 @@ def training_captions(params: dict[str, Any]) -> list[str] | None:
     if not Path(str(params.get("dataset_name", ""))).expanduser().exists():
         return None
     try:
-        records = load_records(params["dataset_name"], params["image_column"], params["caption_column"], None)
+        outputs = (Path(str(params["output_dir"])),) if params.get("output_dir") else ()
+        records = load_records(params["dataset_name"], params["image_column"], params["caption_column"], None,
+                               skip_folders=outputs)
         column = records[params["caption_column"]]
         return [with_trigger(caption_text(c), params.get("trigger_word", "")) for c in column]
     except Exception:
@@ -241,24 +244,56 @@ def export_adapter(directory: Path, form: str = "kohya", output: Path | None = N
     directory = Path(directory).expanduser()
     info = read_adapter_folder(directory)
     family_cls = family_of(info)
+    check_readable(directory / WEIGHTS_NAME)
     params = info.get("parameters") or {}
     name = str(params.get("adaptor_name") or directory.name)
+    label = "--output" if output else "adapter_dir"
+    target = writable_target(Path(output).expanduser() if output else
+                             directory / (WEIGHTS_NAME if form == "diffusers" else single_file_name(name)), label)
     if form == "diffusers":
-        return rewrite_diffusers(directory, info, family_cls, output or directory / WEIGHTS_NAME), []
+        return written(label, target, lambda: rewrite_diffusers(directory, info, family_cls, target)), []
     notes = []
     captions = training_captions(params)
     if captions is None:
         notes.append(f"the training dataset '{params.get('dataset_name')}' is not a folder here, so "
                      "ss_tag_frequency and ss_num_train_images are left out.")
     try:
-        path = write_single_file(directory, name, family_cls, info, denoiser_config_for(info, family_cls, directory),
-                                 captions, output)
+        path = written(label, target, lambda: write_single_file(
+            directory, name, family_cls, info, denoiser_config_for(info, family_cls, directory), captions, target))
     except InputError:
         raise
-    except Exception as exc:  # a damaged file, or weights that are not this family's LoRA
+    except Exception as exc:  # weights that are not this family's LoRA
         raise InputError(f"adapter_dir: {directory / WEIGHTS_NAME} could not be converted for "
                          f"{family_cls.label} ({type(exc).__name__}: {exc}).") from None
     return path, notes
+
+
+def check_readable(path: Path) -> None:
+    """Every tensor of a safetensors file can be read, or an error naming the file."""
+    try:
+        read_safetensors(path)
+    except Exception as exc:  # safetensors' own error for a bad header or a short file, or an OSError
+        raise InputError(f"adapter_dir: {path} is damaged or not a safetensors file ({exc}).") from None
+
+
+def writable_target(path: Path, label: str) -> Path:
+    if path.is_dir():
+        raise InputError(f"{label}: '{path}' is a folder; give the file to write, e.g. "
+                         f"'{path / 'my_lora.safetensors'}'.")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{label}: '{path}' cannot be written (it is read-only).")
+    return path
+
+
+def written(label: str, target: Path, write: Any) -> Path:
+    """write(), with a failed write (a read-only or full disk) said as such."""
+    from safetensors import SafetensorError
+
+    try:
+        return write()
+    except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors as its own type
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InputError(f"{label}: '{target}' cannot be written ({reason}).") from None
 
 
 def main(argv: list[str]) -> int:

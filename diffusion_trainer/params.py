@@ -32,6 +32,7 @@ LAB_BOOKKEEPING_PREFIXES = ("embedding_", "sweep_", "_tfl", "_tlab")
 # adaptors/<model>/<secure_filename(adaptor_name)>, so any name that sanitising
 # would change is written to one folder and looked for in another.
 ADAPTOR_NAME_PATTERN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9-])?$")
+DEFAULT_OUTPUT_DIR = "./output"
 
 
 def _param(default: Any = ..., *, title: str, help: str, group: str, lab_form: bool = True,
@@ -45,7 +46,8 @@ def _param(default: Any = ..., *, title: str, help: str, group: str, lab_form: b
 class TrainingParams(BaseModel):
     """Everything a run can be told. Frozen: nothing rewrites a parameter mid-run."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, protected_namespaces=())
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, protected_namespaces=(),
+                              allow_inf_nan=False)
 
     # --- Run -----------------------------------------------------------------------------
     adaptor_name: str = _param(
@@ -65,8 +67,8 @@ class TrainingParams(BaseModel):
         help="Hub id, a folder saved with datasets' save_to_disk, an imagefolder with "
              "metadata.jsonl, or a folder of images with same-named .txt captions.")
     output_dir: str = _param(
-        "./output", title="Output Directory", group="Run", lab_form=False,
-        help="Where a standalone run writes the adaptor, eval images and logs.")
+        DEFAULT_OUTPUT_DIR, title="Output Directory", group="Run", lab_form=False,
+        help="Where a standalone run writes the adaptor, eval images and logs. Empty = ./output.")
     seed: int = _param(
         42, title="Seed", group="Run", ge=0, le=2**32 - 1,
         help="Random seed for noise, timesteps, augmentation and eval images.")
@@ -335,6 +337,18 @@ class TrainingParams(BaseModel):
         help="Empty = start fresh; 'latest' = the newest checkpoint of this adaptor_name under "
              "output_dir; or the path of one checkpoint folder. Only more steps or epochs, eval and "
              "logging settings may differ from the checkpoint's run.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in (int, float):
+            raise ValueError(f"must be a number, not {str(value).lower()}")
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _default_when_blank(cls, output_dir: str) -> str:
+        return output_dir if output_dir.strip() else DEFAULT_OUTPUT_DIR  # a form sends "" for unset
 
     @field_validator("adaptor_name")
     @classmethod

@@ -187,7 +187,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
                          f"{family_cls.resolution_multiple} (got {params.resolution}).")
     load_problems: list[str] = []
     records = load_records(params.dataset_name, params.image_column, params.caption_column, lab_datasets_dir,
-                           load_problems, params.allow_files_outside_dataset)
+                           load_problems, params.allow_files_outside_dataset, output_folders(paths, params))
     checked = check_dataset(records, params, load_problems, reporter)
     records = checked.records
     runtime = decide_runtime(params, reporter)
@@ -235,6 +235,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
         reporter.warn(f"The prepared data makes {steps.total_steps} optimizer steps, not the {planned.total_steps} "
                       "the learning-rate schedule was built for.")
     total_steps, num_epochs = steps.total_steps, steps.num_epochs
+    accumulation = clamp_accumulation(accelerator, len(dataloader), reporter)
     dataloader = distributed.traced(dataloader, samples, optimizer, accelerator.process_index)
     ema = LoraEMA(trainable, params.ema_decay) if params.use_ema else None
     run_folder = distributed.same_on_every_process(
@@ -255,8 +256,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     reporter.record_outputs(eval_images_dir=evaluator.out_dir, tensorboard_dir=paths.logs_dir)
     processes = f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
     reporter.info(f"Training {len(samples)} images for {total_steps} optimizer steps ({num_epochs} epochs, "
-                  f"batch {params.train_batch_size}{processes} x {accelerator.gradient_accumulation_steps} "
-                  "accumulation).")
+                  f"batch {params.train_batch_size}{processes} x {accumulation} accumulation).")
 
     start = None
     if resume_from is not None:  # last of all: it restores the RNG states the setup above drew on
@@ -293,6 +293,12 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     return RunResult("stopped" if stopping else "completed", replace(paths, adapter_dir=saved_to), outcome.steps,
                      outcome.epochs, outcome.final_loss, outcome.losses, evaluator.images, time.monotonic() - started,
                      outcome.timing)
+
+
+def output_folders(paths: RunPaths, params: TrainingParams) -> tuple[Path, ...]:
+    """What this run writes; left out of a dataset folder they lie in (eval images are no data)."""
+    return (Path(params.output_dir).expanduser(), paths.adapter_dir, paths.eval_images_dir, paths.logs_dir,
+            paths.checkpoints(params))
 
 
 def tidy_outputs(paths: RunPaths, checkpoints_dir: Path) -> list[str]:
@@ -415,6 +421,22 @@ def make_dataloader(samples: Any, params: TrainingParams, accelerator: Any):
     sampler = BucketBatchSampler(samples, params.train_batch_size, params.seed)
     return torch.utils.data.DataLoader(samples, batch_sampler=sampler, generator=torch.Generator().manual_seed(params.seed),
                                        **options)
+
+
+def clamp_accumulation(accelerator: Any, batches: int, reporter: Any) -> int:
+    """The accumulation in force: an epoch's end ends an accumulation (accelerate syncs there), so
+    asking for more than an epoch's batches accumulates those batches; the loss is then divided by
+    their number, not by the larger value (DeepSpeed keeps its own config's)."""
+    from accelerate.utils import DistributedType
+
+    asked = accelerator.gradient_accumulation_steps
+    if asked <= batches or accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return asked
+    reporter.info(f"gradient_accumulation_steps={asked} is more than the {batches} batches of an epoch"
+                  f"{' per process' if accelerator.num_processes > 1 else ''}: each optimizer step accumulates "
+                  f"those {batches} (an epoch's end ends an accumulation).")
+    accelerator.gradient_accumulation_steps = batches
+    return batches
 
 
 def make_optimizer(trainable: list[torch.nn.Parameter], params: TrainingParams, total_steps: int, accelerator: Any):

@@ -12,7 +12,7 @@ from comfyui_rules import accepted_lora_names, load_lora, weight_delta
 from conftest import quick_params, run_main, train
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from diffusion_trainer import loop
 from diffusion_trainer.adapter import INFO_NAME, WEIGHTS_NAME, single_file_name
@@ -232,6 +232,6 @@ def test_export_refuses_a_folder_that_is_not_an_adapter(tmp_path, capsys):
 def test_export_refuses_weights_it_cannot_convert(old_folder, tmp_path, capsys):
     adapter, _ = old_folder
     (tmp_path / INFO_NAME).write_text((adapter / INFO_NAME).read_text())
-    (tmp_path / WEIGHTS_NAME).write_bytes(b"not a safetensors file")
+    save_file({"not_a_lora.weight": torch.zeros(2, 3)}, str(tmp_path / WEIGHTS_NAME))
     assert run_main(["export", str(tmp_path)]) == 2
     assert "could not be converted for Stable Diffusion 1.x/2.x" in capsys.readouterr().err
