@@ -265,6 +265,10 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
                       f"({start.batches_done} of its {len(dataloader)} batches already trained).")
         for note in resume_notes:
             reporter.warn(note)
+        for before, now in checkpoint.continue_schedule(lr_scheduler)[:1]:
+            if before != now:
+                reporter.info(f"The learning-rate schedule follows this run's {total_steps} steps from step "
+                              f"{start.step + 1} on: learning rate {now:.4g} (the checkpoint's schedule had {before:.4g}).")
     outcome = loop.run(loop.Training(
         accelerator=accelerator, family=family, denoiser=prepared, trainable=trainable,
         optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, samples=samples,
