@@ -98,9 +98,34 @@ def plan_steps(batches_per_process: int, gradient_accumulation_steps: int, epoch
                max_train_steps: int) -> StepPlan:
     updates_per_epoch = max(1, math.ceil(batches_per_process / gradient_accumulation_steps))
     total_steps = epochs * updates_per_epoch
-    if max_train_steps:
-        total_steps = min(total_steps, max_train_steps)
+    if max_train_steps:  # it decides the length, as in diffusers: fewer steps, or more epochs
+        total_steps = max_train_steps
     return StepPlan(updates_per_epoch, total_steps, math.ceil(total_steps / updates_per_epoch))
+
+
+def loop_clipping(accelerator: Any, max_grad_norm: float) -> tuple[float, str | None]:
+    """(the max_grad_norm the loop clips to itself, a warning). Under DeepSpeed the engine steps the
+    optimizer inside accelerator.backward, so a clip in the loop would come after the update; the
+    engine clips to its config's gradient_clipping instead, which accelerate fills with 1.0 when it
+    says "auto". So hand it max_grad_norm (before accelerator.prepare) and clip nothing in the loop."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return max_grad_norm, None
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    configured = config.get("gradient_clipping", "auto")
+    if configured == "auto":
+        config["gradient_clipping"] = max_grad_norm  # 0: DeepSpeed does not clip
+        return 0.0, None
+    if float(configured) != max_grad_norm:
+        return 0.0, (f"max_grad_norm={max_grad_norm} is not used: the DeepSpeed config sets gradient_clipping="
+                     f"{configured}, which DeepSpeed applies (set it to \"auto\" to use max_grad_norm).")
+    return 0.0, None
+
+
+def decided_on_main(accelerator: Any, decision: Any) -> Any:
+    """The main process's `decision` (computed there alone), the same on every process."""
+    return same_on_every_process(accelerator, lambda: decision)
 
 
 # --- reporting: the main process speaks, every process stops together -------------------------

@@ -13,6 +13,8 @@ import torch
 from diffusers.training_utils import offload_models
 from PIL import Image
 
+from .figures import BEFORE
+
 
 class Evaluator:
     def __init__(self, family: Any, params: Any, out_dir: Path | None, accelerator: Any,
@@ -31,6 +33,16 @@ class Evaluator:
 
     def due(self, epoch: int) -> bool:
         return self.enabled and epoch % self.params.eval_steps == 0
+
+    def before(self, resumed: bool) -> None:
+        """The eval prompt before the first step (`before.png`, what the end is compared with); a
+        resumed run keeps its first run's."""
+        if not self.enabled or not self.accelerator.is_main_process:
+            return
+        if not resumed:
+            self.run(BEFORE, 0)
+        elif (self.out_dir / f"{BEFORE}.png").is_file():
+            self.images.append(self.out_dir / f"{BEFORE}.png")
 
     def run(self, tag: str, step: int) -> Path | None:
         """Draw the eval prompt, save `<tag>.png`, log it to the trackers, return its path."""

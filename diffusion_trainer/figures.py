@@ -1,4 +1,4 @@
-"""Pictures of a run for the job's Artifacts: the first and last eval image side by side, and
+"""Pictures of a run for the job's Artifacts: the eval image before training and the last one side by side, and
 the loss curve. Drawn with PIL (already a dependency) so no plotting library is needed."""
 
 from __future__ import annotations
@@ -7,9 +7,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+BEFORE = "before"  # the eval image drawn before the first step: before.png
+
 
 def before_after(first: Path, last: Path, out: Path, cell: int = 256) -> Path:
-    """The first eval image (left) next to the last (right), each labelled with its file name."""
+    """The eval image before training (left) next to the last (right), each labelled with its file name."""
     font = ImageFont.load_default(size=14)
     caption = 22
     sheet = Image.new("RGB", (2 * cell, cell + caption), "white")

@@ -182,10 +182,10 @@ class LabReporter(Reporter):
 
 
 def artifacts(result: Any) -> dict[str, Path]:
-    """The eval images, the first-vs-last grid and the loss curve, by artifact name."""
+    """The eval images, the before-vs-after grid and the loss curve, by artifact name."""
     out: dict[str, Path] = {f"eval_{p.name}": p for p in result.eval_images}
     figures_dir = result.paths.logs_dir
-    if result.eval_images:
+    if len(result.eval_images) > 1 and result.eval_images[0].stem == figures.BEFORE:
         grid = figures.before_after(result.eval_images[0], result.eval_images[-1], figures_dir / "before_after.png")
         out["before_after.png"] = grid
     if result.losses:

@@ -91,6 +91,9 @@ def run(t: Training) -> Outcome:
     try:
         if out.steps >= t.total_steps:
             return out
+        if t.reporter.stop_requested():  # asked during the image before training: no step
+            out.stopped = True
+            return out
         for epoch in range(first_epoch, t.num_epochs + 1):
             out.epochs = epoch
             position, batches = skip, epoch_batches(t, epoch, skip)

@@ -77,7 +77,8 @@ class TrainingParams(BaseModel):
         help="Passes over the dataset.")
     max_train_steps: int = _param(
         0, title="Max Training Steps", group="Run", ge=0,
-        help="Stop after this many optimizer steps, even mid-epoch. 0 = no cap.")
+        help="The run's length in optimizer steps, whatever num_train_epochs says (as in diffusers): fewer "
+             "stops mid-epoch, more adds epochs. 0 = num_train_epochs decides.")
     train_batch_size: int = _param(
         1, title="Train Batch Size", group="Run", ge=1, le=1024,
         help="Images per batch on each device.")

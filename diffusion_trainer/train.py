@@ -198,10 +198,13 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     checkpoints_dir = paths.checkpoints(params)
     if distributed.is_main_process():
         lock.acquire()
-    for note in tidy_outputs(paths, checkpoints_dir):
+    # what earlier runs left, and which checkpoint to resume: decided by the main process alone
+    # (shared below), so no two processes rename the same folder or resume different checkpoints
+    for note in tidy_outputs(paths, checkpoints_dir) if distributed.is_main_process() else []:
         reporter.info(note)
     check_output_folders(paths, checkpoints_dir, params)
-    resume_from, resume_notes = choose_checkpoint(params, checkpoints_dir, reporter)
+    resume_from, resume_notes = (choose_checkpoint(params, checkpoints_dir, reporter)
+                                 if distributed.is_main_process() else (None, []))
     if resume_from is not None:
         for note in checkpoint.compatibility_notes(resume_from, params, checked.fingerprint):
             reporter.info(f"Resuming with a changed setting (allowed): {note}")
@@ -209,6 +212,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     # --- model -----------------------------------------------------------------------------
     accelerator = make_accelerator(params, runtime, paths, reporter)
     distributed.refuse_unsupported(accelerator)
+    resume_from, resume_notes = distributed.decided_on_main(accelerator, (resume_from, resume_notes))
     set_seed(params.seed)
     family = load_family(family_cls, params, runtime, accelerator, reporter)
     prediction_type = choose_prediction_type(params, family, reporter)
@@ -228,6 +232,9 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
                                      params.gradient_accumulation_steps, params.num_train_epochs,
                                      params.max_train_steps)
     optimizer, lr_scheduler = make_optimizer(trainable, params, planned.total_steps, accelerator)
+    max_grad_norm, clipping_note = distributed.loop_clipping(accelerator, params.max_grad_norm)
+    if clipping_note:
+        reporter.warn(clipping_note)
     prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
     steps = distributed.plan_steps(len(dataloader), accelerator.gradient_accumulation_steps,
                                    params.num_train_epochs, params.max_train_steps)
@@ -235,6 +242,10 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
         reporter.warn(f"The prepared data makes {steps.total_steps} optimizer steps, not the {planned.total_steps} "
                       "the learning-rate schedule was built for.")
     total_steps, num_epochs = steps.total_steps, steps.num_epochs
+    if params.max_train_steps > params.num_train_epochs * steps.updates_per_epoch:
+        reporter.info(f"max_train_steps={params.max_train_steps} is more than num_train_epochs={params.num_train_epochs} "
+                      f"make ({params.num_train_epochs * steps.updates_per_epoch} steps): training "
+                      f"{total_steps} steps over {num_epochs} epochs (max_train_steps decides, as in diffusers).")
     accumulation = clamp_accumulation(accelerator, len(dataloader), reporter)
     dataloader = distributed.traced(dataloader, samples, optimizer, accelerator.process_index)
     ema = LoraEMA(trainable, params.ema_decay) if params.use_ema else None
@@ -258,6 +269,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     reporter.info(f"Training {len(samples)} images for {total_steps} optimizer steps ({num_epochs} epochs, "
                   f"batch {params.train_batch_size}{processes} x {accumulation} accumulation).")
 
+    evaluator.before(resumed=resume_from is not None)
     start = None
     if resume_from is not None:  # last of all: it restores the RNG states the setup above drew on
         start = checkpoints.load(resume_from)
@@ -273,7 +285,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
         accelerator=accelerator, family=family, denoiser=prepared, trainable=trainable,
         optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, samples=samples,
         inputs=inputs, evaluator=evaluator, reporter=reporter, ema=ema, loss_type=params.loss_type,
-        huber_c=params.huber_c, max_grad_norm=params.max_grad_norm, num_epochs=num_epochs,
+        huber_c=params.huber_c, max_grad_norm=max_grad_norm, num_epochs=num_epochs,
         total_steps=total_steps, start=start, checkpoints=checkpoints))
 
     # --- the adapter first (a stop has seconds left), then the last checkpoint, then the final eval image ---

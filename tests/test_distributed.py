@@ -35,6 +35,27 @@ def test_steps_count_global_optimizer_steps_across_processes():
     assert (plan.updates_per_epoch, plan.total_steps, plan.num_epochs) == (2, 8, 4)
     plan = distributed.plan_steps(distributed.batches_per_process(8, 4), 1, 10, 5)  # max_train_steps caps
     assert (plan.total_steps, plan.num_epochs) == (5, 3)
+    plan = distributed.plan_steps(2, 1, 3, 11)  # and adds epochs, as in diffusers: 11 steps of 2 an epoch
+    assert (plan.total_steps, plan.num_epochs) == (11, 6)
+
+
+def test_under_deepspeed_max_grad_norm_goes_to_its_config_and_the_loop_clips_nothing():
+    from accelerate.utils import DistributedType
+
+    def accelerator(kind, config):
+        return SimpleNamespace(distributed_type=kind,
+                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+
+    auto = {"gradient_clipping": "auto"}
+    assert distributed.loop_clipping(accelerator(DistributedType.DEEPSPEED, auto), 0.5) == (0.0, None)
+    assert auto["gradient_clipping"] == 0.5  # not the 1.0 accelerate fills "auto" with
+    unset = {}
+    assert distributed.loop_clipping(accelerator(DistributedType.DEEPSPEED, unset), 0.0) == (0.0, None)
+    assert unset["gradient_clipping"] == 0.0  # no clipping asked: none
+    fixed = {"gradient_clipping": 1.0}
+    loop_norm, warning = distributed.loop_clipping(accelerator(DistributedType.DEEPSPEED, fixed), 0.5)
+    assert loop_norm == 0.0 and "max_grad_norm=0.5 is not used" in warning and "gradient_clipping=1.0" in warning
+    assert distributed.loop_clipping(accelerator(DistributedType.MULTI_GPU, {}), 0.5) == (0.5, None)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine accelerate chooses NCCL itself")
@@ -168,7 +189,7 @@ def test_two_processes_train_one_run_on_disjoint_halves(tmp_path, monkeypatch, t
     assert not [p for p in output.rglob("*") if ".partial" in p.name]
     adapter = output / "test_lora"
     assert json.loads((adapter / "tlab_adaptor_info.json").read_text())["steps_trained"] == 8
-    assert [p.name for p in (output / "eval_images" / "test_lora").iterdir()] == ["final.png"]
+    assert sorted(p.name for p in (output / "eval_images" / "test_lora").iterdir()) == ["before.png", "final.png"]
     writers = {p.name.split(".")[-2] for p in (output / "logs").rglob("events.out.tfevents.*")}
     assert len(writers) == 1  # events.out.tfevents.<time>.<host>.<pid>.<n>: one process wrote them
     from diffusers import StableDiffusionPipeline
@@ -219,3 +240,37 @@ def test_a_failure_in_one_process_ends_the_run_with_its_message(tmp_path, tiny_s
     assert "disk on fire in process 1" in log
     assert len(read_trace(tmp_path / "trace" / "rank0.jsonl")) < 10  # ended, not trained on to the end
     assert not (output / "test_lora").exists()
+
+
+DECIDING_RANK_1 = """
+import os, sys
+sys.argv[0] = "main.py"
+from diffusion_trainer import train
+
+def refuse(*args, **kwargs):
+    raise RuntimeError("process 1 looked at the checkpoints itself")
+
+if os.environ["RANK"] == "1":
+    train.tidy_outputs = train.choose_checkpoint = refuse
+import main
+main.main(sys.argv[1:])
+"""
+
+
+def test_the_main_process_alone_tidies_and_chooses_the_checkpoint_every_process_resumes(tmp_path, tiny_sd,
+                                                                                         star_folder):
+    script = tmp_path / "deciding_main.py"
+    script.write_text(DECIDING_RANK_1)
+    output = tmp_path / "output"
+    # 8 images, batch 1 on each of 2 processes: 4 steps an epoch
+    first = dict(train_batch_size=1, num_train_epochs=1, checkpointing_steps=2)
+    config = write_config(tmp_path / "run.json", quick_params(tiny_sd, star_folder, output, **first))
+    result = torchrun(tmp_path, script, config, tmp_path / "trace1")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    config = write_config(tmp_path / "resume.json", quick_params(tiny_sd, star_folder, output, **{
+        **first, "num_train_epochs": 2, "resume_from_checkpoint": "latest"}))
+    result = torchrun(tmp_path, script, config, tmp_path / "trace2")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert re.findall(r"Resuming from \S+checkpoint-(\d+): step \d+ of (\d+)", log) == [("4", "8")]
+    assert [len(read_trace(tmp_path / "trace2" / f"rank{k}.jsonl")) for k in (0, 1)] == [4, 4]  # both resumed

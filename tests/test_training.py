@@ -60,7 +60,8 @@ def test_adapter_loads_into_a_fresh_pipeline_and_changes_its_output(tmp_path, ti
     assert scales == {4.0}
 
     eval_dir = out / "eval_images" / "test_lora"
-    assert sorted(p.name for p in eval_dir.glob("*.png")) == ["epoch_0001.png", "epoch_0002.png", "final.png"]
+    assert sorted(p.name for p in eval_dir.glob("*.png")) == ["before.png", "epoch_0001.png", "epoch_0002.png",
+                                                              "final.png"]
     losses = tensorboard_scalars(out / "logs" / "test_lora", "loss")
     assert losses and losses[-1][0] == 12
 
@@ -291,3 +292,62 @@ def test_an_existing_adapter_is_replaced_only_by_a_complete_one(tmp_path):
     write_adapter_dir(target, lambda d: (d / "pytorch_lora_weights.safetensors").write_text("new"))
     assert (target / "pytorch_lora_weights.safetensors").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["my_lora"]
+
+
+def test_max_train_steps_above_the_epochs_adds_epochs_and_says_so(tmp_path, tiny_sd, star_folder, capsys):
+    # 8 images, batch 2: 4 steps an epoch; 1 epoch asked, 10 steps asked -> 10 steps over 3 epochs
+    code, out = train(tmp_path, tiny_sd, star_folder, num_train_epochs=1, max_train_steps=10)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "max_train_steps=10 is more than num_train_epochs=1 make (4 steps): training 10 steps over 3 epochs" in err
+    assert "Training 8 images for 10 optimizer steps (3 epochs" in err
+    info = json.loads((out / "test_lora" / "tlab_adaptor_info.json").read_text())
+    assert (info["steps_trained"], info["epochs_trained"]) == (10, 3)
+
+
+def test_before_after_compares_the_image_before_training_with_the_last(tmp_path, tiny_sd, star_folder):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from diffusion_trainer import lab_sdk
+
+    code, out = train(tmp_path, tiny_sd, star_folder, num_train_epochs=2, eval_prompt=PROMPT, eval_steps=1)
+    assert code == 0
+    eval_dir = out / "eval_images" / "test_lora"
+    images = [eval_dir / name for name in ("before.png", "epoch_0001.png", "final.png")]
+    assert all(p.is_file() for p in images)
+    result = SimpleNamespace(eval_images=images, losses=[], paths=SimpleNamespace(logs_dir=tmp_path / "figures"))
+    grid = Image.open(lab_sdk.artifacts(result)["before_after.png"]).convert("RGB")
+    for column, expected in ((0, images[0]), (1, images[-1])):
+        cell = grid.crop((column * 256, grid.height - 256, (column + 1) * 256, grid.height))
+        assert list(cell.getdata()) == list(Image.open(expected).convert("RGB").resize((256, 256)).getdata())
+    # a resumed run whose first run drew no before image shows no grid rather than a false one
+    resumed = SimpleNamespace(eval_images=images[1:], losses=[], paths=result.paths)
+    assert "before_after.png" not in lab_sdk.artifacts(resumed)
+
+
+def test_a_stop_during_the_image_before_training_trains_no_step(tmp_path, tiny_sd, star_folder, monkeypatch, capsys):
+    from diffusion_trainer import evaluate
+    from diffusion_trainer.reporting import TERMINATE, Reporter
+
+    denoising_steps = []
+    real_check = evaluate.Evaluator._check_stop
+
+    def counting(self, pipeline, step, timestep, callback_kwargs):
+        denoising_steps.append(step)
+        return real_check(self, pipeline, step, timestep, callback_kwargs)
+
+    def stop_asked_here(self):
+        if len(denoising_steps) >= 2 and self.stop_reason is None:
+            self.stop_reason = TERMINATE  # as SIGTERM's handler would set it
+        return self.stop_reason is not None
+
+    monkeypatch.setattr(evaluate.Evaluator, "_check_stop", counting)
+    monkeypatch.setattr(Reporter, "stop_asked_here", stop_asked_here)
+    code, out = train(tmp_path, tiny_sd, star_folder, eval_prompt=PROMPT, eval_num_inference_steps=50)
+    assert code == 143, capsys.readouterr().err
+    assert len(denoising_steps) == 2
+    info = json.loads((out / "test_lora" / "tlab_adaptor_info.json").read_text())
+    assert info["steps_trained"] == 0 and info["stopped_early"]
+    assert not list((out / "eval_images" / "test_lora").glob("*.png"))
