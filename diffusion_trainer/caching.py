@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from .adapter import FOLDER_MODE, give_user_modes
 from .data import TrainingSamples, sample_seed, training_item, upright_sizes
+from .errors import raise_if_stopped
 
 ENCODE_BATCH = 8
 VARIANT_NAMESPACE = 1_000_000  # seeds of cached variants never coincide with an epoch's
@@ -128,9 +129,9 @@ class DiskLatents:
 
 
 def encode_variants(family: Any, samples: TrainingSamples, plan: list[list[bool | None]],
-                    on_sample_done) -> None:
+                    on_sample_done, stop_asked: Callable[[], bool] = lambda: False) -> None:
     """VAE-encode every (sample, variant) in batches of one shape, calling on_sample_done(index,
-    variants) as each sample completes."""
+    variants) as each sample completes; a stop asked meanwhile ends it (errors.Stopped)."""
     pending: dict[tuple[int, int], list[tuple[int, int, Any]]] = {}
     done: dict[int, list[Variant | None]] = {}
 
@@ -145,6 +146,7 @@ def encode_variants(family: Any, samples: TrainingSamples, plan: list[list[bool 
                 on_sample_done(index, done.pop(index))
 
     for index, flips in enumerate(plan):
+        raise_if_stopped(stop_asked, "while the latent cache was encoded")
         image = samples.image(index)
         done[index] = [None] * len(flips)
         for k, flip in enumerate(flips):
@@ -180,7 +182,8 @@ def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, cache
             return DiskLatents(folder, dtype)
         started = time.monotonic()
         entries: list[list[Variant]] = [[] for _ in plan]
-        encode_variants(family, samples, plan, lambda index, variants: entries.__setitem__(index, variants))
+        encode_variants(family, samples, plan, lambda index, variants: entries.__setitem__(index, variants),
+                        reporter.stop_asked_here)
         reporter.info(f"Encoded {size_mb:.1f} MB of latents in {time.monotonic() - started:.1f} s (kept in memory).")
         return MemoryLatents(entries)
     with writer_first():
@@ -188,18 +191,20 @@ def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, cache
             reporter.info(f"Reusing the latent cache in {folder}.")
             return DiskLatents(folder, dtype)
         started = time.monotonic()
-        write_disk_cache(family, samples, plan, folder)
+        write_disk_cache(family, samples, plan, folder, reporter.stop_asked_here)
     reporter.info(f"Encoded {size_mb:.1f} MB of latents in {time.monotonic() - started:.1f} s into {folder} "
                   f"(over cache_memory_budget_mb={params.cache_memory_budget_mb}); later runs reuse it.")
     return DiskLatents(folder, dtype)
 
 
-def write_disk_cache(family: Any, samples: TrainingSamples, plan: list[list[bool | None]], folder: Path) -> None:
+def write_disk_cache(family: Any, samples: TrainingSamples, plan: list[list[bool | None]], folder: Path,
+                     stop_asked: Callable[[], bool] = lambda: False) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     staging.chmod(FOLDER_MODE)  # mkdtemp makes it owner-only
     try:
-        encode_variants(family, samples, plan, lambda index, variants: DiskLatents.write_sample(staging, index, variants))
+        encode_variants(family, samples, plan, lambda index, variants: DiskLatents.write_sample(staging, index, variants),
+                        stop_asked)
         (staging / "complete.json").write_text(json.dumps({"variants": [len(p) for p in plan]}))
         give_user_modes(staging)
         try:
@@ -245,11 +250,13 @@ DEVICE_TEXT_CACHE_MB = 512  # larger text caches (T5's are big) stay in host mem
 class TextCache:
     """Each distinct caption's conditioning, computed once; looked up by caption every step."""
 
-    def __init__(self, family: Any, captions: list[str], device: torch.device, batch_size: int = 16):
+    def __init__(self, family: Any, captions: list[str], device: torch.device, batch_size: int = 16,
+                 stop_asked: Callable[[], bool] = lambda: False):
         unique = sorted(set(captions) | {""})
         self.rows = {caption: row for row, caption in enumerate(unique)}
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(unique), batch_size):
+            raise_if_stopped(stop_asked, "while the text cache was built")
             for key, value in family.encode_prompts(unique[start:start + batch_size]).items():
                 parts.setdefault(key, []).append(value)
         tensors = {key: torch.cat(values) for key, values in parts.items()}

@@ -318,7 +318,7 @@ class Checkpoints:
             self.reporter.warn(f"Could not write the checkpoint at step {step} in {self.folder} ({error}); training "
                                f"on. {'The last good one is ' + str(kept[-1]) if kept else 'No checkpoint is kept'}.")
             return None
-        self.reporter.save_checkpoint(target, target.name)
+        self.reporter.save_checkpoint(target, target.name, self.keep)
         return target
 
     def _prune(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image
 
 from .data import MAX_IMAGE_PIXELS, bucket_targets, covering_size, to_rgb
-from .errors import InputError
+from .errors import InputError, raise_if_stopped
 
 
 @dataclass
@@ -109,8 +109,14 @@ def check_dataset(records: Any, params: Any, load_problems: list[str], reporter:
         return name, data, *inspect_image(data)
 
     workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL
-        results = list(pool.map(inspect, range(len(records))))
+    pool = ThreadPoolExecutor(workers)  # PIL decodes outside the GIL
+    results = []
+    try:
+        for result in pool.map(inspect, range(len(records))):
+            results.append(result)
+            raise_if_stopped(reporter.stop_asked_here, "during the data check")
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a stop does not wait for the rest
     problems = list(load_problems) + [f"{name}: {why}" for name, _, _, why in results if why]
     good = [row for row, (_, _, _, why) in enumerate(results) if not why]
     if problems and not params.skip_bad_images:

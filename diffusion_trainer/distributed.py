@@ -148,6 +148,14 @@ class ProcessReporter:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
+    def failed(self, message: str) -> None:
+        """The main process ends the job; another process's failure reaches it too (marked with the
+        process), where the real reporter can write the job from a non-main process (the Lab's)."""
+        if self._main:
+            self._inner.failed(message)
+        elif hasattr(self._real, "failed_in_another_process"):
+            self._real.failed_in_another_process(f"Process {process_index()} failed: {message}")
+
     def checkpoint_to_resume(self) -> Any:
         """A read: every process resumes from the same checkpoint."""
         return self._real.checkpoint_to_resume() if hasattr(self._real, "checkpoint_to_resume") else None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ from . import adapter, figures
 from .reporting import LAB_STOP, TERMINATE, Reporter
 
 TASK, PLUGIN = "task", "plugin"
+STOP_READ_INTERVAL_S = 0.5
+OTHER_PROCESS_GRACE_S = 2.0
 
 
 def resolved(value: Any) -> Any:
@@ -60,6 +63,8 @@ class LabReporter(Reporter):
         self.min_interval_s = min_interval_s
         self._last_write = float("-inf")
         self._progress_takes_metrics = accepts(lab.update_progress, "metrics")
+        self._adapter_handed = False
+        self._last_stop_read = float("-inf")
 
     # --- messages and progress ------------------------------------------------------------
     def info(self, message: str) -> None:
@@ -85,8 +90,13 @@ class LabReporter(Reporter):
             self.stop_reason = LAB_STOP
 
     def stop_asked_here(self) -> bool:
-        if self.stop_reason is None and self._stop_flag():
-            self.stop_reason = LAB_STOP
+        """Asked per image of the data check and per denoising step: the job is read at most every
+        STOP_READ_INTERVAL_S."""
+        moment = time.monotonic()
+        if self.stop_reason is None and moment - self._last_stop_read >= STOP_READ_INTERVAL_S:
+            self._last_stop_read = moment
+            if self._stop_flag():
+                self.stop_reason = LAB_STOP
         return self.stop_reason is not None
 
     def _stop_flag(self) -> bool:
@@ -110,11 +120,23 @@ class LabReporter(Reporter):
         if self.launch == PLUGIN:
             write_sweep_metrics(Path(params.output_dir), result)
             return
-        # The adapter first: it is what a stop has seconds to save. Extras after.
-        info = json.loads((result.paths.adapter_dir / adapter.INFO_NAME).read_text())
-        self._save_model(result.paths.adapter_dir, params.adaptor_name, info)
+        if not self._adapter_handed:
+            info = json.loads((result.paths.adapter_dir / adapter.INFO_NAME).read_text())
+            self._save_model(result.paths.adapter_dir, params.adaptor_name, info)
         for name, path in artifacts(result).items():
             self._quietly(self.lab.save_artifact, str(path), name)
+
+    def adapter_saved(self, folder: Path, name: str) -> None:
+        """The task Lab's Models get the adapter as soon as it is written, before the last checkpoint
+        (a stop has 3 s before SIGKILL, and the adapter is what the user wants)."""
+        if self.launch != TASK:
+            return  # the plugin Lab reads adaptor_output_dir itself
+        try:
+            self._save_model(folder, name, json.loads((folder / adapter.INFO_NAME).read_text()))
+        except Exception as exc:  # tried again by publish(), which fails the job if it fails again
+            Reporter.warn(self, f"could not hand the adapter to the Lab yet ({type(exc).__name__}: {exc})")
+            return
+        self._adapter_handed = True
 
     def _save_model(self, folder: Path, name: str, info: dict[str, Any]) -> None:
         options = {"name": name, "architecture": info.get("model_architecture"),
@@ -131,14 +153,37 @@ class LabReporter(Reporter):
             self.lab.finish(message)
 
     def stopped(self, message: str) -> None:
+        if self._job_failed():
+            return  # another process failed (and its launcher then terminated this one): keep that
         self._set_fields({"completion_status": "stopped", "completion_details": message,
                           "stop_reason": self.stop_reason or "", "end_time": now()})
         resolved(self.lab.job.update_status("STOPPED"))  # JobStatus.STOPPED, where it exists
 
     def failed(self, message: str) -> None:
+        if self._job_failed():
+            return  # the first failure's message is the one worth reading (another process's, say)
         self.lab.error(message)
         # 0.0.8x's error() leaves the job COMPLETE (completion_status=failed): make it FAILED.
         resolved(self.lab.job.update_status("FAILED"))
+
+    def failed_in_another_process(self, message: str) -> None:
+        """A failure in one of the other processes of a multi-GPU job: the main process may never say
+        it (it waits in a collective, or fails on the broken connection). After a moment, so that a
+        main process failing alike (bad input) writes its own message, the job is failed with this
+        one unless it has ended already."""
+        time.sleep(OTHER_PROCESS_GRACE_S)
+        if self._job_status() in ("COMPLETE", "STOPPED", "FAILED"):
+            return
+        self.failed(message)
+
+    def _job_status(self) -> str:
+        try:
+            return str(resolved(self.lab.job.get_status()) or "")
+        except Exception:
+            return ""
+
+    def _job_failed(self) -> bool:
+        return self._job_status() == "FAILED"
 
     def stop_exit_status(self) -> int:
         if self.stop_reason in (LAB_STOP, TERMINATE):
@@ -146,9 +191,33 @@ class LabReporter(Reporter):
         return super().stop_exit_status()
 
     # --- checkpoints --------------------------------------------------------------------------
-    def save_checkpoint(self, path: Path, name: str) -> None:
-        if hasattr(self.lab, "save_checkpoint"):
-            self.lab.save_checkpoint(str(path), name)
+    def save_checkpoint(self, path: Path, name: str, keep: int = 0) -> None:
+        if not hasattr(self.lab, "save_checkpoint"):
+            return
+        self.lab.save_checkpoint(str(path), name)
+        if keep:
+            self._quietly(self._prune_checkpoints, keep)
+
+    def _prune_checkpoints(self, keep: int) -> None:
+        """The job's copies of our checkpoints beyond the newest `keep` (checkpoints_total_limit),
+        removed from its checkpoints folder (which may be remote) and from its list."""
+        from lab import storage
+
+        from .checkpoint import PREFIX
+
+        folder = resolved(self.lab.job.get_checkpoints_dir())
+        ours = []
+        for item in resolved(storage.ls(folder, detail=False)):
+            name = str(item).rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith(PREFIX) and name[len(PREFIX):].isdigit():
+                ours.append((int(name[len(PREFIX):]), str(item)))
+        removed = [item for _, item in sorted(ours)[:-keep]]
+        for item in removed:
+            resolved(storage.rm_tree(item))
+        listed = self.lab.get_job_data().get("checkpoints") if hasattr(self.lab, "get_job_data") else None
+        if removed and isinstance(listed, list):
+            gone = {item.rstrip("/").rsplit("/", 1)[-1] for item in removed}
+            self._set_fields({"checkpoints": [c for c in listed if str(c).rstrip("/").rsplit("/", 1)[-1] not in gone]})
 
     def checkpoint_to_resume(self) -> Path | None:
         if not hasattr(self.lab, "get_checkpoint_to_resume"):
@@ -158,10 +227,30 @@ class LabReporter(Reporter):
             return None
         if "://" not in str(found):
             return Path(found)
-        from lab import storage  # a remote workspace: bring the checkpoint to this machine
+        return self._fetched(str(found))
 
-        local = Path(tempfile.mkdtemp(prefix="resume_")) / Path(str(found).rstrip("/")).name
-        resolved(storage.copy_dir(str(found), str(local)))
+    def _fetched(self, remote: str) -> Path:
+        """A remote workspace's checkpoint, copied to this machine once: one folder per job and
+        checkpoint, which every process of the machine (and a later attempt of the job) reuses."""
+        import shutil
+
+        from lab import storage
+
+        name = Path(remote.rstrip("/")).name
+        job = re.sub(r"[^\w.-]", "_", str(getattr(self.lab.job, "id", "") or os.environ.get("_TFL_JOB_ID", "job")))
+        local = Path(tempfile.gettempdir()) / "diffusion_trainer_resume" / job / name
+        if local.is_dir():
+            return local
+        local.parent.mkdir(parents=True, exist_ok=True)
+        staging = local.parent / f".{name}.partial-{os.getpid()}"
+        try:
+            resolved(storage.copy_dir(remote, str(staging)))
+            staging.rename(local)
+        except OSError:  # another process finished the same copy first
+            if not local.is_dir():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return local
 
     # --- the job file -------------------------------------------------------------------------

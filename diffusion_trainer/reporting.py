@@ -88,8 +88,11 @@ class Reporter:
     def record_outputs(self, *, eval_images_dir: Path | None, tensorboard_dir: Path) -> None:
         pass
 
+    def adapter_saved(self, folder: Path, name: str) -> None:
+        """The adapter is complete at `folder`: hand it over first (a stop has seconds left)."""
+
     def publish(self, result: Any, params: Any) -> None:
-        """Hand the finished (or stopped) run's files to wherever they are shown."""
+        """Hand the finished (or stopped) run's other files to wherever they are shown."""
 
     def completed(self, message: str, score: dict[str, float]) -> None:
         pass
@@ -104,8 +107,9 @@ class Reporter:
         return EXIT_STATUS.get(self.stop_reason or "", 0)
 
     # --- checkpoints (the Lab keeps them; a terminal run keeps its own files) ----------------
-    def save_checkpoint(self, path: Path, name: str) -> None:
-        """Offer a checkpoint folder already written at `path` to the job."""
+    def save_checkpoint(self, path: Path, name: str, keep: int = 0) -> None:
+        """Offer a checkpoint folder already written at `path` to the job, which keeps the newest
+        `keep` of those offered (0: all)."""
 
     def checkpoint_to_resume(self) -> Path | None:
         """A local checkpoint folder the job asks to resume from, if any."""

@@ -72,7 +72,7 @@ def validated(raw: dict[str, Any], reporter: Any):
 def execute(params: Any, paths: Any, reporter: Any, lab_datasets_dir: Path | None = None) -> int:
     """Train, hand the outputs to the reporter, end the job; the process's exit status."""
     from .distributed import is_main_process
-    from .errors import InputError
+    from .errors import InputError, Stopped
     from .train import RunFailed, run_training
 
     with reporter.catching_stop_signals():
@@ -82,6 +82,12 @@ def execute(params: Any, paths: Any, reporter: Any, lab_datasets_dir: Path | Non
             print(f"ERROR: {exc}", file=sys.stderr)
             reporter.failed(str(exc))
             return EXIT_BAD_INPUT
+        except Stopped as exc:  # during the data check, caching or loading
+            print(str(exc), file=sys.stderr)
+            reporter.stopped(str(exc))
+            if reporter.sigterm_received:
+                exit_now(reporter.stop_exit_status())
+            return reporter.stop_exit_status()
         except KeyboardInterrupt:  # the second Ctrl-C: abort without saving
             reporter.stopped("Aborted by a second Ctrl-C before the adapter was saved.")
             print("Aborted: nothing was saved.", file=sys.stderr)

@@ -20,7 +20,7 @@ from . import adapter, checkpoint, distributed, export, guards, loop, optimizers
 from .caching import CachedSamples, DiskLatents, TextCache, build_latent_cache
 from .data import BucketBatchSampler, build_samples, load_records
 from .datacheck import check_dataset, long_captions
-from .errors import InputError
+from .errors import InputError, raise_if_stopped
 from .evaluate import Evaluator
 from .families import family_for
 from .inputs import ModelInputs
@@ -213,8 +213,12 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     accelerator = make_accelerator(params, runtime, paths, reporter)
     distributed.refuse_unsupported(accelerator)
     resume_from, resume_notes = distributed.decided_on_main(accelerator, (resume_from, resume_notes))
+    with accelerator.local_main_process_first():  # another machine: its first process copies the Lab's
+        if resume_from is not None and not resume_from.exists():
+            resume_from = reporter.checkpoint_to_resume() or resume_from
     set_seed(params.seed)
     family = load_family(family_cls, params, runtime, accelerator, reporter)
+    raise_if_stopped(reporter.stop_asked_here, "while the model loaded")
     prediction_type = choose_prediction_type(params, family, reporter)
     family.configure_objective(params, prediction_type)
     for note in family.inapplicable_notes(params):
@@ -297,6 +301,8 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
                                               samples.captions, run_folder, reporter)
         except RunFailed as exc:  # the weights went to a rescue folder (or nowhere): still try the checkpoint
             failure = exc
+        if failure is None:
+            reporter.adapter_saved(saved_to, params.adaptor_name)
     if checkpoints.enabled and outcome.steps > max(start.step if start else 0, outcome.checkpointed_step):
         checkpoints.save(outcome.steps, outcome.epochs, outcome.position)
     if failure is not None:
@@ -408,7 +414,7 @@ def prepare_data(family: Any, records: Any, params: TrainingParams, accelerator:
     keep_for_eval = bool(params.eval_prompt.strip())
     text_cache = None
     if params.cache_text_embeddings:
-        text_cache = TextCache(family, samples.captions, accelerator.device)
+        text_cache = TextCache(family, samples.captions, accelerator.device, stop_asked=reporter.stop_asked_here)
         parked = family.park(family.text_encoder_attrs, keep_for_eval)
         reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB); "
                       f"{', '.join(parked)} {'moved off the accelerator' if keep_for_eval else 'freed'}.")

@@ -104,8 +104,10 @@ def test_only_the_main_process_reaches_the_lab():
     other.report(1, 5, {"loss": 1.0})
     other.record_outputs(eval_images_dir=None, tensorboard_dir=Path("."))
     other.completed("done", {})
-    other.failed("boom")
     assert calls == [] and not any(other.stop_requested() for _ in range(25))
+    other.failed("boom")  # a failure is the exception: the job must hear of it (test below)
+    assert calls == ["failed_in_another_process"]
+    calls.clear()
     main = distributed.ProcessReporter(FakeLabReporter(), main=True)
     main.info("hello")
     main.completed("done", {})
@@ -150,8 +152,9 @@ def test_fsdp_and_zero3_are_refused_with_what_to_use_instead():
 
 # --- two processes --------------------------------------------------------------------------
 
-def torchrun(tmp_path: Path, script: Path, config: Path, trace: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, distributed.TRACE_ENV: str(trace), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def torchrun(tmp_path: Path, script: Path, config: Path, trace: Path, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, distributed.TRACE_ENV: str(trace), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           **env_extra}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), "--config",
@@ -274,3 +277,26 @@ def test_the_main_process_alone_tidies_and_chooses_the_checkpoint_every_process_
     assert result.returncode == 0, log[-3000:]
     assert re.findall(r"Resuming from \S+checkpoint-(\d+): step \d+ of (\d+)", log) == [("4", "8")]
     assert [len(read_trace(tmp_path / "trace2" / f"rank{k}.jsonl")) for k in (0, 1)] == [4, 4]  # both resumed
+
+
+def test_a_failure_in_another_process_fails_the_lab_job_with_its_message(tmp_path, tiny_sd, star_folder):
+    import asyncio
+    import uuid
+
+    from lab import Experiment, Job
+    from test_lab import task_job
+
+    name = f"exp_{uuid.uuid4().hex[:8]}"
+    job = asyncio.run(asyncio.run(Experiment.create_or_get(name, create_new=True)).create_job())
+    task_job(job, name, tiny_sd, star_folder, tmp_path / "output", train_batch_size=1, num_train_epochs=20,
+             eval_prompt="")
+    config = write_config(tmp_path / "run.json", {})
+    script = tmp_path / "failing_main.py"
+    script.write_text(FAILING_RANK_1)
+    result = torchrun(tmp_path, script, config, tmp_path / "trace", _TFL_JOB_ID=str(job.id), _TFL_EXPERIMENT_ID=name)
+    assert result.returncode != 0
+    fresh = asyncio.run(Job.get(job.id, name))
+    status, data = asyncio.run(fresh.get_status()), asyncio.run(fresh.get_job_data())
+    assert status == "FAILED", (result.stdout + result.stderr)[-3000:]
+    assert data["completion_details"].startswith("Process 1 failed: ")
+    assert "disk on fire in process 1" in data["completion_details"]

@@ -281,3 +281,67 @@ def test_task_yaml_is_generated_from_the_schema_and_importable():
     params, warnings = parse_params({**task["parameters"], "adaptor_name": "x", "model_name": "m",
                                      "dataset_name": "d"})
     assert warnings == [] and params.prediction_type == "auto"  # the model's own, not a forced epsilon
+
+
+def test_a_stopped_task_hands_the_adapter_to_the_lab_before_its_last_checkpoint(monkeypatch, lab_job, tiny_sd,
+                                                                               star_folder, tmp_path):
+    experiment, job = lab_job
+    task_job(job, experiment, tiny_sd, star_folder, tmp_path / "output", num_train_epochs=100, eval_prompt="",
+             checkpointing_steps=100)
+    monkeypatch.setenv("_TFL_JOB_ID", job.id)
+    monkeypatch.setenv("_TFL_EXPERIMENT_ID", experiment)
+    handed, seen = [], []
+    real_model, real_checkpoint = LabReporter._save_model, LabReporter.save_checkpoint
+    monkeypatch.setattr(LabReporter, "_save_model", lambda self, *a: (handed.append("adapter"), real_model(self, *a)))
+    monkeypatch.setattr(LabReporter, "save_checkpoint",
+                        lambda self, *a: (handed.append("checkpoint"), real_checkpoint(self, *a)))
+    monkeypatch.setattr(Reporter, "advance", lambda self, step: seen.append(step))
+    monkeypatch.setattr(Reporter, "stop_requested", lambda self: bool(seen) and seen[-1] >= 3)
+    assert run_main([]) == 0
+    status, _, data = job_state(job, experiment)
+    assert status == "STOPPED"
+    assert handed == ["adapter", "checkpoint"]  # the adapter first, once; then the checkpoint of the stop
+    assert [Path(p).name for p in data["checkpoints"]] == ["checkpoint-3"]
+
+
+def test_the_jobs_copies_of_checkpoints_keep_the_newest_checkpoints_total_limit(monkeypatch, lab_job, tmp_path):
+    experiment, job = lab_job
+    monkeypatch.setenv("_TFL_EXPERIMENT_ID", experiment)
+    monkeypatch.setenv("_TFL_JOB_ID", job.id)
+    lab = connect_lab()
+    reporter = LabReporter(lab, TASK)
+    for step in (2, 4, 6, 8, 10):
+        checkpoint = tmp_path / f"checkpoint-{step}"
+        checkpoint.mkdir()
+        (checkpoint / "lora_weights.safetensors").write_bytes(b"weights")
+        reporter.save_checkpoint(checkpoint, checkpoint.name, 2)
+    assert sorted(Path(p).name for p in lab.get_checkpoint_paths()) == ["checkpoint-10", "checkpoint-8"]
+    assert [Path(p).name for p in lab.get_job_data()["checkpoints"]] == ["checkpoint-8", "checkpoint-10"]
+    reporter.save_checkpoint(tmp_path / "checkpoint-2", "checkpoint-12", 0)  # 0 keeps all
+    assert len(lab.get_checkpoint_paths()) == 3
+
+
+def test_a_remote_checkpoint_is_copied_once_per_machine(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from lab import storage
+
+    source = tmp_path / "bucket" / "checkpoint-4"
+    source.mkdir(parents=True)
+    (source / "lora_weights.safetensors").write_bytes(b"weights")
+    copies = []
+
+    async def copy_dir(src, dest):
+        copies.append(src)
+        import shutil
+        shutil.copytree(source, dest)
+
+    monkeypatch.setattr(storage, "copy_dir", copy_dir)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    lab = SimpleNamespace(get_checkpoint_to_resume=lambda: "s3://bucket/jobs/7/checkpoints/checkpoint-4/",
+                          job=SimpleNamespace(id="8"), update_progress=lambda percent, metrics=None, step=None: None)
+    found = [LabReporter(lab, TASK).checkpoint_to_resume() for _ in range(2)]  # two processes of one machine
+    assert copies == ["s3://bucket/jobs/7/checkpoints/checkpoint-4/"]
+    assert found[0] == found[1] and (found[0] / "lora_weights.safetensors").read_bytes() == b"weights"
+    assert found[0].name == "checkpoint-4" and [p.name for p in found[0].parent.iterdir()] == ["checkpoint-4"]

@@ -42,3 +42,38 @@ def test_a_signal_stops_at_a_step_saves_the_adapter_and_exits_128_plus_its_numbe
     info = json.loads((adapter / "tlab_adaptor_info.json").read_text())
     assert info["stopped_early"] is True and 0 < info["steps_trained"] < 8000
     assert "Stopped early" in stdout
+
+
+def interrupting(real, after_calls: int):
+    """`real`, but the process gets SIGINT (Ctrl-C) at its call number `after_calls`."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == after_calls:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler runs in the main thread meanwhile
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize(("where", "module", "name"), [
+    ("during the data check", "datacheck", "inspect_image"),
+    ("while the latent cache was encoded", "caching", "sample_seed"),
+])
+def test_ctrl_c_before_training_stops_there_with_nothing_trained(where, module, name, tiny_sd, star_folder,
+                                                                 tmp_path, monkeypatch, capsys):
+    import importlib
+
+    from conftest import train
+
+    target = importlib.import_module(f"diffusion_trainer.{module}")
+    monkeypatch.setattr(target, name, interrupting(getattr(target, name), 3))
+    code, output = train(tmp_path, tiny_sd, star_folder, num_train_epochs=1000)
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert f"Stopped {where}, before training began: nothing was trained or saved." in err
+    assert "Training 8 images" not in err and not (output / "test_lora").exists()
+    if module == "datacheck":
+        assert "Loading" not in err  # the model was never loaded
