@@ -99,7 +99,7 @@ def run_in_lab(config: dict[str, Any], lab: Any, launch: str) -> int:
     if params is None:
         return EXIT_BAD_INPUT
     workspace = local_workspace() if lab is not None else None
-    paths = plugin_paths(params, config, hub_id, workspace, lab) if launch == PLUGIN else task_paths(params)
+    paths = plugin_paths(params, config, hub_id, workspace, lab) if launch == PLUGIN else task_paths(params, lab)
     return execute(params, paths, reporter, workspace / "datasets" if workspace else None)
 
 
@@ -112,11 +112,35 @@ def local_workspace() -> Path | None:
     return Path(workspace) if "://" not in workspace and Path(workspace).is_dir() else None
 
 
-def task_paths(params: Any):
-    """Everything is written locally under output_dir, then handed to the SDK (lab_sdk.publish)."""
+def task_paths(params: Any, lab: Any = None):
+    """The job's own folders when they are on this machine: checkpoints into the job's checkpoints
+    folder and eval images into its artifacts folder (the Lab shows both as they are written, and
+    nothing is copied), the adapter and the logs in <job folder>/output, from where the adapter is
+    handed to the SDK; output_dir keeps only the latent cache, which later jobs reuse. With a remote
+    workspace (s3://, gs://…) everything is written under output_dir and handed to the SDK."""
     from .train import RunPaths
 
-    return RunPaths.standalone(params)
+    folders = job_folders(lab) if lab is not None else None
+    if folders is None:
+        return RunPaths.standalone(params)
+    job_dir, artifacts, checkpoints = folders
+    return RunPaths(adapter_dir=job_dir / "output" / params.adaptor_name, eval_images_dir=artifacts,
+                    logs_dir=job_dir / "output" / "logs" / params.adaptor_name, checkpoints_dir=checkpoints,
+                    own_checkpoints_dir=True)
+
+
+def job_folders(lab: Any) -> tuple[Path, Path, Path] | None:
+    """(job folder, artifacts folder, checkpoints folder) of the task's job, or None where the SDK
+    offers none or they are not on this machine."""
+    try:
+        found = [str(resolved(lab.job.get_dir())), str(resolved(lab.get_artifacts_dir())),
+                 str(resolved(lab.get_checkpoints_dir()))]
+    except Exception:  # an SDK without them, or a job that cannot be read
+        return None
+    if any("://" in folder for folder in found):
+        return None
+    job_dir, artifacts, checkpoints = (Path(folder) for folder in found)
+    return job_dir, artifacts, checkpoints
 
 
 def plugin_paths(params: Any, config: dict[str, Any], hub_id: str, workspace: Path | None, lab: Any):

@@ -123,8 +123,10 @@ class LabReporter(Reporter):
         if not self._adapter_handed:
             info = json.loads((result.paths.adapter_dir / adapter.INFO_NAME).read_text())
             self._save_model(result.paths.adapter_dir, params.adaptor_name, info)
+        offered = self._job_folder("get_artifacts_dir")
         for name, path in artifacts(result).items():
-            self._quietly(self.lab.save_artifact, str(path), name)
+            if offered is None or path.parent.resolve() != offered:  # not written there already
+                self._quietly(self.lab.save_artifact, str(path), name)
 
     def adapter_saved(self, folder: Path, name: str) -> None:
         """The task Lab's Models get the adapter as soon as it is written, before the last checkpoint
@@ -194,30 +196,50 @@ class LabReporter(Reporter):
     def save_checkpoint(self, path: Path, name: str, keep: int = 0) -> None:
         if not hasattr(self.lab, "save_checkpoint"):
             return
-        self.lab.save_checkpoint(str(path), name)
+        if path.parent.resolve() == self._job_folder("get_checkpoints_dir"):
+            # written in the job's own folder (task_paths): listed, not copied (the SDK's copy
+            # would remove its destination, here the checkpoint itself, first)
+            listed = self._listed_checkpoints()
+            self._set_fields({"checkpoints": [*listed, str(path)], "latest_checkpoint": str(path)})
+        else:
+            self.lab.save_checkpoint(str(path), name)
         if keep:
             self._quietly(self._prune_checkpoints, keep)
 
+    def _job_folder(self, getter: str) -> Path | None:
+        """One of the job's folders (the SDK's get_artifacts_dir / get_checkpoints_dir) when it is
+        on this machine."""
+        try:
+            folder = str(resolved(getattr(self.lab, getter)()))
+        except Exception:
+            return None
+        return None if "://" in folder else Path(folder).resolve()
+
+    def _listed_checkpoints(self) -> list:
+        listed = self.lab.get_job_data().get("checkpoints") if hasattr(self.lab, "get_job_data") else None
+        return listed if isinstance(listed, list) else []
+
     def _prune_checkpoints(self, keep: int) -> None:
-        """The job's copies of our checkpoints beyond the newest `keep` (checkpoints_total_limit),
-        removed from its checkpoints folder (which may be remote) and from its list."""
+        """The job's checkpoints beyond the newest `keep` (checkpoints_total_limit), removed from its
+        checkpoints folder (which may be remote) and from its list."""
         from lab import storage
 
         from .checkpoint import PREFIX
 
+        def name_of(item: Any) -> str:
+            return str(item).rstrip("/").rsplit("/", 1)[-1]
+
         folder = resolved(self.lab.job.get_checkpoints_dir())
-        ours = []
-        for item in resolved(storage.ls(folder, detail=False)):
-            name = str(item).rstrip("/").rsplit("/", 1)[-1]
-            if name.startswith(PREFIX) and name[len(PREFIX):].isdigit():
-                ours.append((int(name[len(PREFIX):]), str(item)))
-        removed = [item for _, item in sorted(ours)[:-keep]]
-        for item in removed:
+        ours = sorted((int(name_of(item)[len(PREFIX):]), str(item))
+                      for item in resolved(storage.ls(folder, detail=False))
+                      if name_of(item).startswith(PREFIX) and name_of(item)[len(PREFIX):].isdigit())
+        for _, item in ours[:-keep]:
             resolved(storage.rm_tree(item))
-        listed = self.lab.get_job_data().get("checkpoints") if hasattr(self.lab, "get_job_data") else None
-        if removed and isinstance(listed, list):
-            gone = {item.rstrip("/").rsplit("/", 1)[-1] for item in removed}
-            self._set_fields({"checkpoints": [c for c in listed if str(c).rstrip("/").rsplit("/", 1)[-1] not in gone]})
+        kept = {name_of(item) for _, item in ours[-keep:]}
+        listed = self._listed_checkpoints()
+        still = [c for c in listed if not name_of(c).startswith(PREFIX) or name_of(c) in kept]
+        if still != listed:
+            self._set_fields({"checkpoints": still})
 
     def checkpoint_to_resume(self) -> Path | None:
         if not hasattr(self.lab, "get_checkpoint_to_resume"):

@@ -37,6 +37,7 @@ class RunPaths:
     eval_images_dir: Path
     logs_dir: Path
     checkpoints_dir: Path | None = None  # None: <output_dir>/checkpoints/<adaptor_name>
+    own_checkpoints_dir: bool = False  # checkpoints_dir is this run's alone (a Lab job's): no run folders in it
 
     @classmethod
     def standalone(cls, params: TrainingParams) -> "RunPaths":
@@ -253,7 +254,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     accumulation = clamp_accumulation(accelerator, len(dataloader), reporter)
     dataloader = distributed.traced(dataloader, samples, optimizer, accelerator.process_index)
     ema = LoraEMA(trainable, params.ema_decay) if params.use_ema else None
-    run_folder = distributed.same_on_every_process(
+    run_folder = checkpoints_dir if paths.own_checkpoints_dir else distributed.same_on_every_process(
         accelerator, lambda: checkpoint.run_folder_for(resume_from, checkpoints_dir))
     checkpoints = checkpoint.Checkpoints(run_folder, accelerator, denoiser, ema, params, checked.fingerprint,
                                          reporter)

@@ -199,12 +199,18 @@ def test_task_launch_hands_the_adapter_images_and_figures_to_the_sdk(monkeypatch
     assert (model / "pytorch_lora_weights.safetensors").is_file()
     info = json.loads((model / "tlab_adaptor_info.json").read_text())
     assert info["model_architecture"] == "StableDiffusionPipeline" and info["stopped_early"] is False
-    # the job's Artifacts: every eval image, the before-vs-after grid, the loss curve
+    # the job's Artifacts: every eval image (drawn there, so the Lab shows each as it comes), the
+    # before-vs-after grid, the loss curve; nothing twice
     fresh = asyncio.run(Job.get(job.id, experiment))
     names = sorted(Path(p).name for p in asyncio.run(fresh.get_artifact_paths()))
-    assert names == ["before_after.png", "eval_before.png", "eval_epoch_0001.png", "eval_final.png", "loss.png"]
-    # written locally under output_dir first, then handed over (the workspace may be remote)
-    assert (tmp_path / "output" / f"{experiment}_lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert names == ["before.png", "before_after.png", "epoch_0001.png", "final.png", "loss.png"]
+    # the job's folders, not ./output of the working directory: the adapter and logs in
+    # <job>/output (the adapter then handed to Models), checkpoints in the job's checkpoints folder
+    job_dir = Path(asyncio.run(fresh.get_dir()))
+    assert (job_dir / "output" / f"{experiment}_lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert [Path(p).name for p in asyncio.run(fresh.get_checkpoint_paths())] == ["checkpoint-8"]
+    assert data["latest_checkpoint"] == str(job_dir / "checkpoints" / "checkpoint-8")
+    assert not (tmp_path / "output").exists()  # output_dir would hold only a disk latent cache
     assert not (WORKSPACE / "adaptors" / "tiny_tiny-sd" / f"{experiment}_lora").exists()
 
 
