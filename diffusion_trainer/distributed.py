@@ -98,8 +98,8 @@ def plan_steps(batches_per_process: int, gradient_accumulation_steps: int, epoch
                max_train_steps: int) -> StepPlan:
     updates_per_epoch = max(1, math.ceil(batches_per_process / gradient_accumulation_steps))
     total_steps = epochs * updates_per_epoch
-    if max_train_steps:
-        total_steps = min(total_steps, max_train_steps)
+    if max_train_steps:  # as in diffusers' scripts, it decides the length: more epochs, or fewer
+        total_steps = max_train_steps
     return StepPlan(updates_per_epoch, total_steps, math.ceil(total_steps / updates_per_epoch))
 
 

@@ -235,6 +235,9 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
         reporter.warn(f"The prepared data makes {steps.total_steps} optimizer steps, not the {planned.total_steps} "
                       "the learning-rate schedule was built for.")
     total_steps, num_epochs = steps.total_steps, steps.num_epochs
+    if params.max_train_steps and num_epochs != params.num_train_epochs:
+        reporter.info(f"max_train_steps={params.max_train_steps} overrides num_train_epochs="
+                      f"{params.num_train_epochs}: training {num_epochs} epochs of {steps.updates_per_epoch} steps.")
     accumulation = clamp_accumulation(accelerator, len(dataloader), reporter)
     dataloader = distributed.traced(dataloader, samples, optimizer, accelerator.process_index)
     ema = LoraEMA(trainable, params.ema_decay) if params.use_ema else None
@@ -265,6 +268,8 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
                       f"({start.batches_done} of its {len(dataloader)} batches already trained).")
         for note in resume_notes:
             reporter.warn(note)
+    if start is None and not reporter.stop_requested():  # the "before" of before/after: the base model's image
+        evaluator.run("before", 0)
     outcome = loop.run(loop.Training(
         accelerator=accelerator, family=family, denoiser=prepared, trainable=trainable,
         optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, samples=samples,

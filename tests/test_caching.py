@@ -266,7 +266,7 @@ def test_encoders_leave_the_accelerator_after_caching(tmp_path, tiny_sd, numbere
             assert [device for m, device in after_cache if m is module] == ["cpu"]
         first_eval = next((i for i, (m, _) in enumerate(events) if m is vae and i > first_step), len(events))
         assert ("step", None) in events[first_step:first_eval]  # trained before anything moved them back
-    assert len(list((out / "eval_images" / "test_lora").glob("*.png"))) == (2 if eval_prompt else 0)
+    assert len(list((out / "eval_images" / "test_lora").glob("*.png"))) == (3 if eval_prompt else 0)  # before, epoch 1, epoch 2
 
 
 def test_the_progress_bar_counts_optimizer_steps(tmp_path, tiny_sd, numbered, monkeypatch):

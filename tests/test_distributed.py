@@ -168,7 +168,7 @@ def test_two_processes_train_one_run_on_disjoint_halves(tmp_path, monkeypatch, t
     assert not [p for p in output.rglob("*") if ".partial" in p.name]
     adapter = output / "test_lora"
     assert json.loads((adapter / "tlab_adaptor_info.json").read_text())["steps_trained"] == 8
-    assert [p.name for p in (output / "eval_images" / "test_lora").iterdir()] == ["final.png"]
+    assert sorted(p.name for p in (output / "eval_images" / "test_lora").iterdir()) == ["before.png", "final.png"]
     writers = {p.name.split(".")[-2] for p in (output / "logs").rglob("events.out.tfevents.*")}
     assert len(writers) == 1  # events.out.tfevents.<time>.<host>.<pid>.<n>: one process wrote them
     from diffusers import StableDiffusionPipeline

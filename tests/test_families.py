@@ -93,7 +93,7 @@ def test_family_trains_saves_reloads_and_draws_eval_images(trained, tiny_family,
     info = json.loads((adapter / "tlab_adaptor_info.json").read_text())
     assert info["model_architecture"] == PIPELINES[name]
     # eval images for every family, Flux included (the predecessor switched Flux's off)
-    assert sorted(p.name for p in (out / "eval_images" / "test_lora").glob("*.png")) == ["epoch_0001.png", "final.png"]
+    assert sorted(p.name for p in (out / "eval_images" / "test_lora").glob("*.png")) == ["before.png", "epoch_0001.png", "final.png"]
 
     pipe = reload(tiny_family(name), name)
     assert type(pipe).__name__ == PIPELINES[name]

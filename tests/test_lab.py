@@ -91,7 +91,7 @@ def test_plugin_launch_completes_with_the_adapter_where_the_lab_looks(monkeypatc
     assert (adapter / "pytorch_lora_weights.safetensors").is_file()
     info = json.loads((adapter / "tlab_adaptor_info.json").read_text())
     assert info["parameters"]["num_train_epochs"] == 2 and info["parameters"]["center_crop"] is True
-    assert sorted(p.name for p in Path(data["eval_images_dir"]).glob("*.png")) == ["epoch_0001.png", "final.png"]
+    assert sorted(p.name for p in Path(data["eval_images_dir"]).glob("*.png")) == ["before.png", "epoch_0001.png", "final.png"]
     assert list(Path(data["tensorboard_output_dir"]).rglob("events.out.tfevents.*"))
     assert data["completion_status"] == "success" and str(adapter) in data["completion_details"]
     assert data["score"]["final_loss"] > 0 and data["current_metrics"]["loss"] > 0
@@ -201,7 +201,7 @@ def test_task_launch_hands_the_adapter_images_and_figures_to_the_sdk(monkeypatch
     # the job's Artifacts: every eval image, the first-vs-last grid, the loss curve
     fresh = asyncio.run(Job.get(job.id, experiment))
     names = sorted(Path(p).name for p in asyncio.run(fresh.get_artifact_paths()))
-    assert names == ["before_after.png", "eval_epoch_0001.png", "eval_final.png", "loss.png"]
+    assert names == ["before_after.png", "eval_before.png", "eval_epoch_0001.png", "eval_final.png", "loss.png"]
     # written locally under output_dir first, then handed over (the workspace may be remote)
     assert (tmp_path / "output" / f"{experiment}_lora" / "pytorch_lora_weights.safetensors").is_file()
     assert not (WORKSPACE / "adaptors" / "tiny_tiny-sd" / f"{experiment}_lora").exists()

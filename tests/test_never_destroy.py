@@ -248,7 +248,7 @@ def test_a_stop_during_an_eval_image_ends_it_at_the_next_denoising_step(tmp_path
         return real_check(self, pipeline, step, timestep, callback_kwargs)
 
     def stop_asked_here(self):
-        if len(denoising_steps) >= 3 and self.stop_reason is None:
+        if len(denoising_steps) >= 200 + 3 and self.stop_reason is None:  # the "before" image is whole
             self.stop_reason = TERMINATE  # as SIGTERM's handler would set it
         return self.stop_reason is not None
 
@@ -258,9 +258,10 @@ def test_a_stop_during_an_eval_image_ends_it_at_the_next_denoising_step(tmp_path
                       eval_steps=1, eval_num_inference_steps=200)
     err = capsys.readouterr().err
     assert code == 143, err
-    assert len(denoising_steps) == 3  # not 200
+    assert len(denoising_steps) == 200 + 3  # not 200 + 200
     assert json.loads((out / "test_lora" / INFO).read_text())["steps_trained"] == 4  # no step after the eval
-    assert not list((out / "eval_images" / "test_lora").glob("*.png"))  # the interrupted image is not kept
+    # drawn before step 1 (before/after shows the base model), and the interrupted image is not kept
+    assert [p.name for p in (out / "eval_images" / "test_lora").glob("*.png")] == ["before.png"]
 
 
 def test_sigterm_during_the_last_checkpoint_exits_143_with_the_adapter_already_saved(tmp_path, tiny_sd, star_folder):

@@ -60,7 +60,7 @@ def test_adapter_loads_into_a_fresh_pipeline_and_changes_its_output(tmp_path, ti
     assert scales == {4.0}
 
     eval_dir = out / "eval_images" / "test_lora"
-    assert sorted(p.name for p in eval_dir.glob("*.png")) == ["epoch_0001.png", "epoch_0002.png", "final.png"]
+    assert sorted(p.name for p in eval_dir.glob("*.png")) == ["before.png", "epoch_0001.png", "epoch_0002.png", "final.png"]
     losses = tensorboard_scalars(out / "logs" / "test_lora", "loss")
     assert losses and losses[-1][0] == 12
 
@@ -291,3 +291,11 @@ def test_an_existing_adapter_is_replaced_only_by_a_complete_one(tmp_path):
     write_adapter_dir(target, lambda d: (d / "pytorch_lora_weights.safetensors").write_text("new"))
     assert (target / "pytorch_lora_weights.safetensors").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["my_lora"]
+
+
+def test_max_train_steps_beyond_the_epochs_adds_epochs_and_says_so(tmp_path, tiny_sd, star_folder, capsys):
+    code, out = train(tmp_path, tiny_sd, star_folder, num_train_epochs=1, max_train_steps=6)  # 4 steps an epoch
+    err = capsys.readouterr().err
+    assert code == 0 and "max_train_steps=6 overrides num_train_epochs=1: training 2 epochs of 4 steps" in err
+    info = json.loads((out / "test_lora" / "tlab_adaptor_info.json").read_text())
+    assert info["steps_trained"] == 6 and info["epochs_trained"] == 2
