@@ -28,12 +28,12 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 def test_steps_count_global_optimizer_steps_across_processes():
     # the case: 4 images, batch 1, 3 epochs on 2 processes -> 2 batches each per epoch -> 6 steps
-    plan = distributed.plan_steps(distributed.batches_per_process(4, 2), 1, 3, 0)
+    plan = distributed.plan_steps(2, 1, 3, 0)
     assert (plan.updates_per_epoch, plan.total_steps, plan.num_epochs) == (2, 6, 3)
-    # 5 batches on 2 processes: accelerate evens them out to 3 each; accumulation 2 -> 2 updates
-    plan = distributed.plan_steps(distributed.batches_per_process(5, 2), 2, 4, 0)
+    # 3 batches a process, accumulation 2 -> 2 updates an epoch
+    plan = distributed.plan_steps(3, 2, 4, 0)
     assert (plan.updates_per_epoch, plan.total_steps, plan.num_epochs) == (2, 8, 4)
-    plan = distributed.plan_steps(distributed.batches_per_process(8, 4), 1, 10, 5)  # max_train_steps caps
+    plan = distributed.plan_steps(2, 1, 10, 5)  # max_train_steps caps
     assert (plan.total_steps, plan.num_epochs) == (5, 3)
 
 
