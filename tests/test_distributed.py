@@ -188,6 +188,62 @@ def test_two_processes_train_one_run_on_disjoint_halves(tmp_path, monkeypatch, t
                                                             for k in range(8)])
 
 
+def trained_per_epoch(trace: Path) -> dict[int, list[list[int]]]:
+    """{epoch: every process's trained indices}, from the traced loader's lines."""
+    ranks = [read_trace(trace / f"rank{k}.jsonl") for k in (0, 1)]
+    epochs = sorted({line["epoch"] for r in ranks for line in r})
+    return {e: [[i for line in r if line["epoch"] == e for i in line["indices"]] for r in ranks] for e in epochs}
+
+
+def test_an_uneven_dataset_trains_every_image_every_epoch_in_the_announced_steps(tmp_path, tiny_sd, star_folder):
+    # 9 images, batch 2, 2 processes: 5 batches (the last topped up), 6 with one extra: 3 steps an epoch
+    import shutil
+
+    data = tmp_path / "nine"
+    shutil.copytree(star_folder, data)
+    shutil.copy(star_folder / "0003.png", data / "0008.png")
+    (data / "0008.txt").write_text("a big sks star\n")
+    config = write_config(tmp_path / "run.json", quick_params(tiny_sd, data, tmp_path / "output", train_batch_size=2,
+                                                              num_train_epochs=2, lr_scheduler="linear"))
+    result = torchrun(tmp_path, ROOT / "main.py", config, tmp_path / "trace")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert re.findall(r"Training 9 images for (\d+) optimizer steps", log) == ["6"]
+    assert re.findall(r"Done in .*?: (\d+) optimizer steps", log) == ["6"]
+    epochs = trained_per_epoch(tmp_path / "trace")
+    assert sorted(epochs) == [1, 2]
+    for halves in epochs.values():
+        assert [len(h) for h in halves] == [6, 6]  # 3 full batches of 2 on each process
+        assert set(halves[0] + halves[1]) == set(range(9))
+
+
+def test_uneven_buckets_on_two_processes_train_full_batches_of_one_shape(tmp_path, tiny_sd):
+    # 7 square, 6 wide, 3 tall at 128 px, batch 4: 2 + 2 + 1 topped-up batches and one extra, 3 steps an epoch
+    from PIL import Image
+
+    sizes = [(128, 128)] * 7 + [(192, 128)] * 6 + [(128, 192)] * 3  # (w, h)
+    order = [0, 7, 13, 1, 8, 14, 2, 9, 15, 3, 10, 4, 11, 5, 12, 6]  # shapes interleaved in the folder
+    data = tmp_path / "mixed"
+    data.mkdir()
+    for n, k in enumerate(order):
+        Image.new("RGB", sizes[k], (15 * k, 120, 200)).save(data / f"{n:04d}.png")
+        (data / f"{n:04d}.txt").write_text(f"picture {n}\n")
+    config = write_config(tmp_path / "run.json", quick_params(tiny_sd, data, tmp_path / "output", resolution=128,
+                                                              aspect_ratio_bucketing=True, train_batch_size=4,
+                                                              num_train_epochs=2))
+    result = torchrun(tmp_path, ROOT / "main.py", config, tmp_path / "trace")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert re.findall(r"Training 16 images for (\d+) optimizer steps", log) == ["6"]
+    assert re.findall(r"Done in .*?: (\d+) optimizer steps", log) == ["6"]
+    shape_of = {n: sizes[k] for n, k in enumerate(order)}
+    for rank in (0, 1):
+        lines = read_trace(tmp_path / "trace" / f"rank{rank}.jsonl")
+        assert len(lines) == 6 and all(len({shape_of[i] for i in line["indices"]}) == 1 for line in lines)
+    for halves in trained_per_epoch(tmp_path / "trace").values():
+        assert set(halves[0] + halves[1]) == set(range(16))
+
+
 FAILING_RANK_1 = """
 import os, sys
 sys.argv[0] = "main.py"
