@@ -88,14 +88,25 @@ class StepPlan:
     num_epochs: int
 
 
-def batches_per_process(batches: int, num_processes: int) -> int:
-    """A process's share of an epoch's batches after accelerate shards the loader
-    (even_batches: the last batches are filled from the epoch's start, so each gets the ceiling)."""
-    return math.ceil(batches / num_processes)
+def already_sharded(loader: Any, accelerator: Any) -> Any:
+    """`loader` as accelerate prepares it for one process (batches moved to the device, the
+    epoch's end marked for gradient accumulation), but not sharded again: its batch sampler
+    already yields this process's share of an exact plan (`data.BucketBatchSampler`), where
+    accelerate's `BatchSamplerShard` would drop a short round and top it up from the epoch's
+    first batches, whatever their shape. Marked as prepared, so `accelerator.prepare` only
+    registers it. No RNG is synchronised: the order is a pure function of (seed, epoch)."""
+    from accelerate.data_loader import prepare_data_loader
+
+    prepared = prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0,
+                                   put_on_device=accelerator.device_placement, rng_types=None,
+                                   non_blocking=accelerator.non_blocking)
+    prepared._is_accelerate_prepared = True
+    return prepared
 
 
 def plan_steps(batches_per_process: int, gradient_accumulation_steps: int, epochs: int,
                max_train_steps: int) -> StepPlan:
+    """`batches_per_process`: one process's batches an epoch (the loader's len())."""
     updates_per_epoch = max(1, math.ceil(batches_per_process / gradient_accumulation_steps))
     total_steps = epochs * updates_per_epoch
     if max_train_steps:  # as in diffusers' scripts, it decides the length: more epochs, or fewer

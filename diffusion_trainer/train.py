@@ -224,8 +224,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     dataloader = make_dataloader(samples, params, accelerator)
 
     # --- optimizer: steps are global optimizer steps, whatever the number of processes ------------
-    planned = distributed.plan_steps(distributed.batches_per_process(len(dataloader), accelerator.num_processes),
-                                     params.gradient_accumulation_steps, params.num_train_epochs,
+    planned = distributed.plan_steps(len(dataloader), params.gradient_accumulation_steps, params.num_train_epochs,
                                      params.max_train_steps)
     optimizer, lr_scheduler = make_optimizer(trainable, params, planned.total_steps, accelerator)
     prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
@@ -423,9 +422,11 @@ def make_dataloader(samples: Any, params: TrainingParams, accelerator: Any):
         options["worker_init_fn"] = ignore_stop_signals
     # The order comes from (seed, epoch) alone; the loader's own generator (worker seeds only: the
     # transforms are seeded per sample) keeps it from drawing on the global RNG each epoch.
-    sampler = BucketBatchSampler(samples, params.train_batch_size, params.seed)
-    return torch.utils.data.DataLoader(samples, batch_sampler=sampler, generator=torch.Generator().manual_seed(params.seed),
-                                       **options)
+    sampler = BucketBatchSampler(samples, params.train_batch_size, params.seed, accelerator.num_processes,
+                                 accelerator.process_index)
+    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, generator=torch.Generator().manual_seed(params.seed),
+                                         **options)
+    return distributed.already_sharded(loader, accelerator)
 
 
 def clamp_accumulation(accelerator: Any, batches: int, reporter: Any) -> int:

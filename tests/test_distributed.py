@@ -28,12 +28,12 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 def test_steps_count_global_optimizer_steps_across_processes():
     # the issue's case: 4 images, batch 1, 3 epochs on 2 processes -> 2 batches each per epoch -> 6 steps
-    plan = distributed.plan_steps(distributed.batches_per_process(4, 2), 1, 3, 0)
+    plan = distributed.plan_steps(2, 1, 3, 0)
     assert (plan.updates_per_epoch, plan.total_steps, plan.num_epochs) == (2, 6, 3)
-    # 5 batches on 2 processes: accelerate evens them out to 3 each; accumulation 2 -> 2 updates
-    plan = distributed.plan_steps(distributed.batches_per_process(5, 2), 2, 4, 0)
+    # 3 batches a process, accumulation 2 -> 2 updates an epoch
+    plan = distributed.plan_steps(3, 2, 4, 0)
     assert (plan.updates_per_epoch, plan.total_steps, plan.num_epochs) == (2, 8, 4)
-    plan = distributed.plan_steps(distributed.batches_per_process(8, 4), 1, 10, 5)  # max_train_steps caps
+    plan = distributed.plan_steps(2, 1, 10, 5)  # max_train_steps caps
     assert (plan.total_steps, plan.num_epochs) == (5, 3)
 
 
@@ -186,6 +186,62 @@ def test_two_processes_train_one_run_on_disjoint_halves(tmp_path, monkeypatch, t
     # linear, warmup 2 of 8 steps, 1e-3: up over steps 0-1, down to 0 over steps 2-8
     assert [line["lr"] for line in single] == pytest.approx([k / 2 * 1e-3 if k < 2 else (8 - k) / 6 * 1e-3
                                                             for k in range(8)])
+
+
+def trained_per_epoch(trace: Path) -> dict[int, list[list[int]]]:
+    """{epoch: every process's trained indices}, from the traced loader's lines."""
+    ranks = [read_trace(trace / f"rank{k}.jsonl") for k in (0, 1)]
+    epochs = sorted({line["epoch"] for r in ranks for line in r})
+    return {e: [[i for line in r if line["epoch"] == e for i in line["indices"]] for r in ranks] for e in epochs}
+
+
+def test_an_uneven_dataset_trains_every_image_every_epoch_in_the_announced_steps(tmp_path, tiny_sd, star_folder):
+    # 9 images, batch 2, 2 processes: 5 batches (the last topped up), 6 with one extra: 3 steps an epoch
+    import shutil
+
+    data = tmp_path / "nine"
+    shutil.copytree(star_folder, data)
+    shutil.copy(star_folder / "0003.png", data / "0008.png")
+    (data / "0008.txt").write_text("a big sks star\n")
+    config = write_config(tmp_path / "run.json", quick_params(tiny_sd, data, tmp_path / "output", train_batch_size=2,
+                                                              num_train_epochs=2, lr_scheduler="linear"))
+    result = torchrun(tmp_path, ROOT / "main.py", config, tmp_path / "trace")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert re.findall(r"Training 9 images for (\d+) optimizer steps", log) == ["6"]
+    assert re.findall(r"Done in .*?: (\d+) optimizer steps", log) == ["6"]
+    epochs = trained_per_epoch(tmp_path / "trace")
+    assert sorted(epochs) == [1, 2]
+    for halves in epochs.values():
+        assert [len(h) for h in halves] == [6, 6]  # 3 full batches of 2 on each process
+        assert set(halves[0] + halves[1]) == set(range(9))
+
+
+def test_uneven_buckets_on_two_processes_train_full_batches_of_one_shape(tmp_path, tiny_sd):
+    # 7 square, 6 wide, 3 tall at 128 px, batch 4: 2 + 2 + 1 topped-up batches and one extra, 3 steps an epoch
+    from PIL import Image
+
+    sizes = [(128, 128)] * 7 + [(192, 128)] * 6 + [(128, 192)] * 3  # (w, h)
+    order = [0, 7, 13, 1, 8, 14, 2, 9, 15, 3, 10, 4, 11, 5, 12, 6]  # shapes interleaved in the folder
+    data = tmp_path / "mixed"
+    data.mkdir()
+    for n, k in enumerate(order):
+        Image.new("RGB", sizes[k], (15 * k, 120, 200)).save(data / f"{n:04d}.png")
+        (data / f"{n:04d}.txt").write_text(f"picture {n}\n")
+    config = write_config(tmp_path / "run.json", quick_params(tiny_sd, data, tmp_path / "output", resolution=128,
+                                                              aspect_ratio_bucketing=True, train_batch_size=4,
+                                                              num_train_epochs=2))
+    result = torchrun(tmp_path, ROOT / "main.py", config, tmp_path / "trace")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert re.findall(r"Training 16 images for (\d+) optimizer steps", log) == ["6"]
+    assert re.findall(r"Done in .*?: (\d+) optimizer steps", log) == ["6"]
+    shape_of = {n: sizes[k] for n, k in enumerate(order)}
+    for rank in (0, 1):
+        lines = read_trace(tmp_path / "trace" / f"rank{rank}.jsonl")
+        assert len(lines) == 6 and all(len({shape_of[i] for i in line["indices"]}) == 1 for line in lines)
+    for halves in trained_per_epoch(tmp_path / "trace").values():
+        assert set(halves[0] + halves[1]) == set(range(16))
 
 
 FAILING_RANK_1 = """
