@@ -237,6 +237,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     total_steps, num_epochs = steps.total_steps, steps.num_epochs
     accumulation = clamp_accumulation(accelerator, len(dataloader), reporter)
     dataloader = distributed.traced(dataloader, samples, optimizer, accelerator.process_index)
+    distributed.seed_this_process(params.seed, accelerator.process_index)
     ema = LoraEMA(trainable, params.ema_decay) if params.use_ema else None
     run_folder = distributed.same_on_every_process(
         accelerator, lambda: checkpoint.run_folder_for(resume_from, checkpoints_dir))
