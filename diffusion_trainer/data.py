@@ -401,7 +401,7 @@ class ImageTransform:
         """`flip` None draws it (when random_flip is on); True/False forces it (cached variants)."""
         target = target or (self.size, self.size)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)  # torch.manual_seed would reseed CUDA too
             original_size = (image.height, image.width)
             resized = covering_size(original_size, target)
             image = TF.resize(image, list(resized), interpolation=self.interpolation)

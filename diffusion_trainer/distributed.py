@@ -13,6 +13,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_C
 # Optimizer steps between the processes' agreement on a stop request. Every step: the Lab's Stop
 # sends SIGTERM and SIGKILL 3 s later, and the agreement (one broadcast int) costs little.
 STOP_CHECK_EVERY = 1
+# How long a process waits in a collective for the others: the default 10 minutes is shorter than
+# one process encoding a large SDXL/Flux dataset into the disk latent cache while the rest wait.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=4)
 TRACE_ENV = "DIFFUSION_TRAINER_TRACE_DIR"  # debugging: where each process writes what it trained on
 
 
@@ -50,10 +54,30 @@ def launched_distributed() -> bool:
     return int(os.environ.get("LOCAL_RANK", -1)) != -1 or _first_int(WORLD_SIZE_VARIABLES, 1) > 1
 
 
+def process_seed(seed: int, process_index: int) -> int:
+    """The seed of this process's noise and timestep stream: every process its own (accelerate's
+    device_specific seeding), so the images of one step do not all share one noise draw."""
+    return seed + process_index
+
+
+def seed_this_process(seed: int, process_index: int) -> None:
+    """Called after the model and its LoRA weights exist (drawn alike on every process); a resume
+    then restores each process's own RNG state (random_states_<k>.pkl) over it."""
+    from accelerate.utils import set_seed
+
+    set_seed(process_seed(seed, process_index))
+
+
 def accelerator_kwargs() -> dict[str, Any]:
-    """On a machine without CUDA, accelerate only sets up gloo (CPU) process groups when told
-    cpu=True; otherwise every launched process would train alone on all the data."""
-    return {"cpu": True} if launched_distributed() and not torch.cuda.is_available() else {}
+    """A process-group timeout of PROCESS_GROUP_TIMEOUT. On a machine without CUDA, accelerate only
+    sets up gloo (CPU) process groups when told cpu=True; otherwise every launched process would
+    train alone on all the data."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    kwargs: dict[str, Any] = {"kwargs_handlers": [InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)]}
+    if launched_distributed() and not torch.cuda.is_available():
+        kwargs["cpu"] = True
+    return kwargs
 
 
 def refuse_unsupported(accelerator: Any) -> None:

@@ -220,7 +220,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     speed_up_denoiser(denoiser, params, runtime, reporter)
 
     # --- data: encode once where we can, then park the encoders --------------------------
-    samples, inputs = prepare_data(family, records, params, accelerator, reporter)
+    samples, inputs = prepare_data(family, records, checked.images_fingerprint, params, accelerator, reporter)
     dataloader = make_dataloader(samples, params, accelerator)
 
     # --- optimizer: steps are global optimizer steps, whatever the number of processes ------------
@@ -239,6 +239,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
                       f"{params.num_train_epochs}: training {num_epochs} epochs of {steps.updates_per_epoch} steps.")
     accumulation = clamp_accumulation(accelerator, len(dataloader), reporter)
     dataloader = distributed.traced(dataloader, samples, optimizer, accelerator.process_index)
+    distributed.seed_this_process(params.seed, accelerator.process_index)
     ema = LoraEMA(trainable, params.ema_decay) if params.use_ema else None
     run_folder = distributed.same_on_every_process(
         accelerator, lambda: checkpoint.run_folder_for(resume_from, checkpoints_dir))
@@ -382,7 +383,7 @@ def speed_up_denoiser(denoiser: torch.nn.Module, params: TrainingParams, runtime
         denoiser.compile()  # in place: the module (and its LoRA weights) stay the ones we save
 
 
-def prepare_data(family: Any, records: Any, params: TrainingParams, accelerator: Any,
+def prepare_data(family: Any, records: Any, images_fingerprint: str, params: TrainingParams, accelerator: Any,
                  reporter: Any) -> tuple[Any, ModelInputs]:
     """The training dataset and how batches become model inputs: cached latents and text
     embeddings when asked for, after which the VAE and text encoders leave the accelerator
@@ -401,7 +402,7 @@ def prepare_data(family: Any, records: Any, params: TrainingParams, accelerator:
         reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB); "
                       f"{', '.join(parked)} {'moved off the accelerator' if keep_for_eval else 'freed'}.")
     if params.cache_latents:
-        store = build_latent_cache(family, samples, params, cache_dir(params), reporter,
+        store = build_latent_cache(family, samples, params, images_fingerprint, cache_dir(params), reporter,
                                    accelerator.local_main_process_first)
         samples = CachedSamples(store, samples)
         family.park(("vae",), keep_for_eval)

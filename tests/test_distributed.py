@@ -37,14 +37,61 @@ def test_steps_count_global_optimizer_steps_across_processes():
     assert (plan.total_steps, plan.num_epochs) == (5, 3)
 
 
+def test_each_process_draws_its_own_noise_and_timesteps():
+    draws = []
+    for rank in (0, 1):
+        distributed.seed_this_process(7, rank)
+        draws.append((torch.randn(4), torch.randint(0, 1000, (4,))))
+    assert not torch.equal(draws[0][0], draws[1][0])
+    assert not torch.equal(draws[0][1], draws[1][1])
+    distributed.seed_this_process(7, 1)  # and each stream is reproducible
+    assert torch.equal(torch.randn(4), draws[1][0])
+
+
+def test_an_image_transform_seeds_only_the_cpu_generator(monkeypatch):
+    """fork_rng(devices=[]) restores only the CPU state: a CUDA reseed there would leak out."""
+    from PIL import Image
+
+    from diffusion_trainer.data import ImageTransform
+    from diffusion_trainer.params import parse_params
+
+    def reseeded(*args):
+        raise AssertionError("the CUDA generator was reseeded")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded)
+    params = parse_params({"adaptor_name": "a", "model_name": "m/m", "dataset_name": "d", "resolution": 64,
+                           "random_flip": True, "center_crop": False})[0]
+    before = torch.random.get_rng_state()
+    out = ImageTransform(params)(Image.new("RGB", (90, 71), "red"), seed=3)
+    assert out.pixels.shape == (3, 64, 64)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine accelerate chooses NCCL itself")
 def test_a_cpu_launch_asks_accelerate_for_gloo(monkeypatch):
     for key in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
         monkeypatch.delenv(key, raising=False)
-    assert distributed.accelerator_kwargs() == {}
+    assert "cpu" not in distributed.accelerator_kwargs()
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert distributed.accelerator_kwargs() == {"cpu": True}  # this machine has no CUDA
+    assert distributed.accelerator_kwargs()["cpu"] is True  # this machine has no CUDA
+
+
+def test_the_accelerator_waits_hours_for_the_other_processes(tmp_path):
+    """One process writing a large disk latent cache keeps the others in a collective for longer than
+    NCCL's default 10 minutes."""
+    from datetime import timedelta
+
+    from diffusion_trainer.params import parse_params
+    from diffusion_trainer.reporting import Reporter
+    from diffusion_trainer.train import make_accelerator
+
+    params = parse_params({"adaptor_name": "a", "model_name": "m/m", "dataset_name": "d"})[0]
+    runtime = type("Runtime", (), {"mixed_precision": "no"})()
+    paths = type("Paths", (), {"logs_dir": tmp_path / "logs"})()
+    accelerator = make_accelerator(params, runtime, paths, Reporter())
+    assert accelerator.init_handler.timeout == timedelta(hours=4)
 
 
 def test_launch_uses_accelerate_for_several_gpus_and_main_py_otherwise(monkeypatch):
