@@ -45,6 +45,11 @@ def process_index() -> int:
     return _first_int(RANK_VARIABLES, 0)
 
 
+def num_processes() -> int:
+    """How many processes the launcher started (1 when not launched), before accelerate is set up."""
+    return _first_int(WORLD_SIZE_VARIABLES, 1)
+
+
 def is_main_process() -> bool:
     return process_index() == 0
 

@@ -203,7 +203,8 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     check_output_folders(paths, checkpoints_dir, params)
     resume_from, resume_notes = choose_checkpoint(params, checkpoints_dir, reporter)
     if resume_from is not None:
-        for note in checkpoint.compatibility_notes(resume_from, params, checked.fingerprint):
+        for note in checkpoint.compatibility_notes(resume_from, params, checked.fingerprint,
+                                                   distributed.num_processes()):
             reporter.info(f"Resuming with a changed setting (allowed): {note}")
 
     # --- model -----------------------------------------------------------------------------
