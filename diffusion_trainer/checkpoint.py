@@ -51,7 +51,10 @@ SAFE_TO_CHANGE = frozenset({
     "enable_xformers_memory_efficient_attention", "allow_files_outside_dataset",
 })
 # cache_latents / cache_text_embeddings / dataset_name: the same data by other means or from another
-# place; the data's contents are compared through their fingerprint instead.
+# place; the data's contents are compared through their fingerprint instead. cache_latents only while
+# nothing is augmented at random: cached variants are other draws than fresh augmentation.
+# num_train_epochs / max_train_steps: the learning-rate schedule then follows the new length from the
+# resumed step on (continue_schedule).
 
 
 @dataclass
@@ -213,6 +216,12 @@ def compatibility_notes(path: Path, params: Any, data_fingerprint: str, num_proc
         change = f"{name}: {before.get(name)!r} -> {now.get(name)!r}"
         safe = name in SAFE_TO_CHANGE or name not in before  # a parameter newer than the checkpoint
         (notes if safe else refused).append(change)
+    augmented = random_augmentations(before)
+    if before.get("cache_latents", now["cache_latents"]) != now["cache_latents"] and augmented:
+        change = next(n for n in notes if n.startswith("cache_latents:"))
+        notes.remove(change)
+        refused.append(f"{change} (with random augmentation, {', '.join(augmented)}, the cached variants are "
+                       "other images than augmenting afresh every step)")
     if recorded.get("data_fingerprint") != data_fingerprint:
         refused.append("dataset_name: the dataset's contents (images, captions or their order) differ "
                        "from the checkpoint's")
@@ -223,6 +232,34 @@ def compatibility_notes(path: Path, params: Any, data_fingerprint: str, num_proc
             "fresh run (resume_from_checkpoint empty, or another adaptor_name). A resume may change only: "
             + ", ".join(sorted(SAFE_TO_CHANGE)) + ".")
     return notes
+
+
+def random_augmentations(parameters: dict[str, Any]) -> list[str]:
+    """The random augmentations a run's parameters switch on, by parameter name."""
+    found = [name for name in ("random_flip", "color_jitter") if parameters.get(name)]
+    if parameters.get("random_rotation") and parameters.get("rotation_prob", 0) > 0:
+        found.append("random_rotation")
+    if not parameters.get("center_crop", True):
+        found.append("center_crop off (random crop)")
+    return found
+
+
+def continue_schedule(lr_scheduler: Any) -> list[tuple[float, float]]:
+    """After a resume: the learning rate of the next step as the schedule built for this run's length
+    gives it, instead of the one the checkpoint's optimizer holds (its own schedule's, when
+    num_train_epochs or max_train_steps changed). (checkpoint's lr, this schedule's lr) per group."""
+    inner = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    lambdas = getattr(inner, "lr_lambdas", None)
+    if lambdas is None:
+        return []
+    groups = inner.optimizer.param_groups
+    # as LambdaLR.get_lr computes it, so an unchanged schedule gives the same float
+    rates = [base * rule(inner.last_epoch) for rule, base in zip(lambdas, inner.base_lrs)]
+    changes = [(group["lr"], rate) for group, rate in zip(groups, rates)]
+    for group, rate in zip(groups, rates):
+        group["lr"] = rate
+    inner._last_lr = list(rates)
+    return changes
 
 
 class Checkpoints:

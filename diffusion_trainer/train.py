@@ -269,6 +269,10 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
                       f"({start.batches_done} of its {len(dataloader)} batches already trained).")
         for note in resume_notes:
             reporter.warn(note)
+        for before, now in checkpoint.continue_schedule(lr_scheduler)[:1]:
+            if before != now:
+                reporter.info(f"The learning-rate schedule follows this run's {total_steps} steps from step "
+                              f"{start.step + 1} on: learning rate {now:.4g} (the checkpoint's schedule had {before:.4g}).")
     if start is None and not reporter.stop_requested():  # the "before" of before/after: the base model's image
         evaluator.run("before", 0)
     outcome = loop.run(loop.Training(

@@ -172,3 +172,41 @@ def test_a_full_disk_at_save_keeps_the_weights_in_a_named_fallback(tmp_path, tin
     assert len(rescued) == 1 and str(rescued[0]) in err
     assert load_file(rescued[0] / adapter.WEIGHTS_NAME)
     assert not (out / "test_lora").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_sd, star_folder):
+    """One epoch (4 steps) under a linear schedule and random flips, checkpoints at steps 2 and 4."""
+    tmp = tmp_path_factory.mktemp("finished")
+    code, _ = train(tmp, tiny_sd, star_folder, **FINISHED)
+    assert code == 0
+    return tmp
+
+
+FINISHED = dict(num_train_epochs=1, checkpointing_steps=2, lr_scheduler="linear", random_flip=True, cache_latents=True)
+
+
+def test_a_resume_with_more_epochs_follows_the_new_schedule_from_its_first_step(finished_run, tmp_path, tiny_sd,
+                                                                               star_folder, capsys, monkeypatch):
+    from diffusion_trainer import distributed
+
+    copy_run(finished_run, tmp_path)
+    monkeypatch.setenv(distributed.TRACE_ENV, str(tmp_path / "trace"))
+    code, _ = train(tmp_path, tiny_sd, star_folder, resume_from_checkpoint="latest",
+                    **{**FINISHED, "num_train_epochs": 2})
+    err = capsys.readouterr().err
+    assert code == 0, err
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "trace" / "rank0.jsonl").read_text().splitlines()]
+    # linear from 1e-3 to 0 over the new 8 steps, from step 5 on: no step at the old schedule's end (0)
+    assert lrs == pytest.approx([(8 - k) / 8 * 1e-3 for k in range(4, 8)])
+    assert "follows this run's 8 steps from step 5 on: learning rate 0.0005 (the checkpoint's schedule had 0)" in err
+
+
+def test_a_resume_that_toggles_cache_latents_under_augmentation_is_refused(finished_run, tmp_path, tiny_sd,
+                                                                          star_folder, capsys):
+    copy_run(finished_run, tmp_path)
+    code, _ = train(tmp_path, tiny_sd, star_folder, resume_from_checkpoint="latest",
+                    **{**FINISHED, "num_train_epochs": 2, "cache_latents": False})
+    err = capsys.readouterr().err
+    assert code == 2 and "cache_latents: True -> False (with random augmentation, random_flip" in err
+    assert "Loading" not in err
