@@ -151,7 +151,6 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     """Check what the run would write over, hold the output folder's lock, train."""
     dataset_dir = local_dataset_folder(params.dataset_name, lab_datasets_dir)
     checkpoints_dir = paths.checkpoints(params)
-    guards.check_output_dir_outside_dataset(Path(params.output_dir), dataset_dir)
     guards.check_adapter_target(paths.adapter_dir, adapter.INFO_NAME, dataset_dir,
                                 [paths.logs_dir, paths.eval_images_dir, checkpoints_dir, cache_dir(params)])
     lock = guards.OutputLock(paths.adapter_dir.parent, paths.adapter_dir.name)

@@ -66,14 +66,6 @@ def test_a_folder_this_trainer_did_not_write_is_left_untouched(tmp_path, tiny_sd
     assert files_of(foreign) == {"notes.txt": b"mine"}
 
 
-def test_an_output_dir_inside_the_dataset_is_refused(tmp_path, tiny_sd, star_folder, capsys):
-    dataset = shutil.copytree(star_folder, tmp_path / "data")
-    code, _ = train(tmp_path, tiny_sd, dataset, output_dir=str(dataset / "output"))
-    err = capsys.readouterr().err
-    assert code == 2 and "output_dir:" in err and "inside the dataset folder" in err
-    assert not (dataset / "output").exists()
-
-
 # --- 17.3: runs keep their checkpoints apart, and one run at a time writes a folder ----------------
 
 def test_two_runs_into_one_output_folder_keep_their_checkpoints_apart(tmp_path, tiny_sd, star_folder, capsys):
