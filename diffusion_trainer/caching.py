@@ -64,20 +64,17 @@ def variant_plan(samples: TrainingSamples, variants: int) -> tuple[list[list[boo
     return plan, f"Latent cache: {what} ({sum(len(p) for p in plan)} latents, {counts} per image)."
 
 
-def fingerprint(model: str, vae_config: dict, vae_dtype: torch.dtype, params: Any, records: Any, plan: list) -> str:
-    """What a disk cache depends on: model, VAE and the precision it encodes in, data, resolution and
-    every augmentation setting."""
-    source = Path(params.dataset_name).expanduser()
-    files = sorted((p.relative_to(source).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-                   for p in source.rglob("*") if p.is_file()) if source.is_dir() else []
+def fingerprint(model: str, vae_config: dict, vae_dtype: torch.dtype, params: Any, images: str, plan: list) -> str:
+    """What a disk cache depends on: model, VAE and the precision it encodes in, the images' bytes
+    (`images`: the data check's fingerprint of them, in order), resolution and every augmentation
+    setting."""
     model_path = Path(model).expanduser()
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
                      for p in (model_path / "vae").glob("*")) if model_path.is_dir() else []
     keys = {
         "model": model, "vae_config": {k: v for k, v in vae_config.items() if not k.startswith("_")},
         "vae_dtype": str(vae_dtype),
-        "vae_weights": weights, "dataset": params.dataset_name, "dataset_fingerprint": getattr(records, "_fingerprint", ""),
-        "files": files, "image_column": params.image_column, "resolution": params.resolution,
+        "vae_weights": weights, "images": images, "resolution": params.resolution,
         "bucketing": params.aspect_ratio_bucketing, "center_crop": params.center_crop,
         "interpolation": params.image_interpolation_mode, "random_flip": params.random_flip,
         "color_jitter": [params.color_jitter, params.color_jitter_brightness, params.color_jitter_contrast,
@@ -160,7 +157,7 @@ def encode_variants(family: Any, samples: TrainingSamples, plan: list[list[bool 
         flush(shape)
 
 
-def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, cache_root: Path,
+def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, images: str, cache_root: Path,
                        reporter: Any, writer_first: Callable[[], Any] = nullcontext) -> MemoryLatents | DiskLatents:
     """The latent store: in memory within cache_memory_budget_mb (every process encodes its own:
     each needs every sample), else on disk, reused when complete. writer_first() is entered by
@@ -169,7 +166,7 @@ def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, cache
     plan, message = variant_plan(samples, params.latent_cache_variants)
     reporter.info(message)
     dtype = family.vae.dtype
-    key = fingerprint(params.model_name, dict(family.vae.config), dtype, params, samples.records, plan)
+    key = fingerprint(params.model_name, dict(family.vae.config), dtype, params, images, plan)
     folder = cache_root / f"latents-{key}"
     channels = 2 * family.vae.config.latent_channels
     scale = 2 ** (len(family.vae.config.block_out_channels) - 1)

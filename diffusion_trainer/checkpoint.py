@@ -183,9 +183,31 @@ def run_folder_for(resume_from: Path | None, checkpoints_dir: Path) -> Path:
     return new_run_folder(checkpoints_dir)
 
 
-def compatibility_notes(path: Path, params: Any, data_fingerprint: str) -> list[str]:
+def processes_record(num_processes: int, train_batch_size: int, gradient_accumulation_steps: int) -> dict[str, int]:
+    """What a checkpoint records of the processes that trained it."""
+    return {"num_processes": num_processes,
+            "global_batch": train_batch_size * num_processes * gradient_accumulation_steps}
+
+
+def check_processes(path: Path, recorded: dict[str, Any], num_processes: int) -> None:
+    """A checkpoint resumes only on as many processes as made it: the epoch's split into batches,
+    the batches already trained and the step count all depend on it. (Checkpoints older than the
+    record say nothing and are not checked.)"""
+    before = recorded.get("num_processes")
+    if before is None or before == num_processes:
+        return
+    raise InputError(
+        f"resume_from_checkpoint: {path} was trained on {before} process(es) (global batch "
+        f"{recorded.get('global_batch', '?')}), and this run has {num_processes}; continuing it would not be "
+        f"the same run (other batches, steps and learning rates). Resume it with the same number of processes, "
+        f"{before} (e.g. `accelerate launch --num_processes {before} main.py ...`, or on {before} GPU(s) for "
+        "`python -m diffusion_trainer.launch`), or start a fresh run (resume_from_checkpoint empty).")
+
+
+def compatibility_notes(path: Path, params: Any, data_fingerprint: str, num_processes: int = 1) -> list[str]:
     """What differs from the checkpoint's run, as notes; raises InputError for what may not."""
     recorded = json.loads((path / PARAMETERS_NAME).read_text())
+    check_processes(path, recorded, num_processes)
     before, now = recorded["parameters"], params.model_dump()
     refused, notes = [], []
     for name in sorted(set(before) | set(now)):
@@ -250,7 +272,9 @@ class Checkpoints:
         self.every = params.checkpointing_steps
         self.keep = params.checkpoints_total_limit
         self.reporter = reporter
-        self.record = {"parameters": params.model_dump(), "data_fingerprint": data_fingerprint}
+        self.record = {"parameters": params.model_dump(), "data_fingerprint": data_fingerprint,
+                       **processes_record(accelerator.num_processes, params.train_batch_size,
+                                          params.gradient_accumulation_steps)}
         self.state = RunState(seed=params.seed)
         self.lora = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
         accelerator.register_save_state_pre_hook(self._save_lora)

@@ -401,7 +401,7 @@ class ImageTransform:
         """`flip` None draws it (when random_flip is on); True/False forces it (cached variants)."""
         target = target or (self.size, self.size)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)  # torch.manual_seed would reseed CUDA too
             original_size = (image.height, image.width)
             resized = covering_size(original_size, target)
             image = TF.resize(image, list(resized), interpolation=self.interpolation)
@@ -488,30 +488,75 @@ def bucket_targets(images: list[tuple[int, int]], resolution: int) -> list[tuple
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Batches that never mix shapes, shuffled anew each epoch. The order is a pure function of
-    (seed, the dataset's epoch), so a resumed run can skip the batches it already trained on.
-    Without bucketing every image has the same target shape: one group."""
+    """This process's share of each epoch's exact plan: full batches that never mix shapes.
 
-    def __init__(self, samples: Any, batch_size: int, seed: int):
+    A bucket whose images do not fill its last batch is topped up with seeded repeats of its own
+    images, and the epoch's batch count with seeded extra batches up to a multiple of the
+    processes; the plan is shuffled and dealt out in turn (batch k to process k mod processes). So
+    every image is trained at least once an epoch, every process makes len() batches of one size,
+    and the plan is a pure function of (seed, the dataset's epoch), so a resumed run can skip the
+    batches it already trained on. Without bucketing every image has the same shape: one bucket."""
+
+    def __init__(self, samples: Any, batch_size: int, seed: int, num_processes: int = 1, process_index: int = 0):
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index {process_index} is not one of {num_processes} processes")
         self.samples = samples
         self.batch_size = batch_size
         self.seed = seed
+        self.num_processes = num_processes
+        self.process_index = process_index
         self.groups: dict[tuple[int, int], list[int]] = {}
         for index, target in enumerate(samples.targets):
             self.groups.setdefault(tuple(target), []).append(index)
 
     def __len__(self) -> int:
-        return sum(-(-len(group) // self.batch_size) for group in self.groups.values())
+        batches = sum(-(-len(group) // self.batch_size) for group in self.groups.values())
+        return -(-batches // self.num_processes)
+
+    def epoch_plan(self, epoch: int) -> list[list[int]]:
+        """Every process's batches of `epoch`, in training order."""
+        epoch_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(epoch_seed)
+        groups = list(self.groups.values())
+        batches = [batch for group in groups for batch in bucket_batches(group, self.batch_size, generator)]
+        batches += extra_batches(groups, self.batch_size, -len(batches) % self.num_processes, generator)
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
     def __iter__(self):
-        epoch_seed = int(np.random.SeedSequence([self.seed, self.samples.epoch]).generate_state(1)[0])
-        generator = torch.Generator().manual_seed(epoch_seed)
-        batches = []
-        for group in self.groups.values():
-            order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
-            batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for i in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[i]
+        yield from self.epoch_plan(self.samples.epoch)[self.process_index::self.num_processes]
+
+
+def _shuffled(indices: list[int], generator: torch.Generator) -> list[int]:
+    return [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+
+
+def _draw(pool: list[int], count: int, generator: torch.Generator) -> list[int]:
+    """`count` of `pool`, none drawn twice before every one has been drawn once."""
+    drawn: list[int] = []
+    while len(drawn) < count:
+        drawn += _shuffled(pool, generator)
+    return drawn[:count]
+
+
+def bucket_batches(group: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """One bucket's images in full batches, each once, the last batch topped up with repeats of
+    images from the other batches (of its own images when the bucket fills less than one)."""
+    order = _shuffled(group, generator)
+    short = len(order) % batch_size
+    if short:
+        others = order[:len(order) - short] or order
+        order += _draw(others, batch_size - short, generator)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def extra_batches(groups: list[list[int]], batch_size: int, count: int,
+                  generator: torch.Generator) -> list[list[int]]:
+    """`count` more full batches, each from one bucket chosen in proportion to its batches."""
+    if not count:
+        return []
+    weights = torch.tensor([-(-len(group) // batch_size) for group in groups], dtype=torch.float64)
+    chosen = torch.multinomial(weights, count, replacement=True, generator=generator).tolist()
+    return [_draw(groups[k], batch_size, generator) for k in chosen]
 
 
 def build_samples(records, params: Any) -> TrainingSamples:

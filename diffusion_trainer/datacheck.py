@@ -27,6 +27,7 @@ class CheckedData:
     records: Any  # the usable rows
     fingerprint: str  # of every image's bytes and caption, in order
     skipped: list[str]  # what was left out (skip_bad_images)
+    images_fingerprint: str = ""  # of every image's bytes, in order (what the latent cache depends on)
 
 
 def _source(item: Any, row: int) -> tuple[str, bytes]:
@@ -134,11 +135,13 @@ def check_dataset(records: Any, params: Any, load_problems: list[str], reporter:
     targets = (bucket_targets(sizes, params.resolution) if params.aspect_ratio_bucketing
                else [(params.resolution, params.resolution)] * len(good))
     report_resizing(resize_notes([results[row][0] for row in good], sizes, targets), reporter)
-    digest = hashlib.sha256()
+    digest, images = hashlib.sha256(), hashlib.sha256()
     for row in good:
-        digest.update(hashlib.sha256(results[row][1]).digest())
+        image_digest = hashlib.sha256(results[row][1]).digest()
+        digest.update(image_digest)
         digest.update(repr(captions[row]).encode())
-    return CheckedData(records, digest.hexdigest()[:20], problems)
+        images.update(image_digest)
+    return CheckedData(records, digest.hexdigest()[:20], problems, images.hexdigest()[:20])
 
 
 def long_captions(pipeline: Any, captions: list[str]) -> list[str]:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_C
 # Optimizer steps between the processes' agreement on a stop request. Every step: the Lab's Stop
 # sends SIGTERM and SIGKILL 3 s later, and the agreement (one broadcast int) costs little.
 STOP_CHECK_EVERY = 1
+# How long a process waits in a collective for the others: the default 10 minutes is shorter than
+# one process encoding a large SDXL/Flux dataset into the disk latent cache while the rest wait.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=4)
 TRACE_ENV = "DIFFUSION_TRAINER_TRACE_DIR"  # debugging: where each process writes what it trained on
 
 
@@ -41,6 +45,11 @@ def process_index() -> int:
     return _first_int(RANK_VARIABLES, 0)
 
 
+def num_processes() -> int:
+    """How many processes the launcher started (1 when not launched), before accelerate is set up."""
+    return _first_int(WORLD_SIZE_VARIABLES, 1)
+
+
 def is_main_process() -> bool:
     return process_index() == 0
 
@@ -50,10 +59,30 @@ def launched_distributed() -> bool:
     return int(os.environ.get("LOCAL_RANK", -1)) != -1 or _first_int(WORLD_SIZE_VARIABLES, 1) > 1
 
 
+def process_seed(seed: int, process_index: int) -> int:
+    """The seed of this process's noise and timestep stream: every process its own (accelerate's
+    device_specific seeding), so the images of one step do not all share one noise draw."""
+    return seed + process_index
+
+
+def seed_this_process(seed: int, process_index: int) -> None:
+    """Called after the model and its LoRA weights exist (drawn alike on every process); a resume
+    then restores each process's own RNG state (random_states_<k>.pkl) over it."""
+    from accelerate.utils import set_seed
+
+    set_seed(process_seed(seed, process_index))
+
+
 def accelerator_kwargs() -> dict[str, Any]:
-    """On a machine without CUDA, accelerate only sets up gloo (CPU) process groups when told
-    cpu=True; otherwise every launched process would train alone on all the data."""
-    return {"cpu": True} if launched_distributed() and not torch.cuda.is_available() else {}
+    """A process-group timeout of PROCESS_GROUP_TIMEOUT. On a machine without CUDA, accelerate only
+    sets up gloo (CPU) process groups when told cpu=True; otherwise every launched process would
+    train alone on all the data."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    kwargs: dict[str, Any] = {"kwargs_handlers": [InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)]}
+    if launched_distributed() and not torch.cuda.is_available():
+        kwargs["cpu"] = True
+    return kwargs
 
 
 def refuse_unsupported(accelerator: Any) -> None:
@@ -88,17 +117,28 @@ class StepPlan:
     num_epochs: int
 
 
-def batches_per_process(batches: int, num_processes: int) -> int:
-    """A process's share of an epoch's batches after accelerate shards the loader
-    (even_batches: the last batches are filled from the epoch's start, so each gets the ceiling)."""
-    return math.ceil(batches / num_processes)
+def already_sharded(loader: Any, accelerator: Any) -> Any:
+    """`loader` as accelerate prepares it for one process (batches moved to the device, the
+    epoch's end marked for gradient accumulation), but not sharded again: its batch sampler
+    already yields this process's share of an exact plan (`data.BucketBatchSampler`), where
+    accelerate's `BatchSamplerShard` would drop a short round and top it up from the epoch's
+    first batches, whatever their shape. Marked as prepared, so `accelerator.prepare` only
+    registers it. No RNG is synchronised: the order is a pure function of (seed, epoch)."""
+    from accelerate.data_loader import prepare_data_loader
+
+    prepared = prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0,
+                                   put_on_device=accelerator.device_placement, rng_types=None,
+                                   non_blocking=accelerator.non_blocking)
+    prepared._is_accelerate_prepared = True
+    return prepared
 
 
 def plan_steps(batches_per_process: int, gradient_accumulation_steps: int, epochs: int,
                max_train_steps: int) -> StepPlan:
+    """`batches_per_process`: one process's batches an epoch (the loader's len())."""
     updates_per_epoch = max(1, math.ceil(batches_per_process / gradient_accumulation_steps))
     total_steps = epochs * updates_per_epoch
-    if max_train_steps:  # it decides the length, as in diffusers: fewer steps, or more epochs
+    if max_train_steps:  # as in diffusers' scripts, it decides the length: more epochs, or fewer
         total_steps = max_train_steps
     return StepPlan(updates_per_epoch, total_steps, math.ceil(total_steps / updates_per_epoch))
 

@@ -39,7 +39,7 @@ def check_adapter_target(adapter_dir: Path, info_name: str, dataset_dir: Path | 
     target = adapter_dir.expanduser().resolve()
     if dataset_dir is not None:
         data = dataset_dir.expanduser().resolve()
-        if _inside(data, target) or _inside(target, data):
+        if _inside(data, target):  # an output folder inside the dataset is skipped when it is read (data.py)
             raise InputError(
                 f"adaptor_name: the adapter would be written to '{adapter_dir}', which is or holds the dataset "
                 f"'{dataset_dir}'; saving it there would replace your images. Choose another adaptor_name "
@@ -52,15 +52,6 @@ def check_adapter_target(adapter_dir: Path, info_name: str, dataset_dir: Path | 
         raise InputError(
             f"adaptor_name: '{adapter_dir}' already exists and is not an adapter this trainer wrote (no {info_name} "
             "in it); it is left untouched. Choose another adaptor_name or output_dir, or move that folder away.")
-
-
-def check_output_dir_outside_dataset(output_dir: Path, dataset_dir: Path | None) -> None:
-    if dataset_dir is None:
-        return
-    out, data = output_dir.expanduser().resolve(), dataset_dir.expanduser().resolve()
-    if _inside(out, data):
-        raise InputError(f"output_dir: '{output_dir}' is inside the dataset folder '{dataset_dir}'; a later run would "
-                         "train on this run's eval images. Choose an output_dir outside the dataset.")
 
 
 class OutputLock:

@@ -77,8 +77,8 @@ class TrainingParams(BaseModel):
         help="Passes over the dataset.")
     max_train_steps: int = _param(
         0, title="Max Training Steps", group="Run", ge=0,
-        help="The run's length in optimizer steps, whatever num_train_epochs says (as in diffusers): fewer "
-             "stops mid-epoch, more adds epochs. 0 = num_train_epochs decides.")
+        help="Train exactly this many optimizer steps, as diffusers' scripts do: it overrides "
+             "num_train_epochs (more epochs when needed, or a stop mid-epoch). 0 = use num_train_epochs.")
     train_batch_size: int = _param(
         1, title="Train Batch Size", group="Run", ge=1, le=1024,
         help="Images per batch on each device.")

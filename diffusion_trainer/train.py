@@ -152,7 +152,6 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
     """Check what the run would write over, hold the output folder's lock, train."""
     dataset_dir = local_dataset_folder(params.dataset_name, lab_datasets_dir)
     checkpoints_dir = paths.checkpoints(params)
-    guards.check_output_dir_outside_dataset(Path(params.output_dir), dataset_dir)
     guards.check_adapter_target(paths.adapter_dir, adapter.INFO_NAME, dataset_dir,
                                 [paths.logs_dir, paths.eval_images_dir, checkpoints_dir, cache_dir(params)])
     lock = guards.OutputLock(paths.adapter_dir.parent, paths.adapter_dir.name)
@@ -207,7 +206,8 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     resume_from, resume_notes = (choose_checkpoint(params, checkpoints_dir, reporter)
                                  if distributed.is_main_process() else (None, []))
     if resume_from is not None:
-        for note in checkpoint.compatibility_notes(resume_from, params, checked.fingerprint):
+        for note in checkpoint.compatibility_notes(resume_from, params, checked.fingerprint,
+                                                   distributed.num_processes()):
             reporter.info(f"Resuming with a changed setting (allowed): {note}")
 
     # --- model -----------------------------------------------------------------------------
@@ -229,12 +229,11 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     speed_up_denoiser(denoiser, params, runtime, reporter)
 
     # --- data: encode once where we can, then park the encoders --------------------------
-    samples, inputs = prepare_data(family, records, params, accelerator, reporter)
+    samples, inputs = prepare_data(family, records, checked.images_fingerprint, params, accelerator, reporter)
     dataloader = make_dataloader(samples, params, accelerator)
 
     # --- optimizer: steps are global optimizer steps, whatever the number of processes ------------
-    planned = distributed.plan_steps(distributed.batches_per_process(len(dataloader), accelerator.num_processes),
-                                     params.gradient_accumulation_steps, params.num_train_epochs,
+    planned = distributed.plan_steps(len(dataloader), params.gradient_accumulation_steps, params.num_train_epochs,
                                      params.max_train_steps)
     optimizer, lr_scheduler = make_optimizer(trainable, params, planned.total_steps, accelerator)
     max_grad_norm, clipping_note = distributed.loop_clipping(accelerator, params.max_grad_norm)
@@ -247,12 +246,12 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
         reporter.warn(f"The prepared data makes {steps.total_steps} optimizer steps, not the {planned.total_steps} "
                       "the learning-rate schedule was built for.")
     total_steps, num_epochs = steps.total_steps, steps.num_epochs
-    if params.max_train_steps > params.num_train_epochs * steps.updates_per_epoch:
-        reporter.info(f"max_train_steps={params.max_train_steps} is more than num_train_epochs={params.num_train_epochs} "
-                      f"make ({params.num_train_epochs * steps.updates_per_epoch} steps): training "
-                      f"{total_steps} steps over {num_epochs} epochs (max_train_steps decides, as in diffusers).")
+    if params.max_train_steps and num_epochs != params.num_train_epochs:
+        reporter.info(f"max_train_steps={params.max_train_steps} overrides num_train_epochs="
+                      f"{params.num_train_epochs}: training {num_epochs} epochs of {steps.updates_per_epoch} steps.")
     accumulation = clamp_accumulation(accelerator, len(dataloader), reporter)
     dataloader = distributed.traced(dataloader, samples, optimizer, accelerator.process_index)
+    distributed.seed_this_process(params.seed, accelerator.process_index)
     ema = LoraEMA(trainable, params.ema_decay) if params.use_ema else None
     run_folder = checkpoints_dir if paths.own_checkpoints_dir else distributed.same_on_every_process(
         accelerator, lambda: checkpoint.run_folder_for(resume_from, checkpoints_dir))
@@ -274,7 +273,6 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     reporter.info(f"Training {len(samples)} images for {total_steps} optimizer steps ({num_epochs} epochs, "
                   f"batch {params.train_batch_size}{processes} x {accumulation} accumulation).")
 
-    evaluator.before(resumed=resume_from is not None)
     start = None
     if resume_from is not None:  # last of all: it restores the RNG states the setup above drew on
         start = checkpoints.load(resume_from)
@@ -286,6 +284,8 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
             if before != now:
                 reporter.info(f"The learning-rate schedule follows this run's {total_steps} steps from step "
                               f"{start.step + 1} on: learning rate {now:.4g} (the checkpoint's schedule had {before:.4g}).")
+    if not reporter.stop_requested():  # before.png, the base model's image (a resume keeps its first run's)
+        evaluator.before(resumed=start is not None)
     outcome = loop.run(loop.Training(
         accelerator=accelerator, family=family, denoiser=prepared, trainable=trainable,
         optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, samples=samples,
@@ -401,7 +401,7 @@ def speed_up_denoiser(denoiser: torch.nn.Module, params: TrainingParams, runtime
         denoiser.compile()  # in place: the module (and its LoRA weights) stay the ones we save
 
 
-def prepare_data(family: Any, records: Any, params: TrainingParams, accelerator: Any,
+def prepare_data(family: Any, records: Any, images_fingerprint: str, params: TrainingParams, accelerator: Any,
                  reporter: Any) -> tuple[Any, ModelInputs]:
     """The training dataset and how batches become model inputs: cached latents and text
     embeddings when asked for, after which the VAE and text encoders leave the accelerator
@@ -420,7 +420,7 @@ def prepare_data(family: Any, records: Any, params: TrainingParams, accelerator:
         reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB); "
                       f"{', '.join(parked)} {'moved off the accelerator' if keep_for_eval else 'freed'}.")
     if params.cache_latents:
-        store = build_latent_cache(family, samples, params, cache_dir(params), reporter,
+        store = build_latent_cache(family, samples, params, images_fingerprint, cache_dir(params), reporter,
                                    accelerator.local_main_process_first)
         samples = CachedSamples(store, samples)
         family.park(("vae",), keep_for_eval)
@@ -441,9 +441,11 @@ def make_dataloader(samples: Any, params: TrainingParams, accelerator: Any):
         options["worker_init_fn"] = ignore_stop_signals
     # The order comes from (seed, epoch) alone; the loader's own generator (worker seeds only: the
     # transforms are seeded per sample) keeps it from drawing on the global RNG each epoch.
-    sampler = BucketBatchSampler(samples, params.train_batch_size, params.seed)
-    return torch.utils.data.DataLoader(samples, batch_sampler=sampler, generator=torch.Generator().manual_seed(params.seed),
-                                       **options)
+    sampler = BucketBatchSampler(samples, params.train_batch_size, params.seed, accelerator.num_processes,
+                                 accelerator.process_index)
+    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, generator=torch.Generator().manual_seed(params.seed),
+                                         **options)
+    return distributed.already_sharded(loader, accelerator)
 
 
 def clamp_accumulation(accelerator: Any, batches: int, reporter: Any) -> int:

@@ -266,7 +266,7 @@ def test_encoders_leave_the_accelerator_after_caching(tmp_path, tiny_sd, numbere
             assert [device for m, device in after_cache if m is module] == ["cpu"]
         first_eval = next((i for i, (m, _) in enumerate(events) if m is vae and i > first_step), len(events))
         assert ("step", None) in events[first_step:first_eval]  # trained before anything moved them back
-    assert len(list((out / "eval_images" / "test_lora").glob("*.png"))) == (3 if eval_prompt else 0)  # before, epoch 1, final
+    assert len(list((out / "eval_images" / "test_lora").glob("*.png"))) == (3 if eval_prompt else 0)  # before, epoch 1, epoch 2
 
 
 def test_the_progress_bar_counts_optimizer_steps(tmp_path, tiny_sd, numbered, monkeypatch):
@@ -286,3 +286,29 @@ def test_the_progress_bar_counts_optimizer_steps(tmp_path, tiny_sd, numbered, mo
     code, _ = train(tmp_path, tiny_sd, numbered, train_batch_size=1, gradient_accumulation_steps=3, num_train_epochs=2)
     assert code == 0
     assert calls["total"] == 6 and calls["steps"] == [1, 2, 3, 4, 5, 6]  # ceil(8 / 3) per epoch
+
+
+def test_a_lab_dataset_whose_pixels_change_under_the_same_file_name_gets_a_new_cache(tmp_path, tiny_sd, numbered,
+                                                                                       capsys):
+    """A Lab dataset is given by name, not by a folder path: the cache key is the images' bytes."""
+    import shutil
+
+    from conftest import quick_params
+
+    from diffusion_trainer.train import RunPaths, run_training
+
+    datasets_dir = tmp_path / "workspace" / "datasets"
+    shutil.copytree(numbered, datasets_dir / "my_pictures")
+    params = parse_params(quick_params(tiny_sd, "my_pictures", tmp_path / "output", cache_memory_budget_mb=0,
+                                       num_train_epochs=1))[0]
+
+    def run():
+        run_training(params, RunPaths.standalone(params), Reporter(), datasets_dir)
+        return capsys.readouterr().err
+
+    assert "later runs reuse it" in run()
+    assert "Reusing the latent cache" in run()
+    picture = datasets_dir / "my_pictures" / "3.png"
+    Image.open(picture).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(picture)
+    assert "Reusing" not in run()
+    assert len(cache_folders(tmp_path / "output")) == 2

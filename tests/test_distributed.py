@@ -28,12 +28,12 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 def test_steps_count_global_optimizer_steps_across_processes():
     # the issue's case: 4 images, batch 1, 3 epochs on 2 processes -> 2 batches each per epoch -> 6 steps
-    plan = distributed.plan_steps(distributed.batches_per_process(4, 2), 1, 3, 0)
+    plan = distributed.plan_steps(2, 1, 3, 0)
     assert (plan.updates_per_epoch, plan.total_steps, plan.num_epochs) == (2, 6, 3)
-    # 5 batches on 2 processes: accelerate evens them out to 3 each; accumulation 2 -> 2 updates
-    plan = distributed.plan_steps(distributed.batches_per_process(5, 2), 2, 4, 0)
+    # 3 batches a process, accumulation 2 -> 2 updates an epoch
+    plan = distributed.plan_steps(3, 2, 4, 0)
     assert (plan.updates_per_epoch, plan.total_steps, plan.num_epochs) == (2, 8, 4)
-    plan = distributed.plan_steps(distributed.batches_per_process(8, 4), 1, 10, 5)  # max_train_steps caps
+    plan = distributed.plan_steps(2, 1, 10, 5)  # max_train_steps caps
     assert (plan.total_steps, plan.num_epochs) == (5, 3)
     plan = distributed.plan_steps(2, 1, 3, 11)  # and adds epochs, as in diffusers: 11 steps of 2 an epoch
     assert (plan.total_steps, plan.num_epochs) == (11, 6)
@@ -58,14 +58,61 @@ def test_under_deepspeed_max_grad_norm_goes_to_its_config_and_the_loop_clips_not
     assert distributed.loop_clipping(accelerator(DistributedType.MULTI_GPU, {}), 0.5) == (0.5, None)
 
 
+def test_each_process_draws_its_own_noise_and_timesteps():
+    draws = []
+    for rank in (0, 1):
+        distributed.seed_this_process(7, rank)
+        draws.append((torch.randn(4), torch.randint(0, 1000, (4,))))
+    assert not torch.equal(draws[0][0], draws[1][0])
+    assert not torch.equal(draws[0][1], draws[1][1])
+    distributed.seed_this_process(7, 1)  # and each stream is reproducible
+    assert torch.equal(torch.randn(4), draws[1][0])
+
+
+def test_an_image_transform_seeds_only_the_cpu_generator(monkeypatch):
+    """fork_rng(devices=[]) restores only the CPU state: a CUDA reseed there would leak out."""
+    from PIL import Image
+
+    from diffusion_trainer.data import ImageTransform
+    from diffusion_trainer.params import parse_params
+
+    def reseeded(*args):
+        raise AssertionError("the CUDA generator was reseeded")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded)
+    params = parse_params({"adaptor_name": "a", "model_name": "m/m", "dataset_name": "d", "resolution": 64,
+                           "random_flip": True, "center_crop": False})[0]
+    before = torch.random.get_rng_state()
+    out = ImageTransform(params)(Image.new("RGB", (90, 71), "red"), seed=3)
+    assert out.pixels.shape == (3, 64, 64)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine accelerate chooses NCCL itself")
 def test_a_cpu_launch_asks_accelerate_for_gloo(monkeypatch):
     for key in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
         monkeypatch.delenv(key, raising=False)
-    assert distributed.accelerator_kwargs() == {}
+    assert "cpu" not in distributed.accelerator_kwargs()
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert distributed.accelerator_kwargs() == {"cpu": True}  # this machine has no CUDA
+    assert distributed.accelerator_kwargs()["cpu"] is True  # this machine has no CUDA
+
+
+def test_the_accelerator_waits_hours_for_the_other_processes(tmp_path):
+    """One process writing a large disk latent cache keeps the others in a collective for longer than
+    NCCL's default 10 minutes."""
+    from datetime import timedelta
+
+    from diffusion_trainer.params import parse_params
+    from diffusion_trainer.reporting import Reporter
+    from diffusion_trainer.train import make_accelerator
+
+    params = parse_params({"adaptor_name": "a", "model_name": "m/m", "dataset_name": "d"})[0]
+    runtime = type("Runtime", (), {"mixed_precision": "no"})()
+    paths = type("Paths", (), {"logs_dir": tmp_path / "logs"})()
+    accelerator = make_accelerator(params, runtime, paths, Reporter())
+    assert accelerator.init_handler.timeout == timedelta(hours=4)
 
 
 def test_launch_uses_accelerate_for_several_gpus_and_main_py_otherwise(monkeypatch):
@@ -210,6 +257,62 @@ def test_two_processes_train_one_run_on_disjoint_halves(tmp_path, monkeypatch, t
     # linear, warmup 2 of 8 steps, 1e-3: up over steps 0-1, down to 0 over steps 2-8
     assert [line["lr"] for line in single] == pytest.approx([k / 2 * 1e-3 if k < 2 else (8 - k) / 6 * 1e-3
                                                             for k in range(8)])
+
+
+def trained_per_epoch(trace: Path) -> dict[int, list[list[int]]]:
+    """{epoch: every process's trained indices}, from the traced loader's lines."""
+    ranks = [read_trace(trace / f"rank{k}.jsonl") for k in (0, 1)]
+    epochs = sorted({line["epoch"] for r in ranks for line in r})
+    return {e: [[i for line in r if line["epoch"] == e for i in line["indices"]] for r in ranks] for e in epochs}
+
+
+def test_an_uneven_dataset_trains_every_image_every_epoch_in_the_announced_steps(tmp_path, tiny_sd, star_folder):
+    # 9 images, batch 2, 2 processes: 5 batches (the last topped up), 6 with one extra: 3 steps an epoch
+    import shutil
+
+    data = tmp_path / "nine"
+    shutil.copytree(star_folder, data)
+    shutil.copy(star_folder / "0003.png", data / "0008.png")
+    (data / "0008.txt").write_text("a big sks star\n")
+    config = write_config(tmp_path / "run.json", quick_params(tiny_sd, data, tmp_path / "output", train_batch_size=2,
+                                                              num_train_epochs=2, lr_scheduler="linear"))
+    result = torchrun(tmp_path, ROOT / "main.py", config, tmp_path / "trace")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert re.findall(r"Training 9 images for (\d+) optimizer steps", log) == ["6"]
+    assert re.findall(r"Done in .*?: (\d+) optimizer steps", log) == ["6"]
+    epochs = trained_per_epoch(tmp_path / "trace")
+    assert sorted(epochs) == [1, 2]
+    for halves in epochs.values():
+        assert [len(h) for h in halves] == [6, 6]  # 3 full batches of 2 on each process
+        assert set(halves[0] + halves[1]) == set(range(9))
+
+
+def test_uneven_buckets_on_two_processes_train_full_batches_of_one_shape(tmp_path, tiny_sd):
+    # 7 square, 6 wide, 3 tall at 128 px, batch 4: 2 + 2 + 1 topped-up batches and one extra, 3 steps an epoch
+    from PIL import Image
+
+    sizes = [(128, 128)] * 7 + [(192, 128)] * 6 + [(128, 192)] * 3  # (w, h)
+    order = [0, 7, 13, 1, 8, 14, 2, 9, 15, 3, 10, 4, 11, 5, 12, 6]  # shapes interleaved in the folder
+    data = tmp_path / "mixed"
+    data.mkdir()
+    for n, k in enumerate(order):
+        Image.new("RGB", sizes[k], (15 * k, 120, 200)).save(data / f"{n:04d}.png")
+        (data / f"{n:04d}.txt").write_text(f"picture {n}\n")
+    config = write_config(tmp_path / "run.json", quick_params(tiny_sd, data, tmp_path / "output", resolution=128,
+                                                              aspect_ratio_bucketing=True, train_batch_size=4,
+                                                              num_train_epochs=2))
+    result = torchrun(tmp_path, ROOT / "main.py", config, tmp_path / "trace")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert re.findall(r"Training 16 images for (\d+) optimizer steps", log) == ["6"]
+    assert re.findall(r"Done in .*?: (\d+) optimizer steps", log) == ["6"]
+    shape_of = {n: sizes[k] for n, k in enumerate(order)}
+    for rank in (0, 1):
+        lines = read_trace(tmp_path / "trace" / f"rank{rank}.jsonl")
+        assert len(lines) == 6 and all(len({shape_of[i] for i in line["indices"]}) == 1 for line in lines)
+    for halves in trained_per_epoch(tmp_path / "trace").values():
+        assert set(halves[0] + halves[1]) == set(range(16))
 
 
 FAILING_RANK_1 = """

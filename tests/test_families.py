@@ -93,8 +93,7 @@ def test_family_trains_saves_reloads_and_draws_eval_images(trained, tiny_family,
     info = json.loads((adapter / "tlab_adaptor_info.json").read_text())
     assert info["model_architecture"] == PIPELINES[name]
     # eval images for every family, Flux included (the predecessor switched Flux's off)
-    assert sorted(p.name for p in (out / "eval_images" / "test_lora").glob("*.png")) == ["before.png", "epoch_0001.png",
-                                                                                      "final.png"]
+    assert sorted(p.name for p in (out / "eval_images" / "test_lora").glob("*.png")) == ["before.png", "epoch_0001.png", "final.png"]
 
     pipe = reload(tiny_family(name), name)
     assert type(pipe).__name__ == PIPELINES[name]
@@ -264,9 +263,11 @@ def test_sdxl_time_ids_are_the_size_and_crop_the_loader_made(tmp_path, tiny_fami
     """Predecessor fault: SDXL time ids in the wrong order, crops recorded as (0, 0)."""
     from PIL import Image
 
+    data = tmp_path / "data"  # beside the run's output folder, not around it
+    data.mkdir()
     for i, size in enumerate([(96, 64), (64, 112), (80, 80), (128, 64)]):  # (width, height)
-        Image.new("RGB", size, (200, 40 * i, 90)).save(tmp_path / f"{i}.png")
-        (tmp_path / f"{i}.txt").write_text("a picture")
+        Image.new("RGB", size, (200, 40 * i, 90)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("a picture")
     made, seen = {}, []
     samples_class = CachedSamples if cached else TrainingSamples
     getitem = samples_class.__getitem__
@@ -292,7 +293,7 @@ def test_sdxl_time_ids_are_the_size_and_crop_the_loader_made(tmp_path, tiny_fami
     monkeypatch.setattr(samples_class, "__getitem__", recording_getitem)
     monkeypatch.setattr(UNet2DConditionModel, "forward", recording_forward)
     monkeypatch.setattr(StableDiffusionXL, "predict", recording_predict)
-    code, _ = train(tmp_path / "run", tiny_family("sdxl"), tmp_path, center_crop=False, num_train_epochs=3,
+    code, _ = train(tmp_path / "run", tiny_family("sdxl"), data, center_crop=False, num_train_epochs=3,
                     cache_latents=cached)
     assert code == 0 and len(seen) == len(batches) == 6
     for time_ids, loader in zip(seen, batches):

@@ -91,8 +91,7 @@ def test_plugin_launch_completes_with_the_adapter_where_the_lab_looks(monkeypatc
     assert (adapter / "pytorch_lora_weights.safetensors").is_file()
     info = json.loads((adapter / "tlab_adaptor_info.json").read_text())
     assert info["parameters"]["num_train_epochs"] == 2 and info["parameters"]["center_crop"] is True
-    assert sorted(p.name for p in Path(data["eval_images_dir"]).glob("*.png")) == ["before.png", "epoch_0001.png",
-                                                                                      "final.png"]
+    assert sorted(p.name for p in Path(data["eval_images_dir"]).glob("*.png")) == ["before.png", "epoch_0001.png", "final.png"]
     assert list(Path(data["tensorboard_output_dir"]).rglob("events.out.tfevents.*"))
     assert data["completion_status"] == "success" and str(adapter) in data["completion_details"]
     assert data["score"]["final_loss"] > 0 and data["current_metrics"]["loss"] > 0

@@ -66,6 +66,33 @@ def test_a_resume_that_changes_the_rank_is_refused_by_name(stopped_run, tmp_path
     assert "Loading" not in err  # refused before the model loads
 
 
+def test_a_resume_on_another_number_of_processes_is_refused_by_name(stopped_run, tmp_path, tiny_sd, star_folder,
+                                                                     capsys):
+    copy_run(stopped_run, tmp_path)
+    record_file = run_folder(tmp_path / "output") / "checkpoint-7" / "run_parameters.json"
+    record = json.loads(record_file.read_text())
+    assert (record["num_processes"], record["global_batch"]) == (1, 2)  # batch 2 x 1 process x 1 accumulation
+    record_file.write_text(json.dumps({**record, "num_processes": 2, "global_batch": 4}))  # as 2 processes make it
+    code, out = train(tmp_path, tiny_sd, star_folder, resume_from_checkpoint="latest", **RUN)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "checkpoint-7 was trained on 2 process(es) (global batch 4), and this run has 1" in err
+    assert "Resume it with the same number of processes, 2" in err
+    assert "Loading" not in err  # refused before the model loads
+
+
+def test_a_checkpoint_older_than_the_process_record_still_resumes(stopped_run, tmp_path, tiny_sd, star_folder,
+                                                                  capsys):
+    copy_run(stopped_run, tmp_path)
+    record_file = run_folder(tmp_path / "output") / "checkpoint-7" / "run_parameters.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({k: v for k, v in record.items() if k not in ("num_processes", "global_batch")}))
+    code, out = train(tmp_path, tiny_sd, star_folder, resume_from_checkpoint="latest", **RUN)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Resuming from" in err and "step 7 of 12" in err
+
+
 def test_a_resume_with_more_epochs_continues_from_the_stop(stopped_run, tmp_path, tiny_sd, star_folder, capsys):
     copy_run(stopped_run, tmp_path)
     code, out = train(tmp_path, tiny_sd, star_folder, resume_from_checkpoint="latest", **{**RUN, "num_train_epochs": 4})
