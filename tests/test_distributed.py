@@ -228,6 +228,8 @@ def test_two_processes_train_one_run_on_disjoint_halves(tmp_path, monkeypatch, t
     assert re.findall(r"Done in .*?: (\d+) optimizer steps", log) == ["8"]
     ranks = [read_trace(tmp_path / "trace" / f"rank{k}.jsonl") for k in (0, 1)]
     assert [len(r) for r in ranks] == [8, 8]  # batch 1, no accumulation: one line per optimizer step
+    # each process draws its own noise and timesteps: no step starts from the same RNG state twice
+    assert not {line["rng"] for line in ranks[0]} & {line["rng"] for line in ranks[1]}
     for epoch in sorted({line["epoch"] for line in ranks[0]}):
         halves = [[i for line in r if line["epoch"] == epoch for i in line["indices"]] for r in ranks]
         assert not set(halves[0]) & set(halves[1])
