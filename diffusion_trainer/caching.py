@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapter import FOLDER_MODE, give_user_modes
+from . import atomic
 from .data import TrainingSamples, sample_seed, training_item, upright_sizes
 from .errors import raise_if_stopped
 
@@ -196,23 +194,13 @@ def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, image
 
 def write_disk_cache(family: Any, samples: TrainingSamples, plan: list[list[bool | None]], folder: Path,
                      stop_asked: Callable[[], bool] = lambda: False) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    staging.chmod(FOLDER_MODE)  # mkdtemp makes it owner-only
-    try:
+    def fill(staging: Path) -> None:
         encode_variants(family, samples, plan, lambda index, variants: DiskLatents.write_sample(staging, index, variants),
                         stop_asked)
         (staging / "complete.json").write_text(json.dumps({"variants": [len(p) for p in plan]}))
-        give_user_modes(staging)
-        try:
-            staging.rename(folder)
-        except OSError:  # another process (another machine on a shared disk) finished it first
-            if not (folder / "complete.json").is_file():
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    # another process (another machine on a shared disk) may finish the same cache first: keep theirs
+    atomic.write_folder(folder, fill, keep_existing=True)
 
 
 class CachedSamples(torch.utils.data.Dataset):

@@ -10,7 +10,7 @@ parameters; a resume that changes one that matters is refused by name.
 
 Folders: <checkpoints_dir>/<run id>/checkpoint-<step>: each run keeps its checkpoints apart (a resume
 continues in its checkpoint's run folder), so one run never prunes or overwrites another's. Each is
-written beside as `.checkpoint-<step>.partial-*` and renamed into place (adapter.commit), so
+written beside as `.checkpoint-<step>.partial-*` and renamed into place (atomic.commit), so
 `latest` never finds half a checkpoint; a checkpoint damaged later (a truncated file) is named on an
 explicit resume and skipped, with a note, by `latest`. Checkpoints of older versions, directly in
 <checkpoints_dir>, are still found.
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import adapter
+from . import atomic
 from .errors import InputError
 
 PREFIX = "checkpoint-"
@@ -314,7 +314,7 @@ class Checkpoints:
         error: Exception | None = None  # not only OSError: safetensors raises its own error on a full disk
         try:
             if acc.is_main_process:
-                adapter.staging_dir(target, tag="0")
+                atomic.staging_dir(target, tag="0")
         except Exception as exc:
             error = exc
         acc.wait_for_everyone()
@@ -329,7 +329,7 @@ class Checkpoints:
                 (staging / PARAMETERS_NAME).write_text(json.dumps({**self.record, "step": step}, indent=1, default=str))
                 if os.environ.get(TEST_SLEEP_ENV):
                     time.sleep(float(os.environ[TEST_SLEEP_ENV]))
-                adapter.commit(staging, target)
+                atomic.commit(staging, target)
                 self._prune()
         except Exception as exc:
             error = exc
@@ -349,7 +349,7 @@ class Checkpoints:
         found = existing(self.folder)
         if self.keep and len(found) > self.keep:
             for old in found[:len(found) - self.keep]:
-                adapter.remove_atomically(old)
+                atomic.remove_folder(old)
 
     # --- load -------------------------------------------------------------------------------
     def load(self, path: Path) -> RunState:

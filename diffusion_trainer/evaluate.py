@@ -3,7 +3,6 @@ asked while an image is drawn ends it at the next denoising step (the image is n
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from diffusers.training_utils import offload_models
 from PIL import Image
 
+from . import atomic
 from .figures import BEFORE
 
 
@@ -52,9 +52,7 @@ class Evaluator:
         if image is None:
             return None
         path = self.out_dir / f"{tag}.png"
-        partial = path.with_suffix(".png.partial")
-        image.save(partial, format="PNG")
-        os.replace(partial, path)  # the Lab lists this folder: never show half a file
+        atomic.write_file(path, lambda partial: image.save(partial, format="PNG"))  # the Lab lists this folder
         self.images.append(path)
         self._log(tag, image, step)
         return path

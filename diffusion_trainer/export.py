@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from .adapter import INFO_NAME, WEIGHTS_NAME, file_mode, single_file_name
+from . import atomic
+from .adapter import INFO_NAME, WEIGHTS_NAME, single_file_name
 from .errors import InputError
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -131,15 +132,7 @@ def single_file_metadata(family_cls: Any, info: dict[str, Any], name: str, confi
 def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        save_file(tensors, str(partial), metadata=metadata)
-        partial.chmod(file_mode())  # safetensors writes 0600 whatever the umask
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return atomic.write_file(path, lambda partial: save_file(tensors, str(partial), metadata=metadata))
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import adapter, figures
+from . import adapter, atomic, figures
 from .reporting import LAB_STOP, TERMINATE, Reporter
 
 TASK, PLUGIN = "task", "plugin"
@@ -254,8 +254,6 @@ class LabReporter(Reporter):
     def _fetched(self, remote: str) -> Path:
         """A remote workspace's checkpoint, copied to this machine once: one folder per job and
         checkpoint, which every process of the machine (and a later attempt of the job) reuses."""
-        import shutil
-
         from lab import storage
 
         name = Path(remote.rstrip("/")).name
@@ -263,17 +261,11 @@ class LabReporter(Reporter):
         local = Path(tempfile.gettempdir()) / "diffusion_trainer_resume" / job / name
         if local.is_dir():
             return local
-        local.parent.mkdir(parents=True, exist_ok=True)
-        staging = local.parent / f".{name}.partial-{os.getpid()}"
-        try:
+        def copy(staging: Path) -> None:
+            staging.rmdir()  # the SDK's copy_dir makes the folder itself
             resolved(storage.copy_dir(remote, str(staging)))
-            staging.rename(local)
-        except OSError:  # another process finished the same copy first
-            if not local.is_dir():
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return local
+
+        return atomic.write_folder(local, copy, keep_existing=True)  # another process may finish first
 
     # --- the job file -------------------------------------------------------------------------
     def _set_fields(self, fields: dict[str, Any]) -> None:
@@ -310,9 +302,4 @@ def write_sweep_metrics(output_dir: Path, result: Any) -> Path:
     metrics: dict[str, Any] = {"steps": result.steps, "epochs": result.epochs}
     if result.final_loss is not None:
         metrics.update({"train/loss": result.final_loss, "loss": result.final_loss})
-    output_dir.mkdir(parents=True, exist_ok=True)
-    target = output_dir / "metrics.json"
-    partial = target.with_suffix(".json.partial")
-    partial.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(partial, target)
-    return target
+    return atomic.write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import adapter, checkpoint, distributed, export, guards, loop, optimizers
+from . import adapter, atomic, checkpoint, distributed, export, guards, loop, optimizers
 from .caching import CachedSamples, DiskLatents, TextCache, build_latent_cache
 from .data import BucketBatchSampler, build_samples, load_records
 from .datacheck import check_dataset, long_captions
@@ -327,9 +327,9 @@ def output_folders(paths: RunPaths, params: TrainingParams) -> tuple[Path, ...]:
 def tidy_outputs(paths: RunPaths, checkpoints_dir: Path) -> list[str]:
     """Sort out what killed writes of an earlier run left: the adapter's and checkpoints' temporary
     folders (a complete one is put in place)."""
-    notes = adapter.recover_leftovers(paths.adapter_dir.parent, only=paths.adapter_dir.name)
+    notes = atomic.recover_leftovers(paths.adapter_dir.parent, only=paths.adapter_dir.name)
     for folder in dict.fromkeys([checkpoints_dir, *checkpoint.run_folders(checkpoints_dir)]):
-        notes += adapter.recover_leftovers(folder)
+        notes += atomic.recover_leftovers(folder)
     return notes
 
 
@@ -552,4 +552,4 @@ def save_adapter(family: Any, params: TrainingParams, target: Path, outcome: loo
         export.write_single_file(directory, params.adaptor_name, type(family), info, dict(family.denoiser.config),
                                  captions)
 
-    return adapter.write_adapter_dir(target, write)
+    return atomic.write_folder(target, write)

@@ -13,7 +13,7 @@ import torch
 from conftest import run_folder, train
 from safetensors.torch import load_file
 
-from diffusion_trainer import adapter
+from diffusion_trainer import adapter, atomic
 from diffusion_trainer.families.sd import StableDiffusion
 from diffusion_trainer.reporting import Reporter
 
@@ -125,7 +125,7 @@ def test_leftovers_of_killed_writes_are_sorted_out(tmp_path):
     folder(".b.partial-2", "half")
     # killed after the old one was moved aside but with no complete new one: the old one comes back
     folder(".c.old-3", "previous")
-    notes = adapter.recover_leftovers(tmp_path)
+    notes = atomic.recover_leftovers(tmp_path)
     assert folders(tmp_path) == ["a", "b", "c"]
     assert [(tmp_path / n / "weights").read_text() for n in "abc"] == ["new", "current", "previous"]
     assert len(notes) >= 3
@@ -134,7 +134,7 @@ def test_leftovers_of_killed_writes_are_sorted_out(tmp_path):
 def test_output_folders_get_the_users_permissions(tmp_path, tiny_sd, star_folder):
     code, out = train(tmp_path, tiny_sd, star_folder, num_train_epochs=1)
     assert code == 0
-    expected = 0o777 & ~adapter._current_umask()
+    expected = 0o777 & ~atomic._current_umask()
     assert (out / "test_lora").stat().st_mode & 0o777 == expected
     assert (run_folder(out) / "checkpoint-4").stat().st_mode & 0o777 == expected
 
@@ -149,15 +149,15 @@ def test_a_full_disk_at_save_keeps_the_weights_in_a_named_fallback(tmp_path, tin
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(self, directory, metadata)
 
-    real_commit = adapter.commit
+    real_commit = atomic.commit
 
-    def commit(staging, target):  # the disk is full by the last checkpoint too
+    def commit(staging, target, *args):  # the disk is full by the last checkpoint too
         if target.name == "checkpoint-4":
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_commit(staging, target)
+        real_commit(staging, target, *args)
 
     monkeypatch.setattr(StableDiffusion, "save_adapter", save)
-    monkeypatch.setattr(adapter, "commit", commit)
+    monkeypatch.setattr(atomic, "commit", commit)
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     import tempfile

@@ -275,7 +275,7 @@ def test_an_unreachable_hub_model_is_a_clear_error(tmp_path, star_folder, capsys
 
 
 def test_an_existing_adapter_is_replaced_only_by_a_complete_one(tmp_path):
-    from diffusion_trainer.adapter import write_adapter_dir
+    from diffusion_trainer.atomic import write_folder
 
     target = tmp_path / "my_lora"
     target.mkdir()
@@ -286,9 +286,9 @@ def test_an_existing_adapter_is_replaced_only_by_a_complete_one(tmp_path):
         raise RuntimeError("killed mid-save")
 
     with pytest.raises(RuntimeError):
-        write_adapter_dir(target, crash)
+        write_folder(target, crash)
     assert (target / "pytorch_lora_weights.safetensors").read_text() == "old"
-    write_adapter_dir(target, lambda d: (d / "pytorch_lora_weights.safetensors").write_text("new"))
+    write_folder(target, lambda d: (d / "pytorch_lora_weights.safetensors").write_text("new"))
     assert (target / "pytorch_lora_weights.safetensors").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["my_lora"]
 
