@@ -47,7 +47,7 @@ def sd15_proportional_pipeline(seed: int = 0):
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-    from diffusion_trainer.tiny_models import clip_text_encoder, clip_tokenizer, ddpm_scheduler
+    from diffusion_trainer.demo.tiny_models import clip_text_encoder, clip_tokenizer, ddpm_scheduler
 
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
@@ -66,8 +66,8 @@ def sd15_proportional_pipeline(seed: int = 0):
 
 
 def build(name: str, workdir: Path) -> tuple[Path, Path]:
-    from diffusion_trainer import shapes
-    from diffusion_trainer.tiny_models import save_pipeline, tiny_sd_pipeline
+    from diffusion_trainer.demo import shapes
+    from diffusion_trainer.demo.tiny_models import save_pipeline, tiny_sd_pipeline
 
     model = workdir / f"{name}_model"
     save_pipeline(tiny_sd_pipeline() if name == "tiny" else sd15_proportional_pipeline(), model)
@@ -297,7 +297,7 @@ def main() -> None:
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from diffusion_trainer.cli import quiet_libraries
+    from diffusion_trainer.reporting import quiet_libraries
 
     quiet_libraries()
     for spec in MODELS.values():

@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from .reporting import quiet_libraries
 from .runner import EXIT_BAD_INPUT, parse_overrides, read_config, run_standalone
 
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_lab_task(args.config, args.set)
     if args.config is None and not args.set:
-        from .demo import run_demo
+        from .demo.star_demo import run_demo
 
         return run_demo()
     try:
@@ -76,25 +77,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return run_standalone(raw)
-
-
-def quiet_libraries() -> None:
-    """Library chatter (load bars, deprecation notes) buries our own messages."""
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        import diffusers.utils.logging as diffusers_logging
-        import transformers.utils.logging as transformers_logging
-
-        diffusers_logging.set_verbosity_error()
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
-        import datasets
-
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except ImportError:
-        pass

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 def main(work: Path) -> int:
     import diffusion_trainer
-    from diffusion_trainer import shapes, tiny_models
+    from diffusion_trainer.demo import shapes, tiny_models
     from diffusion_trainer.cli import main as run
 
     for module in pkgutil.walk_packages(diffusion_trainer.__path__, "diffusion_trainer."):

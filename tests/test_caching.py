@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusion_trainer import shapes
+from diffusion_trainer.demo import shapes
 from diffusion_trainer.data import bucket_ladder, bucket_targets, build_samples, load_records
 from diffusion_trainer.families.sd import StableDiffusion
 from diffusion_trainer.inputs import ModelInputs

@@ -11,7 +11,7 @@ from conftest import train
 from PIL import Image
 from transformers import CLIPTextModel
 
-from diffusion_trainer import shapes
+from diffusion_trainer.demo import shapes
 from diffusion_trainer.data import build_samples, load_records, to_rgb, upright_sizes
 from diffusion_trainer.errors import InputError
 from diffusion_trainer.params import parse_params

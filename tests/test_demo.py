@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from diffusion_trainer.demo import CONCEPT_PROMPT, EVAL_SEEDS, OLD_WORLD, run_demo
-from diffusion_trainer.shapes_world.scorer import classify
+from diffusion_trainer.demo.star_demo import CONCEPT_PROMPT, EVAL_SEEDS, OLD_WORLD, run_demo
+from diffusion_trainer.demo.shapes_world.scorer import classify
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +78,7 @@ def test_the_grid_shows_every_prompt_before_and_after(demo):
 
 
 def test_the_demo_dataset_is_written_afresh_over_an_older_one(tmp_path):
-    from diffusion_trainer.demo import training_dataset
+    from diffusion_trainer.demo.star_demo import training_dataset
 
     stale = tmp_path / "demo_inputs" / "sks_star"
     stale.mkdir(parents=True)

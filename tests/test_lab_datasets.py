@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from diffusion_trainer import shapes
+from diffusion_trainer.demo import shapes
 from diffusion_trainer.data import load_records
 from diffusion_trainer.errors import InputError
 

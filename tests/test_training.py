@@ -257,7 +257,7 @@ def test_wandb_without_a_key_warns_and_carries_on(tmp_path, tiny_sd, star_folder
 
 
 def test_pickled_weights_are_refused_safetensors_only(tmp_path, star_folder, capsys):
-    from diffusion_trainer.tiny_models import tiny_sd_pipeline
+    from diffusion_trainer.demo.tiny_models import tiny_sd_pipeline
 
     pickled = tmp_path / "pickled_model"
     tiny_sd_pipeline(seed=0).save_pretrained(str(pickled), safe_serialization=False)

@@ -113,7 +113,7 @@ def grid(before: dict[str, list], after: dict[str, list], path: Path) -> Path:
 
 
 def run_demo(root: Path = OUTPUT) -> int:
-    from .runner import run_standalone
+    from ..runner import run_standalone
     from .shapes_world import load_pipeline
 
     started = time.monotonic()
@@ -138,7 +138,7 @@ def run_demo(root: Path = OUTPUT) -> int:
     sheet = grid(before, after, root / "demo_grid.png")
     b, a = result["before"], result["after"]
     print(f"\nDemo done in {result['seconds']:.0f} s ({training:.0f} s training). Scored by "
-          f"diffusion_trainer/shapes_world/scorer.py over {len(EVAL_SEEDS)} seeds:\n"
+          f"diffusion_trainer/demo/shapes_world/scorer.py over {len(EVAL_SEEDS)} seeds:\n"
           f"  '{CONCEPT_PROMPT}' drawn as a purple star: {b['concept_score']:.0%} before, "
           f"{a['concept_score']:.0%} after\n"
           f"  '{OLD_WORLD[0]}' still drawn as asked:  {b['old_world_score']:.0%} before, "

@@ -17,7 +17,7 @@ def load_pipeline(path: Path = BASE_MODEL):
 
     if not (Path(path) / "model_index.json").is_file():
         raise FileNotFoundError(f"no pipeline at {path}; make it with "
-                                "`python -m diffusion_trainer.shapes_world.pretrain --seed 0`")
+                                "`python -m diffusion_trainer.demo.shapes_world.pretrain --seed 0`")
     pipeline = StableDiffusionPipeline.from_pretrained(str(path), use_safetensors=True, safety_checker=None,
                                                        requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)

@@ -146,7 +146,7 @@ def accuracy(images: list[Image.Image], answers: list[tuple[str, str]]) -> float
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m diffusion_trainer.shapes_world.scorer [seed]`: the scorer's accuracy on pictures
+    """`python -m diffusion_trainer.demo.shapes_world.scorer [seed]`: the scorer's accuracy on pictures
     from a seed pretrain.py does not train on."""
     argv = sys.argv[1:] if argv is None else argv
     seed = int(argv[0]) if argv else 2024

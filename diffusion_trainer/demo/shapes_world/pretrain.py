@@ -1,6 +1,6 @@
 """Pretrain the shapes-world base model: a tiny Stable Diffusion 1.x-style pipeline.
 
-    python -m diffusion_trainer.shapes_world.pretrain --seed 0 --out diffusion_trainer/shapes_world/base_model
+    python -m diffusion_trainer.demo.shapes_world.pretrain --seed 0 --out diffusion_trainer/demo/shapes_world/base_model
 
 1. The VAE learns to reconstruct any shape in any colour (stars and purple included: a codec
    must draw whatever a LoRA later teaches). Plain L1 + L2 reconstruction, a small KL term.
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
-    from ..cli import quiet_libraries
+    from ...reporting import quiet_libraries
     from ..tiny_models import save_pipeline
 
     quiet_libraries()
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_note(args, changed: str, trained: float, accuracy: float, by_prompt: dict, scores: dict, size: int,
                total: float) -> None:
     out = "" if args.out.resolve() == BASE_MODEL else f" --out {args.out}"
-    command = f"python -m diffusion_trainer.shapes_world.pretrain --seed {args.seed}{out} {changed}"
+    command = f"python -m diffusion_trainer.demo.shapes_world.pretrain --seed {args.seed}{out} {changed}"
     lines = [
         "# Shapes-world base model", "",
         "A tiny Stable Diffusion 1.x-style pipeline (VAE, UNet, CLIP tokenizer and text encoder, "
