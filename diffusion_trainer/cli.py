@@ -6,7 +6,7 @@
     python main.py export <adapter_dir> [--format kohya|diffusers]   the adapter in another form
     _TFL_JOB_ID=… python main.py                    a Transformer Lab task (the `transformerlab` SDK)
 
-The Lab launches live in lab_launch.py; running one configuration, in runner.py.
+The Lab launches live in lab/launch.py; running one configuration, in runner.py.
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()
     if args.input_file is not None:
-        from .lab_launch import run_lab_plugin
+        from .lab.launch import run_lab_plugin
 
         return run_lab_plugin(args.input_file, args.experiment_name, args.job_id, args.workspace_dir)
     if os.environ.get("_TFL_JOB_ID"):
-        from .lab_launch import run_lab_task
+        from .lab.launch import run_lab_task
 
         return run_lab_task(args.config, args.set)
     if args.config is None and not args.set:
@@ -76,4 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return run_standalone(raw)
+    from .lab.keys import is_bookkeeping  # a config the Lab wrote (a job's, a plugin input file) works too
+
+    return run_standalone(raw, is_bookkeeping)

@@ -35,8 +35,7 @@ INTERPOLATION = {
 
 # --- sources -----------------------------------------------------------------------------
 
-def load_records(dataset_name: str, image_column: str, caption_column: str,
-                 lab_datasets_dir: Path | None = None, problems: list[str] | None = None,
+def load_records(dataset_name: str, image_column: str, caption_column: str, problems: list[str] | None = None,
                  allow_outside: bool = False, skip_folders: tuple[Path, ...] = ()):
     """The dataset's training split as a `datasets.Dataset`, with both columns checked.
 
@@ -46,8 +45,6 @@ def load_records(dataset_name: str, image_column: str, caption_column: str,
     first one raises InputError. A folder of captioned images is listed without its hidden files
     and folders and without `skip_folders` (the run's own outputs)."""
     path = Path(dataset_name).expanduser()
-    if not path.exists() and lab_datasets_dir is not None and (lab_datasets_dir / dataset_name).is_dir():
-        path = lab_datasets_dir / dataset_name
     found: list[str] = [] if problems is None else problems
     if path.is_dir():
         records = _load_folder(path, image_column, caption_column, found, allow_outside, skip_folders)
@@ -86,9 +83,6 @@ def _load_folder(path: Path, image_column: str, caption_column: str, problems: l
     metadata = _metadata_files(path)
     if metadata:
         return _load_metadata(path, metadata, problems, allow_outside)
-    hub_id = _lab_hub_dataset_id(path)
-    if hub_id:
-        return _load_hub(hub_id)
     return _load_captioned_images(path, image_column, caption_column, problems, allow_outside, skip_folders)
 
 
@@ -101,20 +95,6 @@ def _metadata_files(path: Path) -> list[Path]:
     train = path / "train"
     labels = sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
     return found(path) or [file for folder in (train, *labels) for file in found(folder)]
-
-
-def _lab_hub_dataset_id(path: Path) -> str | None:
-    """A Lab dataset folder holding only the Lab's index.json is a hub dataset: its id."""
-    import json
-
-    if [p.name for p in path.iterdir() if not p.name.startswith(".")] != ["index.json"]:
-        return None
-    try:
-        entry = json.loads((path / "index.json").read_text())
-    except (OSError, ValueError):
-        return None
-    dataset_id = entry.get("dataset_id") if isinstance(entry, dict) else None
-    return str(dataset_id) if dataset_id else None
 
 
 def _outside(path: Path, folder: Path) -> bool:

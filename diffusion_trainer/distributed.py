@@ -249,23 +249,6 @@ def reporter_for_this_process(reporter: Any) -> Any:
     return ProcessReporter(reporter, is_main_process())
 
 
-def attach_lab_read_only(lab: Any) -> Any:
-    """For the other processes of a multi-GPU Lab job: the SDK's `lab` attached to the job named
-    by _TFL_JOB_ID without lab.init(), which writes the job (status, start time). They only read
-    it (parameters, directories); the main process alone writes."""
-    import asyncio
-
-    from lab import Experiment, Job
-
-    experiment_id = os.environ.get("_TFL_EXPERIMENT_ID") or "alpha"
-    experiment = asyncio.run(Experiment.create_or_get(experiment_id, create_new=False))
-    job = asyncio.run(Job.get(os.environ["_TFL_JOB_ID"], experiment.id))
-    if job is None:
-        raise RuntimeError(f"job {os.environ['_TFL_JOB_ID']} not found")
-    lab._experiment, lab._job = experiment, job
-    return lab
-
-
 # --- debugging: which samples each process trained on ------------------------------------------
 
 class TracedLoader:

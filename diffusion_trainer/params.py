@@ -1,9 +1,9 @@
 """The one parameter schema: every name, type, default, limit and help text lives here.
 
 index.json's `parameters` and `parameters_ui` are generated from this class
-(`python -m diffusion_trainer.manifest`), and a test proves the two agree.
+(`python -m diffusion_trainer.lab.manifest`), and a test proves the two agree.
 `parse_params` is the only way parameters enter the program: it coerces the
-strings the Lab sends, accepts the Lab's bookkeeping keys, warns about unknown
+strings the Lab sends, accepts the keys its caller expects (the Lab's bookkeeping), warns about unknown
 keys (suggesting the nearest known one) and reports every bad value at once.
 """
 
@@ -11,22 +11,9 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
-
-# Keys the Lab puts in a job's config that are not training parameters. They are
-# accepted quietly; `cli` reads the ones it needs (model_path, adaptor_output_dir…).
-LAB_BOOKKEEPING_KEYS = frozenset(
-    {
-        "model_path", "model_architecture", "model_filename", "model_file_path", "template_name",
-        "template_id", "type", "job_id", "adaptor_output_dir", "experiment_name", "experiment_id",
-        "run_sweeps", "sweep_config", "sweep_metric", "lower_is_better", "chatml_formatted_column",
-        "formatting_template", "formatting_chat_template", "plugin_name", "dataset_id", "name",
-        "description", "datasets", "_config", "_tlab_recipe_datasets", "_tlab_recipe_models",
-    }
-)
-LAB_BOOKKEEPING_PREFIXES = ("embedding_", "sweep_", "_tfl", "_tlab")
 
 # Why an adaptor name must be this plain: the Lab loads adapters from
 # adaptors/<model>/<secure_filename(adaptor_name)>, so any name that sanitising
@@ -414,10 +401,6 @@ FIELDS = TrainingParams.model_fields
 _ENUM_FIELDS = {name for name, f in FIELDS.items() if getattr(f.annotation, "__origin__", None) is Literal}
 
 
-def is_lab_bookkeeping(key: str) -> bool:
-    return key in LAB_BOOKKEEPING_KEYS or key.startswith(LAB_BOOKKEEPING_PREFIXES)
-
-
 def _clean(name: str, value: Any) -> Any:
     """Undo what the Lab's form does to values: strings for everything, '' for unset."""
     annotation = FIELDS[name].annotation
@@ -443,11 +426,12 @@ def _describe(error: dict) -> str:
     return f"{name}: {message} (got {error['input']!r})"
 
 
-def parse_params(raw: Mapping[str, Any]) -> tuple[TrainingParams, list[str]]:
+def parse_params(raw: Mapping[str, Any],
+                 also_accepted: Callable[[str], bool] = lambda key: False) -> tuple[TrainingParams, list[str]]:
     """Validate raw parameters (from JSON, flags or the Lab).
 
-    Returns the parameters and the warnings to show (unknown keys). Raises
-    ParamsError listing every problem at once.
+    Returns the parameters and the warnings to show (unknown keys, except those `also_accepted`
+    says are expected: the Lab's bookkeeping). Raises ParamsError listing every problem at once.
     """
     known: dict[str, Any] = {}
     warnings: list[str] = []
@@ -455,7 +439,7 @@ def parse_params(raw: Mapping[str, Any]) -> tuple[TrainingParams, list[str]]:
         if key in FIELDS:
             if not _is_unset(key, value):
                 known[key] = _clean(key, value)
-        elif not is_lab_bookkeeping(key):
+        elif not also_accepted(key):
             close = difflib.get_close_matches(key, FIELDS.keys(), n=1, cutoff=0.6)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             warnings.append(f"Unknown parameter '{key}' is ignored.{hint}")

@@ -2,7 +2,7 @@
 
 The loop talks to a Reporter: `advance` every optimizer step (cheap), `report` when it has
 read the loss, `stop_requested` to learn whether to end early. The terminal reporter draws a
-tqdm bar; the Lab reporter (lab_sdk.py) also writes the job through the `transformerlab` SDK.
+tqdm bar; the Lab reporter (lab/reporter.py) also writes the job through the `transformerlab` SDK.
 
 Stopping: while a run is under `catching_stop_signals()`, SIGINT (Ctrl-C) and SIGTERM (what
 Transformer Lab's Stop sends, SIGKILL following 3 s later) only set `stop_reason`; the loop

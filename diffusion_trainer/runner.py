@@ -41,25 +41,26 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return overrides
 
 
-def run_standalone(raw: dict[str, Any]) -> int:
+def run_standalone(raw: dict[str, Any], also_accepted: Any = lambda key: False) -> int:
     """A run from a JSON config / --set flags (or the demo): terminal progress, Ctrl-C stops."""
     from .distributed import reporter_for_this_process
     from .reporting import Reporter
     from .train import RunPaths
 
     reporter = reporter_for_this_process(Reporter())
-    params = validated(raw, reporter)
+    params = validated(raw, reporter, also_accepted)
     if params is None:
         return EXIT_BAD_INPUT
     return execute(params, RunPaths.standalone(params), reporter)
 
 
-def validated(raw: dict[str, Any], reporter: Any):
-    """The parameters, or None after telling the user (and the job) every problem."""
+def validated(raw: dict[str, Any], reporter: Any, also_accepted: Any = lambda key: False):
+    """The parameters, or None after telling the user (and the job) every problem; keys
+    `also_accepted` says are expected (the Lab's bookkeeping) are not warned about."""
     from .params import ParamsError, parse_params
 
     try:
-        params, warnings = parse_params(raw)
+        params, warnings = parse_params(raw, also_accepted)
     except ParamsError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         reporter.failed(str(exc))
@@ -69,7 +70,7 @@ def validated(raw: dict[str, Any], reporter: Any):
     return params
 
 
-def execute(params: Any, paths: Any, reporter: Any, lab_datasets_dir: Path | None = None) -> int:
+def execute(params: Any, paths: Any, reporter: Any) -> int:
     """Train, hand the outputs to the reporter, end the job; the process's exit status."""
     from .distributed import is_main_process
     from .errors import InputError, Stopped
@@ -77,7 +78,7 @@ def execute(params: Any, paths: Any, reporter: Any, lab_datasets_dir: Path | Non
 
     with reporter.catching_stop_signals():
         try:
-            result = run_training(params, paths, reporter, lab_datasets_dir)
+            result = run_training(params, paths, reporter)
         except InputError as exc:
             print(f"ERROR: {exc}", file=sys.stderr)
             reporter.failed(str(exc))

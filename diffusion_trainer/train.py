@@ -147,35 +147,29 @@ def tracker_config(params: TrainingParams) -> dict[str, Any]:
     return {k: v for k, v in params.model_dump().items() if isinstance(v, (int, float, str, bool))}
 
 
-def run_training(params: TrainingParams, paths: RunPaths, reporter: Any,
-                 lab_datasets_dir: Path | None = None) -> RunResult:
+def run_training(params: TrainingParams, paths: RunPaths, reporter: Any) -> RunResult:
     """Check what the run would write over, hold the output folder's lock, train."""
-    dataset_dir = local_dataset_folder(params.dataset_name, lab_datasets_dir)
+    dataset_dir = local_dataset_folder(params.dataset_name)
     checkpoints_dir = paths.checkpoints(params)
     guards.check_adapter_target(paths.adapter_dir, adapter.INFO_NAME, dataset_dir,
                                 [paths.logs_dir, paths.eval_images_dir, checkpoints_dir, cache_dir(params)])
     lock = guards.OutputLock(paths.adapter_dir.parent, paths.adapter_dir.name)
     try:
-        return train_with_lock(lock, params, paths, reporter, lab_datasets_dir)
+        return train_with_lock(lock, params, paths, reporter)
     finally:
         lock.release()
 
 
-def local_dataset_folder(dataset_name: str, lab_datasets_dir: Path | None) -> Path | None:
+def local_dataset_folder(dataset_name: str) -> Path | None:
     path = Path(dataset_name).expanduser()
-    if path.is_dir():
-        return path
-    if lab_datasets_dir is not None and (lab_datasets_dir / dataset_name).is_dir():
-        return lab_datasets_dir / dataset_name
-    return None
+    return path if path.is_dir() else None
 
 
 def cache_dir(params: TrainingParams) -> Path:
     return Path(params.output_dir).expanduser() / "cache"
 
 
-def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunPaths, reporter: Any,
-                    lab_datasets_dir: Path | None = None) -> RunResult:
+def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunPaths, reporter: Any) -> RunResult:
     """The run; `lock` is taken once the cheap checks pass, before the first write."""
     started = time.monotonic()
     from accelerate.utils import set_seed
@@ -186,8 +180,8 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
         raise InputError(f"resolution: {family_cls.label} needs a multiple of "
                          f"{family_cls.resolution_multiple} (got {params.resolution}).")
     load_problems: list[str] = []
-    records = load_records(params.dataset_name, params.image_column, params.caption_column, lab_datasets_dir,
-                           load_problems, params.allow_files_outside_dataset, output_folders(paths, params))
+    records = load_records(params.dataset_name, params.image_column, params.caption_column, load_problems,
+                           params.allow_files_outside_dataset, output_folders(paths, params))
     checked = check_dataset(records, params, load_problems, reporter)
     records = checked.records
     runtime = decide_runtime(params, reporter)

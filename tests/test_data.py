@@ -208,7 +208,9 @@ def test_a_lab_dataset_id_is_found_in_the_workspace(tmp_path, star_imagefolder):
     import shutil
 
     shutil.copytree(star_imagefolder, tmp_path / "datasets" / "my_stars")
-    assert len(load_records("my_stars", "image", "text", lab_datasets_dir=tmp_path / "datasets")) == 8
+    from diffusion_trainer.lab.datasets import resolve_dataset_name
+
+    assert len(load_records(resolve_dataset_name("my_stars", tmp_path / "datasets"), "image", "text")) == 8
 
 
 def test_images_without_captions_are_named(tmp_path):

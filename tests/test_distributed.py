@@ -167,7 +167,7 @@ def test_the_other_processes_read_the_lab_job_without_writing_it(monkeypatch):
 
     from lab import Experiment, Job
 
-    from diffusion_trainer import lab_launch
+    from diffusion_trainer.lab import launch as lab_launch
 
     name = f"exp_{uuid.uuid4().hex[:8]}"
     job = asyncio.run(asyncio.run(Experiment.create_or_get(name, create_new=True)).create_job())

@@ -23,9 +23,9 @@ import pytest
 from conftest import ROOT, run_main
 
 import main
-from diffusion_trainer import manifest
-from diffusion_trainer.lab_launch import connect_lab
-from diffusion_trainer.lab_sdk import TASK, LabReporter
+from diffusion_trainer.lab import manifest
+from diffusion_trainer.lab.launch import connect_lab
+from diffusion_trainer.lab.reporter import TASK, LabReporter
 from diffusion_trainer.params import FIELDS, parse_params
 from diffusion_trainer.reporting import Reporter
 from lab import Experiment, Job

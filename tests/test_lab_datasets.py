@@ -9,6 +9,7 @@ import pytest
 
 from diffusion_trainer.demo import shapes
 from diffusion_trainer.data import load_records
+from diffusion_trainer.lab.datasets import resolve_dataset_name
 from diffusion_trainer.errors import InputError
 
 
@@ -30,7 +31,7 @@ def test_metadata_under_train_is_read(tmp_path):
     rng = random.Random(0)
     train = tmp_path / "lab_dataset" / "train"
     write_metadata(train, write_images(train, 3, rng))
-    records = load_records("lab_dataset", "image", "text", lab_datasets_dir=tmp_path)
+    records = load_records(resolve_dataset_name("lab_dataset", tmp_path), "image", "text")
     assert len(records) == 3 and all("sks" in caption for caption in records["text"])
 
 
@@ -50,5 +51,5 @@ def test_a_hub_dataset_folder_holding_only_the_labs_index_json_is_loaded_by_its_
     (folder / "index.json").write_text(json.dumps({"dataset_id": "someone/stars", "location": "huggingface",
                                                    "description": "", "size": -1, "json_data": {}}))
     with pytest.raises(InputError) as caught:  # offline here: the hub is asked for that id
-        load_records("someone_stars", "image", "text", lab_datasets_dir=tmp_path)
+        load_records(resolve_dataset_name("someone_stars", tmp_path), "image", "text")
     assert "could not load 'someone/stars' from the hub" in str(caught.value)

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from werkzeug.utils import secure_filename
 
-from diffusion_trainer import manifest
+from diffusion_trainer.lab import manifest
 from diffusion_trainer.params import FIELDS, ParamsError, parse_params
 
 REQUIRED = {"adaptor_name": "a", "model_name": "owner/model", "dataset_name": "some/dataset"}
@@ -78,9 +78,12 @@ def test_lab_strings_are_coerced_and_false_means_false():
 
 
 def test_lab_bookkeeping_keys_are_accepted_quietly_and_unknown_keys_get_a_suggestion():
-    _, warnings = parse(job_id="12", model_path="", model_architecture="StableDiffusionPipeline",
-                        adaptor_output_dir="/x", template_name="t", type="LoRA", embedding_model="e",
-                        run_sweeps=False, learnin_rate="0.1", zzz=1)
+    from diffusion_trainer.lab.keys import is_bookkeeping
+
+    _, warnings = parse_params({**REQUIRED, **dict(
+        job_id="12", model_path="", model_architecture="StableDiffusionPipeline", adaptor_output_dir="/x",
+        template_name="t", type="LoRA", embedding_model="e", run_sweeps=False, learnin_rate="0.1", zzz=1)},
+        is_bookkeeping)
     assert warnings == ["Unknown parameter 'learnin_rate' is ignored. Did you mean 'learning_rate'?",
                         "Unknown parameter 'zzz' is ignored."]
 

@@ -306,7 +306,7 @@ def test_before_after_compares_the_image_before_training_with_the_last(tmp_path,
 
     from PIL import Image
 
-    from diffusion_trainer import lab_sdk
+    from diffusion_trainer.lab import reporter as lab_reporter
 
     code, out = train(tmp_path, tiny_sd, star_folder, num_train_epochs=2, eval_prompt=PROMPT, eval_steps=1)
     assert code == 0
@@ -314,13 +314,13 @@ def test_before_after_compares_the_image_before_training_with_the_last(tmp_path,
     images = [eval_dir / name for name in ("before.png", "epoch_0001.png", "final.png")]
     assert all(p.is_file() for p in images)
     result = SimpleNamespace(eval_images=images, losses=[], paths=SimpleNamespace(logs_dir=tmp_path / "figures"))
-    grid = Image.open(lab_sdk.artifacts(result)["before_after.png"]).convert("RGB")
+    grid = Image.open(lab_reporter.artifacts(result)["before_after.png"]).convert("RGB")
     for column, expected in ((0, images[0]), (1, images[-1])):
         cell = grid.crop((column * 256, grid.height - 256, (column + 1) * 256, grid.height))
         assert list(cell.getdata()) == list(Image.open(expected).convert("RGB").resize((256, 256)).getdata())
     # a resumed run whose first run drew no before image shows no grid rather than a false one
     resumed = SimpleNamespace(eval_images=images[1:], losses=[], paths=result.paths)
-    assert "before_after.png" not in lab_sdk.artifacts(resumed)
+    assert "before_after.png" not in lab_reporter.artifacts(resumed)
 
 
 def test_a_stop_during_the_image_before_training_trains_no_step(tmp_path, tiny_sd, star_folder, monkeypatch, capsys):

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import adapter, atomic, figures
-from .reporting import LAB_STOP, TERMINATE, Reporter
+from .. import adapter, atomic, figures
+from ..reporting import LAB_STOP, TERMINATE, Reporter
 
 TASK, PLUGIN = "task", "plugin"
 STOP_READ_INTERVAL_S = 0.5
@@ -224,7 +224,7 @@ class LabReporter(Reporter):
         checkpoints folder (which may be remote) and from its list."""
         from lab import storage
 
-        from .checkpoint import PREFIX
+        from ..checkpoint import PREFIX
 
         def name_of(item: Any) -> str:
             return str(item).rstrip("/").rsplit("/", 1)[-1]

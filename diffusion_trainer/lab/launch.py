@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .lab_sdk import PLUGIN, TASK, LabReporter, resolved
-from .runner import EXIT_BAD_INPUT, EXIT_FAILED, execute, parse_overrides, read_config, validated
+from ..runner import EXIT_BAD_INPUT, EXIT_FAILED, execute, parse_overrides, read_config, validated
+from .datasets import resolve_dataset_name
+from .keys import is_bookkeeping
+from .reporter import PLUGIN, TASK, LabReporter, resolved
 
 
 def run_lab_plugin(input_file: Path, experiment_name: str | None, job_id: str | None,
@@ -51,7 +53,7 @@ def run_lab_task(config_file: Path | None, overrides: list[str]) -> int:
         config.update(parse_overrides(overrides))
     except ValueError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
-        from .distributed import reporter_for_this_process
+        from ..distributed import reporter_for_this_process
 
         reporter_for_this_process(LabReporter(lab, TASK)).failed(str(exc))
         return EXIT_BAD_INPUT
@@ -74,7 +76,7 @@ def connect_lab():
     try:
         from lab import lab
 
-        from .distributed import attach_lab_read_only, is_main_process
+        from ..distributed import is_main_process
 
         if not is_main_process():
             return attach_lab_read_only(lab)  # one of several processes: only the main one writes the job
@@ -87,20 +89,23 @@ def connect_lab():
 
 
 def run_in_lab(config: dict[str, Any], lab: Any, launch: str) -> int:
-    from .distributed import reporter_for_this_process
-    from .reporting import Reporter
+    from ..distributed import reporter_for_this_process
+    from ..reporting import Reporter
 
     hub_id = str(config.get("model_name") or "")
     if str(config.get("model_path") or "").strip():
         config["model_name"] = config["model_path"]  # the Lab's local copy, when it has one
     reporter = reporter_for_this_process(LabReporter(lab, launch, parent_model=hub_id) if lab is not None
                                          else Reporter())
-    params = validated(config, reporter)
+    params = validated(config, reporter, is_bookkeeping)
     if params is None:
         return EXIT_BAD_INPUT
     workspace = local_workspace() if lab is not None else None
+    if workspace is not None:  # a dataset the Lab knows by name: its folder in the workspace, or its hub id
+        params = params.model_copy(update={"dataset_name": resolve_dataset_name(params.dataset_name,
+                                                                                workspace / "datasets")})
     paths = plugin_paths(params, config, hub_id, workspace, lab) if launch == PLUGIN else task_paths(params, lab)
-    return execute(params, paths, reporter, workspace / "datasets" if workspace else None)
+    return execute(params, paths, reporter)
 
 
 def local_workspace() -> Path | None:
@@ -118,7 +123,7 @@ def task_paths(params: Any, lab: Any = None):
     nothing is copied), the adapter and the logs in <job folder>/output, from where the adapter is
     handed to the SDK; output_dir keeps only the latent cache, which later jobs reuse. With a remote
     workspace (s3://, gs://…) everything is written under output_dir and handed to the SDK."""
-    from .train import RunPaths
+    from ..train import RunPaths
 
     folders = job_folders(lab) if lab is not None else None
     if folders is None:
@@ -148,7 +153,7 @@ def plugin_paths(params: Any, config: dict[str, Any], hub_id: str, workspace: Pa
     and the job's own folder for eval images."""
     from werkzeug.utils import secure_filename
 
-    from .train import RunPaths
+    from ..train import RunPaths
 
     fallback = RunPaths.standalone(params)
     adapter_dir = config.get("adaptor_output_dir")
@@ -161,3 +166,20 @@ def plugin_paths(params: Any, config: dict[str, Any], hub_id: str, workspace: Pa
         eval_images_dir=Path(job_dir) / "eval_images" if job_dir and "://" not in job_dir else fallback.eval_images_dir,
         logs_dir=Path(params.output_dir) / f"job_{job_id}",
     )
+
+
+def attach_lab_read_only(lab: Any) -> Any:
+    """For the other processes of a multi-GPU Lab job: the SDK's `lab` attached to the job named
+    by _TFL_JOB_ID without lab.init(), which writes the job (status, start time). They only read
+    it (parameters, directories); the main process alone writes."""
+    import asyncio
+
+    from lab import Experiment, Job
+
+    experiment_id = os.environ.get("_TFL_EXPERIMENT_ID") or "alpha"
+    experiment = asyncio.run(Experiment.create_or_get(experiment_id, create_new=False))
+    job = asyncio.run(Job.get(os.environ["_TFL_JOB_ID"], experiment.id))
+    if job is None:
+        raise RuntimeError(f"job {os.environ['_TFL_JOB_ID']} not found")
+    lab._experiment, lab._job = experiment, job
+    return lab
