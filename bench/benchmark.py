@@ -100,7 +100,8 @@ def synchronize() -> None:
 def run_trainer(model: str, data: str, name: str, cached: bool, out: str) -> dict:
     from diffusion_trainer.params import parse_params
     from diffusion_trainer.reporting import Reporter
-    from diffusion_trainer.train import RunPaths, run_training
+    from diffusion_trainer.outputs.layout import RunPaths
+    from diffusion_trainer.train import run_training
 
     spec = MODELS[name]
     params, _ = parse_params({
@@ -108,7 +109,7 @@ def run_trainer(model: str, data: str, name: str, cached: bool, out: str) -> dic
         "resolution": spec["resolution"], "center_crop": True, "train_batch_size": spec["batch"],
         "num_train_epochs": 1000, "max_train_steps": spec["steps"], "lr_warmup_steps": 0, "log_to_wandb": False,
         "cache_latents": cached, "cache_text_embeddings": cached, "seed": 0})
-    result = run_training(params, RunPaths.standalone(params), Reporter())
+    result = run_training(params, RunPaths.under(params.output_dir, params.adaptor_name), Reporter())
     t = result.timing
     return {"steps_per_s": (result.steps - 1) / (t["end"] - t["first_step"]), "first_step": t["first_step"],
             "peak_rss_mb": peak_rss_mb()}
@@ -256,7 +257,8 @@ def checkpoint_cost(model: Path, data: Path, name: str, workdir: Path) -> dict[s
     from diffusion_trainer import checkpoint
     from diffusion_trainer.params import TrainingParams, parse_params
     from diffusion_trainer.reporting import Reporter
-    from diffusion_trainer.train import RunPaths, run_training
+    from diffusion_trainer.outputs.layout import RunPaths
+    from diffusion_trainer.train import run_training
 
     spec, saves = MODELS[name], []
     real_save = checkpoint.Checkpoints.save
@@ -273,7 +275,7 @@ def checkpoint_cost(model: Path, data: Path, name: str, workdir: Path) -> dict[s
         "output_dir": str(workdir / "out_ckpt"), "resolution": spec["resolution"], "center_crop": True,
         "train_batch_size": spec["batch"], "num_train_epochs": 1000, "max_train_steps": 20,
         "lr_warmup_steps": 0, "log_to_wandb": False, "checkpointing_steps": 5, "use_ema": True, "seed": 0})
-    result = run_training(params, RunPaths.standalone(params), Reporter())
+    result = run_training(params, RunPaths.under(params.output_dir, params.adaptor_name), Reporter())
     checkpoint.Checkpoints.save = real_save
     t = result.timing
     step_s = (t["end"] - t["first_step"] - sum(saves)) / (result.steps - 1)

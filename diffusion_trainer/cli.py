@@ -52,7 +52,7 @@ def unknown_arguments(unknown: list[str], parser: argparse.ArgumentParser) -> st
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["export"]:  # python main.py export <adapter_dir> [--format …]: see export.py
-        from .export import main as export_main
+        from .outputs.export import main as export_main
 
         quiet_libraries()
         return export_main(argv[1:])

@@ -13,7 +13,7 @@ from diffusers.training_utils import offload_models
 from PIL import Image
 
 from . import atomic
-from .figures import BEFORE
+from .outputs.layout import BEFORE
 
 
 class Evaluator:

@@ -345,7 +345,7 @@ class TrainingParams(BaseModel):
             raise ValueError(
                 "must be a plain folder name: letters, digits, '.', '_' or '-', starting with a "
                 "letter or digit and not ending in '.' or '_' (no spaces, slashes or '..')")
-        from .guards import RESERVED_NAMES
+        from .outputs.layout import RESERVED_NAMES
 
         if name.lower() in RESERVED_NAMES:
             raise ValueError(f"'{name}' is the name of a folder the trainer keeps beside the adapters; reserved "

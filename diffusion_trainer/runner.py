@@ -45,13 +45,13 @@ def run_standalone(raw: dict[str, Any], also_accepted: Any = lambda key: False) 
     """A run from a JSON config / --set flags (or the demo): terminal progress, Ctrl-C stops."""
     from .distributed import reporter_for_this_process
     from .reporting import Reporter
-    from .train import RunPaths
+    from .outputs.layout import RunPaths
 
     reporter = reporter_for_this_process(Reporter())
     params = validated(raw, reporter, also_accepted)
     if params is None:
         return EXIT_BAD_INPUT
-    return execute(params, RunPaths.standalone(params), reporter)
+    return execute(params, RunPaths.under(params.output_dir, params.adaptor_name), reporter)
 
 
 def validated(raw: dict[str, Any], reporter: Any, also_accepted: Any = lambda key: False):
@@ -74,7 +74,8 @@ def execute(params: Any, paths: Any, reporter: Any) -> int:
     """Train, hand the outputs to the reporter, end the job; the process's exit status."""
     from .distributed import is_main_process
     from .errors import InputError, Stopped
-    from .train import RunFailed, run_training
+    from .outputs.adapter import RunFailed
+    from .train import run_training
 
     with reporter.catching_stop_signals():
         try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import adapter, atomic, checkpoint, distributed, export, guards, loop, optimizers
+from . import atomic, checkpoint, distributed, loop, optimizers
 from .caching import CachedSamples, DiskLatents, TextCache, build_latent_cache
 from .data import BucketBatchSampler, build_samples, load_records
 from .datacheck import check_dataset, long_captions
@@ -25,28 +25,12 @@ from .evaluate import Evaluator
 from .families import family_for
 from .inputs import ModelInputs
 from .lora import LoraEMA, attach_lora, lora_metadata
+from .outputs import adapter, guards
+from .outputs.layout import INFO_NAME, RunPaths
 from .params import TrainingParams
 from .reporting import ignore_stop_signals
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    adapter_dir: Path
-    eval_images_dir: Path
-    logs_dir: Path
-    checkpoints_dir: Path | None = None  # None: <output_dir>/checkpoints/<adaptor_name>
-    own_checkpoints_dir: bool = False  # checkpoints_dir is this run's alone (a Lab job's): no run folders in it
-
-    @classmethod
-    def standalone(cls, params: TrainingParams) -> "RunPaths":
-        root = Path(params.output_dir).expanduser()
-        name = params.adaptor_name
-        return cls(root / name, root / "eval_images" / name, root / "logs" / name, root / "checkpoints" / name)
-
-    def checkpoints(self, params: TrainingParams) -> Path:
-        return self.checkpoints_dir or Path(params.output_dir).expanduser() / "checkpoints" / params.adaptor_name
 
 
 @dataclass
@@ -150,9 +134,8 @@ def tracker_config(params: TrainingParams) -> dict[str, Any]:
 def run_training(params: TrainingParams, paths: RunPaths, reporter: Any) -> RunResult:
     """Check what the run would write over, hold the output folder's lock, train."""
     dataset_dir = local_dataset_folder(params.dataset_name)
-    checkpoints_dir = paths.checkpoints(params)
-    guards.check_adapter_target(paths.adapter_dir, adapter.INFO_NAME, dataset_dir,
-                                [paths.logs_dir, paths.eval_images_dir, checkpoints_dir, cache_dir(params)])
+    guards.check_adapter_target(paths.adapter_dir, INFO_NAME, dataset_dir,
+                                [paths.logs_dir, paths.eval_images_dir, paths.checkpoints_dir, paths.cache_dir])
     lock = guards.OutputLock(paths.adapter_dir.parent, paths.adapter_dir.name)
     try:
         return train_with_lock(lock, params, paths, reporter)
@@ -163,10 +146,6 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any) -> RunR
 def local_dataset_folder(dataset_name: str) -> Path | None:
     path = Path(dataset_name).expanduser()
     return path if path.is_dir() else None
-
-
-def cache_dir(params: TrainingParams) -> Path:
-    return Path(params.output_dir).expanduser() / "cache"
 
 
 def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunPaths, reporter: Any) -> RunResult:
@@ -181,7 +160,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
                          f"{family_cls.resolution_multiple} (got {params.resolution}).")
     load_problems: list[str] = []
     records = load_records(params.dataset_name, params.image_column, params.caption_column, load_problems,
-                           params.allow_files_outside_dataset, output_folders(paths, params))
+                           params.allow_files_outside_dataset, paths.written())
     checked = check_dataset(records, params, load_problems, reporter)
     records = checked.records
     runtime = decide_runtime(params, reporter)
@@ -189,7 +168,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     if params.lr_scheduler == "constant" and params.lr_warmup_steps:
         reporter.info(f"lr_warmup_steps={params.lr_warmup_steps} is not used by lr_scheduler=constant "
                       "(choose constant_with_warmup for a warmup).")
-    checkpoints_dir = paths.checkpoints(params)
+    checkpoints_dir = paths.checkpoints_dir
     if distributed.is_main_process():
         lock.acquire()
     # what earlier runs left, and which checkpoint to resume: decided by the main process alone
@@ -223,7 +202,8 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     speed_up_denoiser(denoiser, params, runtime, reporter)
 
     # --- data: encode once where we can, then park the encoders --------------------------
-    samples, inputs = prepare_data(family, records, checked.images_fingerprint, params, accelerator, reporter)
+    samples, inputs = prepare_data(family, records, checked.images_fingerprint, params, paths.cache_dir, accelerator,
+                                   reporter)
     dataloader = make_dataloader(samples, params, accelerator)
 
     # --- optimizer: steps are global optimizer steps, whatever the number of processes ------------
@@ -292,9 +272,13 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     saved_to, failure = paths.adapter_dir, None
     if accelerator.is_main_process:
         try:
-            saved_to = save_adapter_somewhere(family, params, paths.adapter_dir, outcome, prediction_type, ema,
-                                              samples.captions, run_folder, reporter)
-        except RunFailed as exc:  # the weights went to a rescue folder (or nowhere): still try the checkpoint
+            info = adapter_info(family, params, outcome, prediction_type)
+            kept = checkpoint.existing(run_folder)
+            saved_to = adapter.save_somewhere(
+                lambda folder: adapter.save_adapter(folder, family, params.adaptor_name, info, ema, samples.captions),
+                paths.adapter_dir, params.adaptor_name, outcome.steps, outcome.stopped, kept[-1] if kept else None,
+                reporter)
+        except adapter.RunFailed as exc:  # the weights went to a rescue folder (or nowhere): still try the checkpoint
             failure = exc
         if failure is None:
             reporter.adapter_saved(saved_to, params.adaptor_name)
@@ -310,12 +294,6 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     return RunResult("stopped" if stopping else "completed", replace(paths, adapter_dir=saved_to), outcome.steps,
                      outcome.epochs, outcome.final_loss, outcome.losses, evaluator.images, time.monotonic() - started,
                      outcome.timing)
-
-
-def output_folders(paths: RunPaths, params: TrainingParams) -> tuple[Path, ...]:
-    """What this run writes; left out of a dataset folder they lie in (eval images are no data)."""
-    return (Path(params.output_dir).expanduser(), paths.adapter_dir, paths.eval_images_dir, paths.logs_dir,
-            paths.checkpoints(params))
 
 
 def tidy_outputs(paths: RunPaths, checkpoints_dir: Path) -> list[str]:
@@ -395,8 +373,8 @@ def speed_up_denoiser(denoiser: torch.nn.Module, params: TrainingParams, runtime
         denoiser.compile()  # in place: the module (and its LoRA weights) stay the ones we save
 
 
-def prepare_data(family: Any, records: Any, images_fingerprint: str, params: TrainingParams, accelerator: Any,
-                 reporter: Any) -> tuple[Any, ModelInputs]:
+def prepare_data(family: Any, records: Any, images_fingerprint: str, params: TrainingParams, cache_dir: Path,
+                 accelerator: Any, reporter: Any) -> tuple[Any, ModelInputs]:
     """The training dataset and how batches become model inputs: cached latents and text
     embeddings when asked for, after which the VAE and text encoders leave the accelerator
     (or are freed when no eval image will need them)."""
@@ -414,7 +392,7 @@ def prepare_data(family: Any, records: Any, images_fingerprint: str, params: Tra
         reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB); "
                       f"{', '.join(parked)} {'moved off the accelerator' if keep_for_eval else 'freed'}.")
     if params.cache_latents:
-        store = build_latent_cache(family, samples, params, images_fingerprint, cache_dir(params), reporter,
+        store = build_latent_cache(family, samples, params, images_fingerprint, cache_dir, reporter,
                                    accelerator.local_main_process_first)
         samples = CachedSamples(store, samples)
         family.park(("vae",), keep_for_eval)
@@ -468,82 +446,11 @@ def make_optimizer(trainable: list[torch.nn.Parameter], params: TrainingParams, 
     return optimizer, lr_scheduler
 
 
-def save_adapter_somewhere(family: Any, params: TrainingParams, target: Path, outcome: loop.Outcome,
-                           prediction_type: str | None, ema: LoraEMA | None, captions: list[str],
-                           run_folder: Path, reporter: Any) -> Path:
-    """Save the adapter and return where it went: to `target`, or beside it when this run stopped
-    short of the adapter already there; when that write fails (a full disk, whatever the library's
-    error), to a fallback folder that is named, so trained weights are never lost; when nothing can
-    be written, name the last good checkpoint. After a fallback the run fails, saying where."""
-    import tempfile
-
-    target = shorter_run_target(target, outcome, reporter)
-    try:
-        return save_adapter(family, params, target, outcome, prediction_type, ema, captions)
-    except Exception as exc:
-        failure = f"The adapter could not be written to {target} ({describe(exc)})"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for root in (Path(tempfile.gettempdir()), Path.home()):
-        fallback = root / "diffusion_trainer_rescued" / f"{params.adaptor_name}-{stamp}"
-        try:
-            save_adapter(family, params, fallback, outcome, prediction_type, ema, captions)
-        except Exception:
-            continue
-        reporter.warn(f"{failure}; the trained adapter was saved to {fallback} instead.")
-        raise RunFailed(f"{failure}. The trained adapter was saved to {fallback} instead: move it into place "
-                        "once there is room.")
-    kept = checkpoint.existing(run_folder)
-    where = (f"the last good checkpoint is {kept[-1]} (resume from it with resume_from_checkpoint=latest "
-             "once there is room)") if kept else "no checkpoint was kept"
-    raise RunFailed(f"{failure}, nor to any fallback folder; {where}.")
-
-
-class RunFailed(RuntimeError):
-    """The run ended without its adapter in place; the message says where the weights are."""
-
-
-def describe(exc: Exception) -> str:
-    return getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
-
-
-def shorter_run_target(target: Path, outcome: loop.Outcome, reporter: Any) -> Path:
-    """A stopped run that trained fewer steps than the adapter already at `target` writes beside it."""
-    import json
-
-    if not outcome.stopped or not (target / adapter.INFO_NAME).is_file():
-        return target
-    try:
-        before = int(json.loads((target / adapter.INFO_NAME).read_text()).get("steps_trained") or 0)
-    except (OSError, ValueError, TypeError):
-        return target
-    if before <= outcome.steps:
-        return target
-    beside = target.with_name(f"{target.name}-step{outcome.steps}")
-    reporter.warn(f"This run stopped after {outcome.steps} steps, short of the {before}-step adapter at {target}, "
-                  f"which is kept; this run's adapter goes to {beside}.")
-    return beside
-
-
-def save_adapter(family: Any, params: TrainingParams, target: Path, outcome: loop.Outcome,
-                 prediction_type: str | None, ema: LoraEMA | None, captions: list[str] | None = None) -> Path:
-    metadata = lora_metadata(family.denoiser)
-    info = adapter.adaptor_info(
+def adapter_info(family: Any, params: TrainingParams, outcome: loop.Outcome, prediction_type: str | None) -> dict:
+    """The adapter's info file: what it is, for which model, and how it was trained."""
+    return adapter.adaptor_info(
         architecture=family.pipeline_class.__name__, base_model=params.model_name, rank=params.lora_r,
-        alpha=params.lora_alpha, target_modules=list(metadata["target_modules"]),
+        alpha=params.lora_alpha, target_modules=list(lora_metadata(family.denoiser)["target_modules"]),
         trigger_word=params.trigger_word, parameters=params.model_dump(), steps_trained=outcome.steps,
         epochs_trained=outcome.epochs, final_loss=outcome.final_loss, prediction_type=prediction_type,
         stopped_early=outcome.stopped)
-
-    def write(directory: Path) -> None:
-        if ema is not None:
-            with ema.applied():
-                family.save_adapter(directory, metadata)
-        else:
-            family.save_adapter(directory, metadata)
-        adapter.write_info(directory, info)
-        adapter.write_model_card(directory, params.adaptor_name, info, family.pipeline_class.__name__)
-        # The same weights as one file for ComfyUI, A1111/Forge and civitai, in the same atomic step.
-        export.write_single_file(directory, params.adaptor_name, type(family), info, dict(family.denoiser.config),
-                                 captions)
-
-    return atomic.write_folder(target, write)

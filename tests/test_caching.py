@@ -295,15 +295,17 @@ def test_a_lab_dataset_whose_pixels_change_under_the_same_file_name_gets_a_new_c
 
     from conftest import quick_params
 
-    from diffusion_trainer.train import RunPaths, run_training
+    from diffusion_trainer.lab.datasets import resolve_dataset_name
+    from diffusion_trainer.outputs.layout import RunPaths
+    from diffusion_trainer.train import run_training
 
     datasets_dir = tmp_path / "workspace" / "datasets"
     shutil.copytree(numbered, datasets_dir / "my_pictures")
-    params = parse_params(quick_params(tiny_sd, "my_pictures", tmp_path / "output", cache_memory_budget_mb=0,
-                                       num_train_epochs=1))[0]
+    params = parse_params(quick_params(tiny_sd, resolve_dataset_name("my_pictures", datasets_dir), tmp_path / "output",
+                                       cache_memory_budget_mb=0, num_train_epochs=1))[0]
 
     def run():
-        run_training(params, RunPaths.standalone(params), Reporter(), datasets_dir)
+        run_training(params, RunPaths.under(params.output_dir, params.adaptor_name), Reporter())
         return capsys.readouterr().err
 
     assert "later runs reuse it" in run()

@@ -15,15 +15,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from diffusion_trainer import loop
-from diffusion_trainer.adapter import INFO_NAME, WEIGHTS_NAME, single_file_name
-from diffusion_trainer.export import tag_frequency
+from diffusion_trainer.outputs.export import tag_frequency
+from diffusion_trainer.outputs.layout import INFO_NAME, WEIGHTS_NAME, single_file_name
 from diffusion_trainer.families import family_for
 from diffusion_trainer.families.flux import Flux
 from diffusion_trainer.families.sd import StableDiffusion
 from diffusion_trainer.families.sd3 import sd3_model_type
 from diffusion_trainer.lora import attach_lora
 from diffusion_trainer.params import parse_params
-from diffusion_trainer.train import save_adapter
+from diffusion_trainer.outputs.adapter import save_adapter
+from diffusion_trainer.train import adapter_info
 
 CAPTIONS = ["sks, a star, purple", "sks, a star", "a blue square"]
 UNET_ATTENTION = ("to_k", "to_q", "to_v", "to_out.0")
@@ -58,7 +59,7 @@ def draw(pipe):
 @pytest.fixture(scope="module")
 def saved(tiny_sd, tiny_family, star_folder, tmp_path_factory):
     """case -> (family with its PEFT LoRA, adapter folder): rank 4, alpha 8, random non-zero LoRA
-    weights, saved through train.save_adapter as a run saves them."""
+    weights, saved through outputs.adapter.save_adapter as a run saves them."""
     out = {}
     for case, (_, targets) in CASES.items():
         model = model_path(case, tiny_sd, tiny_family)
@@ -71,8 +72,8 @@ def saved(tiny_sd, tiny_family, star_folder, tmp_path_factory):
         folder = tmp_path_factory.mktemp(case)
         params = parse_params(quick_params(model, star_folder, folder, adaptor_name=f"{case}_lora",
                                            trigger_word="sks"))[0]
-        adapter = save_adapter(family, params, folder / params.adaptor_name, loop.Outcome(steps=7, epochs=1),
-                               family.model_prediction_type(), None, CAPTIONS)
+        info = adapter_info(family, params, loop.Outcome(steps=7, epochs=1), family.model_prediction_type())
+        adapter = save_adapter(folder / params.adaptor_name, family, params.adaptor_name, info, None, CAPTIONS)
         out[case] = (family, adapter)
     return out
 

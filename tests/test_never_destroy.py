@@ -19,7 +19,8 @@ import pytest
 from conftest import ROOT, quick_params, run_main, train, write_config
 from safetensors.torch import load_file
 
-from diffusion_trainer import adapter, checkpoint, evaluate
+from diffusion_trainer import checkpoint, evaluate
+from diffusion_trainer.outputs import layout as adapter
 from diffusion_trainer.reporting import TERMINATE, Reporter
 
 INFO = adapter.INFO_NAME

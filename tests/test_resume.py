@@ -13,7 +13,8 @@ import torch
 from conftest import run_folder, train
 from safetensors.torch import load_file
 
-from diffusion_trainer import adapter, atomic
+from diffusion_trainer import atomic
+from diffusion_trainer.outputs import layout as adapter
 from diffusion_trainer.families.sd import StableDiffusion
 from diffusion_trainer.reporting import Reporter
 

@@ -18,7 +18,7 @@ from conftest import quick_params, run_main, train, write_config
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusion_trainer.adapter import INFO_NAME, WEIGHTS_NAME
+from diffusion_trainer.outputs.layout import INFO_NAME, WEIGHTS_NAME
 from diffusion_trainer.data import bucket_targets, load_records
 from diffusion_trainer.datacheck import resize_notes
 from diffusion_trainer.errors import InputError

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..outputs.layout import RunPaths
 from ..runner import EXIT_BAD_INPUT, EXIT_FAILED, execute, parse_overrides, read_config, validated
 from .datasets import resolve_dataset_name
 from .keys import is_bookkeeping
@@ -123,15 +124,13 @@ def task_paths(params: Any, lab: Any = None):
     nothing is copied), the adapter and the logs in <job folder>/output, from where the adapter is
     handed to the SDK; output_dir keeps only the latent cache, which later jobs reuse. With a remote
     workspace (s3://, gs://…) everything is written under output_dir and handed to the SDK."""
-    from ..train import RunPaths
-
     folders = job_folders(lab) if lab is not None else None
     if folders is None:
-        return RunPaths.standalone(params)
+        return RunPaths.under(params.output_dir, params.adaptor_name)
     job_dir, artifacts, checkpoints = folders
-    return RunPaths(adapter_dir=job_dir / "output" / params.adaptor_name, eval_images_dir=artifacts,
-                    logs_dir=job_dir / "output" / "logs" / params.adaptor_name, checkpoints_dir=checkpoints,
-                    own_checkpoints_dir=True)
+    return RunPaths(output_dir=Path(params.output_dir).expanduser(), adapter_dir=job_dir / "output" / params.adaptor_name,
+                    eval_images_dir=artifacts, logs_dir=job_dir / "output" / "logs" / params.adaptor_name,
+                    checkpoints_dir=checkpoints, own_checkpoints_dir=True)
 
 
 def job_folders(lab: Any) -> tuple[Path, Path, Path] | None:
@@ -153,15 +152,14 @@ def plugin_paths(params: Any, config: dict[str, Any], hub_id: str, workspace: Pa
     and the job's own folder for eval images."""
     from werkzeug.utils import secure_filename
 
-    from ..train import RunPaths
-
-    fallback = RunPaths.standalone(params)
+    fallback = RunPaths.under(params.output_dir, params.adaptor_name)
     adapter_dir = config.get("adaptor_output_dir")
     if not adapter_dir and workspace is not None:
         adapter_dir = workspace / "adaptors" / secure_filename(hub_id or params.model_name) / params.adaptor_name
     job_id = config.get("job_id") or os.environ.get("_TFL_JOB_ID") or "local"
     job_dir = str(resolved(lab.job.get_dir())) if lab is not None else ""
     return RunPaths(
+        output_dir=fallback.output_dir, checkpoints_dir=fallback.checkpoints_dir,
         adapter_dir=Path(adapter_dir) if adapter_dir else fallback.adapter_dir,
         eval_images_dir=Path(job_dir) / "eval_images" if job_dir and "://" not in job_dir else fallback.eval_images_dir,
         logs_dir=Path(params.output_dir) / f"job_{job_id}",

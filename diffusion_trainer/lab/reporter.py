@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import adapter, atomic, figures
+from .. import atomic
+from ..outputs import figures
+from ..outputs.layout import BEFORE, INFO_NAME
 from ..reporting import LAB_STOP, TERMINATE, Reporter
 
 TASK, PLUGIN = "task", "plugin"
@@ -121,7 +123,7 @@ class LabReporter(Reporter):
             write_sweep_metrics(Path(params.output_dir), result)
             return
         if not self._adapter_handed:
-            info = json.loads((result.paths.adapter_dir / adapter.INFO_NAME).read_text())
+            info = json.loads((result.paths.adapter_dir / INFO_NAME).read_text())
             self._save_model(result.paths.adapter_dir, params.adaptor_name, info)
         offered = self._job_folder("get_artifacts_dir")
         for name, path in artifacts(result).items():
@@ -134,7 +136,7 @@ class LabReporter(Reporter):
         if self.launch != TASK:
             return  # the plugin Lab reads adaptor_output_dir itself
         try:
-            self._save_model(folder, name, json.loads((folder / adapter.INFO_NAME).read_text()))
+            self._save_model(folder, name, json.loads((folder / INFO_NAME).read_text()))
         except Exception as exc:  # tried again by publish(), which fails the job if it fails again
             Reporter.warn(self, f"could not hand the adapter to the Lab yet ({type(exc).__name__}: {exc})")
             return
@@ -288,7 +290,7 @@ def artifacts(result: Any) -> dict[str, Path]:
     """The eval images, the before-vs-after grid and the loss curve, by artifact name."""
     out: dict[str, Path] = {f"eval_{p.name}": p for p in result.eval_images}
     figures_dir = result.paths.logs_dir
-    if len(result.eval_images) > 1 and result.eval_images[0].stem == figures.BEFORE:
+    if len(result.eval_images) > 1 and result.eval_images[0].stem == BEFORE:
         grid = figures.before_after(result.eval_images[0], result.eval_images[-1], figures_dir / "before_after.png")
         out["before_after.png"] = grid
     if result.losses:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-BEFORE = "before"  # the eval image drawn before the first step: before.png
 
 
 def before_after(first: Path, last: Path, out: Path, cell: int = 256) -> Path:

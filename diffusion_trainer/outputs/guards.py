@@ -15,12 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import InputError
-
-# Folders the standalone layout keeps beside the adapters (train.RunPaths.standalone, the latent
-# cache, the demo): an adapter by one of these names would replace them.
-RESERVED_NAMES = frozenset({"checkpoints", "logs", "eval_images", "cache", "demo_inputs", "demo_eval"})
-
+from ..errors import InputError
 
 def is_our_adapter(folder: Path, info_name: str) -> bool:
     try:

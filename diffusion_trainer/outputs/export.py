@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from . import atomic
-from .adapter import INFO_NAME, WEIGHTS_NAME, single_file_name
-from .errors import InputError
+from .. import atomic
+from ..errors import InputError
+from .layout import INFO_NAME, WEIGHTS_NAME, single_file_name
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the PEFT config
@@ -172,8 +172,8 @@ def read_adapter_folder(directory: Path) -> dict[str, Any]:
     return info
 
 
-def family_of(info: dict[str, Any]) -> Any:
-    from .families import FAMILIES
+def family_from_info(info: dict[str, Any]) -> Any:
+    from ..families import FAMILIES
 
     architecture = info.get("model_architecture")
     if architecture not in FAMILIES:
@@ -207,13 +207,13 @@ def denoiser_config_for(info: dict[str, Any], family_cls: Any, directory: Path) 
 def training_captions(params: dict[str, Any]) -> list[str] | None:
     """The run's captions (trigger word in), if its dataset is a local folder or file still here
     (a hub dataset is not downloaded again just to count tags)."""
-    from .data import caption_text, load_records, with_trigger
+    from ..data import caption_text, load_records, with_trigger
 
     if not Path(str(params.get("dataset_name", ""))).expanduser().exists():
         return None
     try:
         outputs = (Path(str(params["output_dir"])),) if params.get("output_dir") else ()
-        records = load_records(params["dataset_name"], params["image_column"], params["caption_column"], None,
+        records = load_records(params["dataset_name"], params["image_column"], params["caption_column"],
                                skip_folders=outputs)
         column = records[params["caption_column"]]
         return [with_trigger(caption_text(c), params.get("trigger_word", "")) for c in column]
@@ -236,7 +236,7 @@ def export_adapter(directory: Path, form: str = "kohya", output: Path | None = N
     """Write the adapter folder's LoRA in `form`; returns the file and notes for the user."""
     directory = Path(directory).expanduser()
     info = read_adapter_folder(directory)
-    family_cls = family_of(info)
+    family_cls = family_from_info(info)
     check_readable(directory / WEIGHTS_NAME)
     params = info.get("parameters") or {}
     name = str(params.get("adaptor_name") or directory.name)
