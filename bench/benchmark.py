@@ -98,9 +98,9 @@ def synchronize() -> None:
 
 
 def run_trainer(model: str, data: str, name: str, cached: bool, out: str) -> dict:
+    from diffusion_trainer.outputs.layout import RunPaths
     from diffusion_trainer.params import parse_params
     from diffusion_trainer.reporting import Reporter
-    from diffusion_trainer.outputs.layout import RunPaths
     from diffusion_trainer.train import run_training
 
     spec = MODELS[name]
@@ -255,9 +255,9 @@ def checkpoint_cost(model: Path, data: Path, name: str, workdir: Path) -> dict[s
     """Seconds one checkpoint save takes against one optimizer step (a cached run of 20 steps with EMA,
     a checkpoint every 5), and what share of training time the default checkpointing_steps costs."""
     from diffusion_trainer import checkpoint
+    from diffusion_trainer.outputs.layout import RunPaths
     from diffusion_trainer.params import TrainingParams, parse_params
     from diffusion_trainer.reporting import Reporter
-    from diffusion_trainer.outputs.layout import RunPaths
     from diffusion_trainer.train import run_training
 
     spec, saves = MODELS[name], []

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .reporting import Reporter
+from .seeds import process_seed
 
 # Set by torchrun / accelerate launch (RANK), or by MPI launchers (accelerate's multi-CPU mode).
 RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
@@ -57,12 +58,6 @@ def is_main_process() -> bool:
 def launched_distributed() -> bool:
     """True under torchrun / accelerate launch with several processes (accelerate's own test)."""
     return int(os.environ.get("LOCAL_RANK", -1)) != -1 or _first_int(WORLD_SIZE_VARIABLES, 1) > 1
-
-
-def process_seed(seed: int, process_index: int) -> int:
-    """The seed of this process's noise and timestep stream: every process its own (accelerate's
-    device_specific seeding), so the images of one step do not all share one noise draw."""
-    return seed + process_index
 
 
 def seed_this_process(seed: int, process_index: int) -> None:

@@ -44,8 +44,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 def run_standalone(raw: dict[str, Any], also_accepted: Any = lambda key: False) -> int:
     """A run from a JSON config / --set flags (or the demo): terminal progress, Ctrl-C stops."""
     from .distributed import reporter_for_this_process
-    from .reporting import Reporter
     from .outputs.layout import RunPaths
+    from .reporting import Reporter
 
     reporter = reporter_for_this_process(Reporter())
     params = validated(raw, reporter, also_accepted)

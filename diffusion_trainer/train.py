@@ -17,13 +17,16 @@ from typing import Any
 import torch
 
 from . import atomic, checkpoint, distributed, loop, optimizers
-from .caching import CachedSamples, DiskLatents, TextCache, build_latent_cache
-from .data import BucketBatchSampler, build_samples, load_records
-from .datacheck import check_dataset, long_captions
+from .data.batch import ModelInputs
+from .data.buckets import BucketBatchSampler
+from .data.cache import CachedSamples, DiskLatents, TextCache, build_latent_cache
+from .data.check import check_dataset, long_captions
+from .data.images import Augmentation
+from .data.samples import build_samples
+from .data.sources import load_records
 from .errors import InputError, raise_if_stopped
 from .evaluate import Evaluator
 from .families import family_for
-from .inputs import ModelInputs
 from .lora import LoraEMA, attach_lora, lora_metadata
 from .outputs import adapter, guards
 from .outputs.layout import INFO_NAME, RunPaths
@@ -161,7 +164,10 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     load_problems: list[str] = []
     records = load_records(params.dataset_name, params.image_column, params.caption_column, load_problems,
                            params.allow_files_outside_dataset, paths.written())
-    checked = check_dataset(records, params, load_problems, reporter)
+    checked = check_dataset(records, image_column=params.image_column, caption_column=params.caption_column,
+                            dataset_name=params.dataset_name, skip_bad_images=params.skip_bad_images,
+                            resolution=params.resolution, bucketing=params.aspect_ratio_bucketing,
+                            load_problems=load_problems, reporter=reporter)
     records = checked.records
     runtime = decide_runtime(params, reporter)
     optimizers.check_optimizer(params, reporter)
@@ -378,7 +384,7 @@ def prepare_data(family: Any, records: Any, images_fingerprint: str, params: Tra
     """The training dataset and how batches become model inputs: cached latents and text
     embeddings when asked for, after which the VAE and text encoders leave the accelerator
     (or are freed when no eval image will need them)."""
-    samples = build_samples(records, params)
+    samples = training_samples(records, params)
     for note in long_captions(family.pipeline, samples.captions):
         reporter.warn(note)
     if params.aspect_ratio_bucketing:
@@ -392,13 +398,21 @@ def prepare_data(family: Any, records: Any, images_fingerprint: str, params: Tra
         reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB); "
                       f"{', '.join(parked)} {'moved off the accelerator' if keep_for_eval else 'freed'}.")
     if params.cache_latents:
-        store = build_latent_cache(family, samples, params, images_fingerprint, cache_dir, reporter,
-                                   accelerator.local_main_process_first)
+        store = build_latent_cache(family, samples, model_name=params.model_name, variants=params.latent_cache_variants,
+                                   memory_budget_mb=params.cache_memory_budget_mb,
+                                   bucketing=params.aspect_ratio_bucketing, images=images_fingerprint,
+                                   cache_root=cache_dir, reporter=reporter,
+                                   writer_first=accelerator.local_main_process_first)
         samples = CachedSamples(store, samples)
         family.park(("vae",), keep_for_eval)
     else:
         reporter.info("cache_latents is off: the VAE encodes every batch (augmented afresh each time).")
     return samples, ModelInputs(family, params.caption_dropout_rate, accelerator.device, text_cache)
+
+
+def training_samples(records: Any, params: TrainingParams) -> Any:
+    return build_samples(records, params.image_column, params.caption_column, params.trigger_word,
+                         Augmentation.of(params), params.seed, params.aspect_ratio_bucketing)
 
 
 def make_dataloader(samples: Any, params: TrainingParams, accelerator: Any):

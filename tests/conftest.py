@@ -25,8 +25,10 @@ for _key in [k for k in os.environ if k.startswith("WANDB_")]:  # hermetic: test
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import main  # noqa: E402  (the entry point under test, as the Lab's harness imports it)
-from diffusion_trainer.demo import shapes  # noqa: E402
-from diffusion_trainer.demo import tiny_models  # noqa: E402
+from diffusion_trainer.demo import (
+    shapes,  # noqa: E402
+    tiny_models,  # noqa: E402
+)
 from diffusion_trainer.demo.tiny_models import save_pipeline, tiny_sd_pipeline  # noqa: E402
 
 FAMILY_BUILDERS = {

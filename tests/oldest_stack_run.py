@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 def main(work: Path) -> int:
     import diffusion_trainer
-    from diffusion_trainer.demo import shapes, tiny_models
     from diffusion_trainer.cli import main as run
+    from diffusion_trainer.demo import shapes, tiny_models
 
     for module in pkgutil.walk_packages(diffusion_trainer.__path__, "diffusion_trainer."):
         importlib.import_module(module.name)

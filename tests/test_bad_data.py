@@ -13,7 +13,7 @@ import pytest
 from conftest import train
 from PIL import Image
 
-from diffusion_trainer.data import to_rgb
+from diffusion_trainer.data.images import to_rgb
 
 
 def reopened(image: Image.Image, fmt: str = "PNG", **options) -> Image.Image:

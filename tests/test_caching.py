@@ -11,12 +11,14 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
+from diffusion_trainer.data.batch import ModelInputs
+from diffusion_trainer.data.buckets import bucket_ladder, bucket_targets
+from diffusion_trainer.data.sources import load_records
 from diffusion_trainer.demo import shapes
-from diffusion_trainer.data import bucket_ladder, bucket_targets, build_samples, load_records
 from diffusion_trainer.families.sd import StableDiffusion
-from diffusion_trainer.inputs import ModelInputs
 from diffusion_trainer.params import parse_params
 from diffusion_trainer.reporting import Reporter
+from diffusion_trainer.train import training_samples
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_every_cached_latent_meets_its_own_caption_under_shuffling(tmp_path, tin
     vae = AutoencoderKL.from_pretrained(str(tiny_sd / "vae"))
     params = parse_params({"adaptor_name": "a", "model_name": "m/m", "dataset_name": "d", "resolution": 64,
                            "center_crop": True})[0]
-    samples = build_samples(load_records(str(numbered), "image", "text"), params)
+    samples = training_samples(load_records(str(numbered), "image", "text"), params)
     with torch.no_grad():
         means = {}  # picture number -> posterior means of the picture and of its mirror image
         for i in range(len(samples)):
@@ -114,7 +116,7 @@ def test_the_disk_cache_is_keyed_by_the_vae_precision_and_read_in_the_runs(tmp_p
     precision of the run that reads it."""
     from safetensors import safe_open
 
-    from diffusion_trainer.caching import DiskLatents
+    from diffusion_trainer.data.cache import DiskLatents
 
     read = []
     get = DiskLatents.get

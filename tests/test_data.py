@@ -11,10 +11,12 @@ from conftest import train
 from PIL import Image
 from transformers import CLIPTextModel
 
+from diffusion_trainer.data.images import to_rgb, upright_sizes
+from diffusion_trainer.data.sources import load_records
 from diffusion_trainer.demo import shapes
-from diffusion_trainer.data import build_samples, load_records, to_rgb, upright_sizes
 from diffusion_trainer.errors import InputError
 from diffusion_trainer.params import parse_params
+from diffusion_trainer.train import training_samples
 
 OFF = {"center_crop": True, "random_flip": False, "color_jitter": False, "random_rotation": False}
 
@@ -37,7 +39,7 @@ def records(tmp_path_factory):
 
 
 def epochs_of(records, p, epochs=(1, 2, 3)):
-    samples = build_samples(records, p)
+    samples = training_samples(records, p)
     out = []
     for epoch in epochs:
         samples.set_epoch(epoch)
@@ -83,7 +85,7 @@ def test_a_flipped_image_is_the_mirror_of_the_unflipped_one(records):
 
 
 def test_original_size_and_crop_are_recorded_as_made(records):
-    samples = build_samples(records, params(center_crop=False))
+    samples = training_samples(records, params(center_crop=False))
     wide = samples.records[1]["image"]
     seen_lefts = set()
     for epoch in range(6):
@@ -97,7 +99,7 @@ def test_original_size_and_crop_are_recorded_as_made(records):
         assert torch.allclose(got, expected, atol=1.0)
         seen_lefts.add(left)
     assert len(seen_lefts) > 1
-    centred = build_samples(records, params(center_crop=True))[1]
+    centred = training_samples(records, params(center_crop=True))[1]
     assert centred["crop_top_left"].tolist() == [0, 16]
 
 
@@ -137,7 +139,7 @@ def test_image_sizes_come_from_the_headers_upright_without_decoding(tmp_path, mo
 def spy_on_step_captions(monkeypatch, tokenizer, cached: bool) -> list[str]:
     """The captions each training step is conditioned on: read from the text-embedding cache when
     it is on, decoded from what reaches the text encoder when it is off."""
-    from diffusion_trainer.caching import TextCache
+    from diffusion_trainer.data.cache import TextCache
 
     seen: list[str] = []
     if cached:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from diffusion_trainer.demo.star_demo import CONCEPT_PROMPT, EVAL_SEEDS, OLD_WORLD, run_demo
 from diffusion_trainer.demo.shapes_world.scorer import classify
+from diffusion_trainer.demo.star_demo import CONCEPT_PROMPT, EVAL_SEEDS, OLD_WORLD, run_demo
 
 
 @pytest.fixture(scope="session")

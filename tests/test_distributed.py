@@ -73,7 +73,7 @@ def test_an_image_transform_seeds_only_the_cpu_generator(monkeypatch):
     """fork_rng(devices=[]) restores only the CPU state: a CUDA reseed there would leak out."""
     from PIL import Image
 
-    from diffusion_trainer.data import ImageTransform
+    from diffusion_trainer.data.images import Augmentation, ImageTransform
     from diffusion_trainer.params import parse_params
 
     def reseeded(*args):
@@ -84,7 +84,7 @@ def test_an_image_transform_seeds_only_the_cpu_generator(monkeypatch):
     params = parse_params({"adaptor_name": "a", "model_name": "m/m", "dataset_name": "d", "resolution": 64,
                            "random_flip": True, "center_crop": False})[0]
     before = torch.random.get_rng_state()
-    out = ImageTransform(params)(Image.new("RGB", (90, 71), "red"), seed=3)
+    out = ImageTransform(Augmentation.of(params))(Image.new("RGB", (90, 71), "red"), seed=3)
     assert out.pixels.shape == (3, 64, 64)
     assert torch.equal(torch.random.get_rng_state(), before)
 

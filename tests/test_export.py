@@ -15,15 +15,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from diffusion_trainer import loop
-from diffusion_trainer.outputs.export import tag_frequency
-from diffusion_trainer.outputs.layout import INFO_NAME, WEIGHTS_NAME, single_file_name
 from diffusion_trainer.families import family_for
 from diffusion_trainer.families.flux import Flux
 from diffusion_trainer.families.sd import StableDiffusion
 from diffusion_trainer.families.sd3 import sd3_model_type
 from diffusion_trainer.lora import attach_lora
-from diffusion_trainer.params import parse_params
 from diffusion_trainer.outputs.adapter import save_adapter
+from diffusion_trainer.outputs.export import tag_frequency
+from diffusion_trainer.outputs.layout import INFO_NAME, WEIGHTS_NAME, single_file_name
+from diffusion_trainer.params import parse_params
 from diffusion_trainer.train import adapter_info
 
 CAPTIONS = ["sks, a star, purple", "sks, a star", "a blue square"]

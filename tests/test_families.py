@@ -12,8 +12,8 @@ from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2
 from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from diffusion_trainer.caching import CachedSamples
-from diffusion_trainer.data import TrainingSamples
+from diffusion_trainer.data.cache import CachedSamples
+from diffusion_trainer.data.samples import TrainingSamples
 from diffusion_trainer.families.flux import Flux
 from diffusion_trainer.families.sd3 import StableDiffusion3
 from diffusion_trainer.families.sdxl import StableDiffusionXL
@@ -221,10 +221,11 @@ def fixed_noise_loss(name, model, images, adapter=None, repeats=6):
     and VAE samples every time: a paired, noise-free before/after measurement."""
     from torch.utils.data import default_collate
 
-    from diffusion_trainer.data import build_samples, load_records
+    from diffusion_trainer.data.sources import load_records
     from diffusion_trainer.families import FAMILIES
     from diffusion_trainer.objectives import weighted_loss
     from diffusion_trainer.params import parse_params
+    from diffusion_trainer.train import training_samples
 
     pipe = reload(model, name)
     if adapter is not None:
@@ -233,7 +234,7 @@ def fixed_noise_loss(name, model, images, adapter=None, repeats=6):
     params = parse_params({"adaptor_name": "a", "model_name": str(model), "dataset_name": str(images),
                            "resolution": 64, "center_crop": True})[0]
     family.configure_objective(params, family.model_prediction_type())
-    batch = default_collate([build_samples(load_records(str(images), "image", "text"), params)[0]] * 8)
+    batch = default_collate([training_samples(load_records(str(images), "image", "text"), params)[0]] * 8)
     with torch.no_grad():
         conditioning = family.encode_prompts(batch["caption"])
         total = 0.0

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_main
+from lab import Experiment, Job
 
 import main
 from diffusion_trainer.lab import manifest
@@ -28,7 +29,6 @@ from diffusion_trainer.lab.launch import connect_lab
 from diffusion_trainer.lab.reporter import TASK, LabReporter
 from diffusion_trainer.params import FIELDS, parse_params
 from diffusion_trainer.reporting import Reporter
-from lab import Experiment, Job
 
 WORKSPACE = Path(os.environ["TFL_WORKSPACE_DIR"])
 

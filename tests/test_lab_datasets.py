@@ -7,10 +7,10 @@ import random
 
 import pytest
 
+from diffusion_trainer.data.sources import load_records
 from diffusion_trainer.demo import shapes
-from diffusion_trainer.data import load_records
-from diffusion_trainer.lab.datasets import resolve_dataset_name
 from diffusion_trainer.errors import InputError
+from diffusion_trainer.lab.datasets import resolve_dataset_name
 
 
 def write_images(folder, n, rng, file_prefix=""):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers.training_utils import compute_snr
 
+from diffusion_trainer.demo.tiny_models import ddpm_scheduler
 from diffusion_trainer.families.sd import StableDiffusion
 from diffusion_trainer.objectives import DDPMObjective, min_snr_weights, offset_noise, weighted_loss
 from diffusion_trainer.params import parse_params
-from diffusion_trainer.demo.tiny_models import ddpm_scheduler
 
 TIMESTEPS = torch.tensor([0, 10, 250, 500, 999])
 
@@ -135,8 +135,8 @@ def test_vae_shift_and_scale_are_applied_to_latents():
 
 # --- rectified flow (SD3, Flux) ---------------------------------------------------------------
 
-from diffusion_trainer.objectives import FlowMatchObjective, shift_mu, shift_sigmas  # noqa: E402
 from diffusion_trainer.demo.tiny_models import flow_scheduler  # noqa: E402
+from diffusion_trainer.objectives import FlowMatchObjective, shift_mu, shift_sigmas  # noqa: E402
 
 SD3_SCHEDULER = flow_scheduler(shift=3.0).config
 FLUX_SCHEDULER = flow_scheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,

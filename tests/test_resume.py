@@ -14,8 +14,8 @@ from conftest import run_folder, train
 from safetensors.torch import load_file
 
 from diffusion_trainer import atomic
-from diffusion_trainer.outputs import layout as adapter
 from diffusion_trainer.families.sd import StableDiffusion
+from diffusion_trainer.outputs import layout as adapter
 from diffusion_trainer.reporting import Reporter
 
 # 8 images, batch 2: 4 steps an epoch

@@ -6,7 +6,7 @@ import random
 from collections import Counter
 from types import SimpleNamespace
 
-from diffusion_trainer.data import BucketBatchSampler
+from diffusion_trainer.data.buckets import BucketBatchSampler
 
 SHAPES = [(64, 64), (48, 80), (80, 48), (56, 72)]
 

@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from diffusion_trainer.demo import shapes
-from diffusion_trainer.demo.shapes_world import BASE_MODEL, generate, load_pipeline
-from diffusion_trainer.demo.shapes_world import scorer
+from diffusion_trainer.demo.shapes_world import BASE_MODEL, generate, load_pipeline, scorer
 from diffusion_trainer.demo.shapes_world.scorer import PALETTE, classify
 
 PROMPT_FOLLOWING_FLOOR = 0.75  # pretrain.py measured 1.00 on 48 other seeds (base_model/NOTE.md)

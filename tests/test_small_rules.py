@@ -18,10 +18,11 @@ from conftest import quick_params, run_main, train, write_config
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusion_trainer.outputs.layout import INFO_NAME, WEIGHTS_NAME
-from diffusion_trainer.data import bucket_targets, load_records
-from diffusion_trainer.datacheck import resize_notes
+from diffusion_trainer.data.buckets import bucket_targets
+from diffusion_trainer.data.check import resize_notes
+from diffusion_trainer.data.sources import load_records
 from diffusion_trainer.errors import InputError
+from diffusion_trainer.outputs.layout import INFO_NAME, WEIGHTS_NAME
 from diffusion_trainer.params import parse_params
 
 

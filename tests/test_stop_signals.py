@@ -59,8 +59,8 @@ def interrupting(real, after_calls: int):
 
 
 @pytest.mark.parametrize(("where", "module", "name"), [
-    ("during the data check", "datacheck", "inspect_image"),
-    ("while the latent cache was encoded", "caching", "sample_seed"),
+    ("during the data check", "data.check", "inspect_image"),
+    ("while the latent cache was encoded", "data.cache", "derived_seed"),
 ])
 def test_ctrl_c_before_training_stops_there_with_nothing_trained(where, module, name, tiny_sd, star_folder,
                                                                  tmp_path, monkeypatch, capsys):
@@ -75,5 +75,5 @@ def test_ctrl_c_before_training_stops_there_with_nothing_trained(where, module, 
     assert code == 130, err
     assert f"Stopped {where}, before training began: nothing was trained or saved." in err
     assert "Training 8 images" not in err and not (output / "test_lora").exists()
-    if module == "datacheck":
+    if module == "data.check":
         assert "Loading" not in err  # the model was never loaded

@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline
 from peft.utils import get_peft_model_state_dict
 
 from ..errors import InputError
+from ..hub_ids import names_a_path
 from ..objectives import NoisyBatch
 
 Conditioning = dict[str, torch.Tensor]
@@ -51,7 +52,7 @@ def read_model_index(source: str) -> dict:
     elif path.exists():
         raise InputError(f"model_name: '{source}' is a file; give the pipeline folder that holds "
                          "model_index.json, or a hub id.")
-    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
+    elif names_a_path(source) or "/" not in source:  # a model's hub id is always 'owner/name'
         raise InputError(f"model_name: there is no folder '{source}', and it is not a hub id "
                          "('owner/name').")
     else:

@@ -207,7 +207,8 @@ def denoiser_config_for(info: dict[str, Any], family_cls: Any, directory: Path) 
 def training_captions(params: dict[str, Any]) -> list[str] | None:
     """The run's captions (trigger word in), if its dataset is a local folder or file still here
     (a hub dataset is not downloaded again just to count tags)."""
-    from ..data import caption_text, load_records, with_trigger
+    from ..data.captions import caption_text, with_trigger
+    from ..data.sources import load_records
 
     if not Path(str(params.get("dataset_name", ""))).expanduser().exists():
         return None

@@ -8,7 +8,6 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 
-
 def before_after(first: Path, last: Path, out: Path, cell: int = 256) -> Path:
     """The eval image before training (left) next to the last (right), each labelled with its file name."""
     font = ImageFont.load_default(size=14)

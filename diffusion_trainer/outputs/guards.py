@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import InputError
 
+
 def is_our_adapter(folder: Path, info_name: str) -> bool:
     try:
         return json.loads((folder / info_name).read_text()).get("tlab_trainer_used") is True

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from .data import drop_captions
+from .captions import drop_captions
 
 
 class ModelInputs:

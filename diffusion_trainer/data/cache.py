@@ -18,9 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import atomic
-from .data import TrainingSamples, sample_seed, training_item, upright_sizes
-from .errors import raise_if_stopped
+from .. import atomic
+from ..errors import raise_if_stopped
+from ..seeds import derived_seed
+from .images import upright_sizes
+from .samples import TrainingSamples, training_item
 
 ENCODE_BATCH = 8
 VARIANT_NAMESPACE = 1_000_000  # seeds of cached variants never coincide with an epoch's
@@ -62,23 +64,25 @@ def variant_plan(samples: TrainingSamples, variants: int) -> tuple[list[list[boo
     return plan, f"Latent cache: {what} ({sum(len(p) for p in plan)} latents, {counts} per image)."
 
 
-def fingerprint(model: str, vae_config: dict, vae_dtype: torch.dtype, params: Any, images: str, plan: list) -> str:
+def fingerprint(model: str, vae_config: dict, vae_dtype: torch.dtype, samples: TrainingSamples, bucketing: bool,
+                images: str, plan: list) -> str:
     """What a disk cache depends on: model, VAE and the precision it encodes in, the images' bytes
     (`images`: the data check's fingerprint of them, in order), resolution and every augmentation
     setting."""
+    a = samples.transform.augmentation
     model_path = Path(model).expanduser()
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
                      for p in (model_path / "vae").glob("*")) if model_path.is_dir() else []
     keys = {
         "model": model, "vae_config": {k: v for k, v in vae_config.items() if not k.startswith("_")},
         "vae_dtype": str(vae_dtype),
-        "vae_weights": weights, "images": images, "resolution": params.resolution,
-        "bucketing": params.aspect_ratio_bucketing, "center_crop": params.center_crop,
-        "interpolation": params.image_interpolation_mode, "random_flip": params.random_flip,
-        "color_jitter": [params.color_jitter, params.color_jitter_brightness, params.color_jitter_contrast,
-                         params.color_jitter_saturation, params.color_jitter_hue],
-        "rotation": [params.random_rotation, params.rotation_degrees, params.rotation_prob],
-        "seed": params.seed, "plan": plan,
+        "vae_weights": weights, "images": images, "resolution": a.resolution,
+        "bucketing": bucketing, "center_crop": a.center_crop,
+        "interpolation": a.image_interpolation_mode, "random_flip": a.random_flip,
+        "color_jitter": [a.color_jitter, a.color_jitter_brightness, a.color_jitter_contrast,
+                         a.color_jitter_saturation, a.color_jitter_hue],
+        "rotation": [a.random_rotation, a.rotation_degrees, a.rotation_prob],
+        "seed": samples.seed, "plan": plan,
     }
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -145,7 +149,7 @@ def encode_variants(family: Any, samples: TrainingSamples, plan: list[list[bool 
         image = samples.image(index)
         done[index] = [None] * len(flips)
         for k, flip in enumerate(flips):
-            seed = sample_seed(samples.seed, VARIANT_NAMESPACE + k, index)
+            seed = derived_seed(samples.seed, VARIANT_NAMESPACE + k, index)
             out = samples.transform(image, seed, samples.targets[index], flip=flip)
             shape = tuple(out.pixels.shape[-2:])
             pending.setdefault(shape, []).append((index, k, out))
@@ -155,23 +159,24 @@ def encode_variants(family: Any, samples: TrainingSamples, plan: list[list[bool 
         flush(shape)
 
 
-def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, images: str, cache_root: Path,
-                       reporter: Any, writer_first: Callable[[], Any] = nullcontext) -> MemoryLatents | DiskLatents:
+def build_latent_cache(family: Any, samples: TrainingSamples, *, model_name: str, variants: int, memory_budget_mb: float,
+                       bucketing: bool, images: str, cache_root: Path, reporter: Any,
+                       writer_first: Callable[[], Any] = nullcontext) -> MemoryLatents | DiskLatents:
     """The latent store: in memory within cache_memory_budget_mb (every process encodes its own:
     each needs every sample), else on disk, reused when complete. writer_first() is entered by
     every process around the disk cache: with several processes on a machine, one writes while
     the others wait, then reuse it."""
-    plan, message = variant_plan(samples, params.latent_cache_variants)
+    plan, message = variant_plan(samples, variants)
     reporter.info(message)
     dtype = family.vae.dtype
-    key = fingerprint(params.model_name, dict(family.vae.config), dtype, params, images, plan)
+    key = fingerprint(model_name, dict(family.vae.config), dtype, samples, bucketing, images, plan)
     folder = cache_root / f"latents-{key}"
     channels = 2 * family.vae.config.latent_channels
     scale = 2 ** (len(family.vae.config.block_out_channels) - 1)
     element = torch.finfo(family.vae.dtype).bits // 8
     size_mb = sum(len(flips) * channels * (h // scale) * (w // scale) * element
                   for flips, (h, w) in zip(plan, samples.targets)) / 2**20
-    if size_mb <= params.cache_memory_budget_mb:
+    if size_mb <= memory_budget_mb:
         if (folder / "complete.json").is_file():  # an earlier run's (no process writes it in this one)
             reporter.info(f"Reusing the latent cache in {folder}.")
             return DiskLatents(folder, dtype)
@@ -188,7 +193,7 @@ def build_latent_cache(family: Any, samples: TrainingSamples, params: Any, image
         started = time.monotonic()
         write_disk_cache(family, samples, plan, folder, reporter.stop_asked_here)
     reporter.info(f"Encoded {size_mb:.1f} MB of latents in {time.monotonic() - started:.1f} s into {folder} "
-                  f"(over cache_memory_budget_mb={params.cache_memory_budget_mb}); later runs reuse it.")
+                  f"(over cache_memory_budget_mb={memory_budget_mb}); later runs reuse it.")
     return DiskLatents(folder, dtype)
 
 
@@ -221,7 +226,7 @@ class CachedSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         count = self.store.variants(index)
-        variant = 0 if count == 1 else sample_seed(self.seed, self.epoch, index) % count
+        variant = 0 if count == 1 else derived_seed(self.seed, self.epoch, index) % count
         cached = self.store.get(index, variant)
         return training_item(index, self.captions[index], cached.original_size, cached.crop_top_left,
                              self.targets[index], latent_params=cached.latent_params)

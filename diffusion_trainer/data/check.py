@@ -18,8 +18,9 @@ from typing import Any
 
 from PIL import Image
 
-from .data import MAX_IMAGE_PIXELS, bucket_targets, covering_size, to_rgb
-from .errors import InputError, raise_if_stopped
+from ..errors import InputError, raise_if_stopped
+from .buckets import bucket_targets
+from .images import MAX_IMAGE_PIXELS, covering_size, to_rgb
 
 
 @dataclass
@@ -91,16 +92,17 @@ def report_resizing(notes: list[str], reporter: Any) -> None:
                   f"blurs, a small crop loses most of the picture):\n  " + "\n  ".join(notes[:MAX_LISTED]) + more)
 
 
-def check_dataset(records: Any, params: Any, load_problems: list[str], reporter: Any) -> CheckedData:
+def check_dataset(records: Any, *, image_column: str, caption_column: str, dataset_name: str, skip_bad_images: bool,
+                  resolution: int, bucketing: bool, load_problems: list[str], reporter: Any) -> CheckedData:
     """Decode every image once; refuse the run listing every problem (exit 2), or with
     skip_bad_images leave those rows out and say which. Images resized a lot to their training
     shape are named in a note."""
     import datasets
 
-    column = params.image_column
+    column = image_column
     raw = records.cast_column(column, datasets.Image(decode=False)) if isinstance(
         records.features.get(column), datasets.Image) else records
-    items, captions = raw[column], records[params.caption_column]
+    items, captions = raw[column], records[caption_column]
 
     def inspect(row: int) -> tuple[str, bytes | None, tuple[int, int] | None, str | None]:
         try:
@@ -120,20 +122,19 @@ def check_dataset(records: Any, params: Any, load_problems: list[str], reporter:
         pool.shutdown(wait=False, cancel_futures=True)  # a stop does not wait for the rest
     problems = list(load_problems) + [f"{name}: {why}" for name, _, _, why in results if why]
     good = [row for row, (_, _, _, why) in enumerate(results) if not why]
-    if problems and not params.skip_bad_images:
-        raise InputError(f"dataset_name: {len(problems)} unusable file(s) or row(s) in '{params.dataset_name}':\n  "
+    if problems and not skip_bad_images:
+        raise InputError(f"dataset_name: {len(problems)} unusable file(s) or row(s) in '{dataset_name}':\n  "
                          + "\n  ".join(problems) + "\n  Fix or remove them, or set skip_bad_images to train "
                          "without them.")
     if problems:
         if not good:
-            raise InputError(f"dataset_name: no usable image in '{params.dataset_name}' "
+            raise InputError(f"dataset_name: no usable image in '{dataset_name}' "
                              f"({len(problems)} problem(s), e.g. {problems[0]}).")
         reporter.warn(f"skip_bad_images: training without {len(problems)} unusable file(s) or row(s):\n  "
                       + "\n  ".join(problems))
         records = records.select(good)
     sizes = [results[row][2] for row in good]
-    targets = (bucket_targets(sizes, params.resolution) if params.aspect_ratio_bucketing
-               else [(params.resolution, params.resolution)] * len(good))
+    targets = bucket_targets(sizes, resolution) if bucketing else [(resolution, resolution)] * len(good)
     report_resizing(resize_notes([results[row][0] for row in good], sizes, targets), reporter)
     digest, images = hashlib.sha256(), hashlib.sha256()
     for row in good:

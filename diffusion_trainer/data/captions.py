@@ -1,0 +1,60 @@
+"""Captions: which .txt belongs to which image, the trigger word, caption dropout."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def caption_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):  # several captions per image: use the first
+        value = value[0] if value else ""
+    return "" if value is None else str(value).strip()
+
+
+def with_trigger(caption: str, trigger_word: str) -> str:
+    """The caption with the trigger word in front, unless it already holds it as a word."""
+    trigger = trigger_word.strip()
+    if not trigger or re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption):
+        return caption
+    return f"{trigger} {caption}" if caption else trigger
+
+
+def drop_captions(captions: list[str], rate: float) -> list[str]:
+    """Replace each caption by the empty one with probability `rate` (torch's seeded RNG)."""
+    if rate <= 0:
+        return list(captions)
+    keep = torch.rand(len(captions)) >= rate
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+
+def caption_files(images: list[Path], files: list[Path], problems: list[str]) -> tuple[dict[Path, Path], set[Path]]:
+    """({image: its caption}, the images refused): the caption is the `.txt` beside the image with
+    the same stem, its extension in any case (`B.JPG` + `B.TXT`). Images that would share one
+    caption (`a.png`, `a.jpg` and `a.txt`), or whose caption is ambiguous (`a.txt` and `a.TXT`),
+    are refused, each case described in `problems`."""
+    by_stem: dict[tuple[Path, str], list[Path]] = {}
+    for file in files:
+        if file.suffix.lower() == ".txt":
+            by_stem.setdefault((file.parent, file.stem), []).append(file)
+    images_by_stem: dict[tuple[Path, str], list[Path]] = {}
+    for image in images:
+        images_by_stem.setdefault((image.parent, image.stem), []).append(image)
+    found, refused = {}, set()
+    for key, same_stem in images_by_stem.items():
+        captions = by_stem.get(key, [])
+        if len(same_stem) > 1 and captions:
+            problems.append(f"{', '.join(p.name for p in same_stem)} in {key[0]} share one caption file "
+                            f"{captions[0].name}; give each image its own (rename all but one)")
+            refused.update(same_stem)
+        elif len(captions) > 1:
+            problems.append(f"{same_stem[0]}: has {len(captions)} caption files "
+                            f"({', '.join(p.name for p in captions)}); keep one")
+            refused.update(same_stem)
+        elif captions:
+            found[same_stem[0]] = captions[0]
+    return found, refused

@@ -1,0 +1,206 @@
+"""Where image+caption pairs come from: a hub id, a folder saved with `save_to_disk`, an
+imagefolder with metadata.jsonl (or .csv) at the top or under train/ (the Lab's layouts), or a
+folder of images with same-named .txt captions. Every source becomes a `datasets.Dataset` with
+an image column and a caption column, checked here."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from ..errors import InputError
+from ..hub_ids import names_a_path
+from .captions import caption_files
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def load_records(dataset_name: str, image_column: str, caption_column: str, problems: list[str] | None = None,
+                 allow_outside: bool = False, skip_folders: tuple[Path, ...] = ()):
+    """The dataset's training split as a `datasets.Dataset`, with both columns checked.
+
+    Rows of a local folder that cannot be used (a caption file that is not UTF-8, a metadata line
+    that is not JSON or names no file, a file outside the folder unless `allow_outside`, images
+    sharing one caption file) are left out and described in `problems`; without that list the
+    first one raises InputError. A folder of captioned images is listed without its hidden files
+    and folders and without `skip_folders` (the run's own outputs)."""
+    path = Path(dataset_name).expanduser()
+    found: list[str] = [] if problems is None else problems
+    if path.is_dir():
+        records = _load_folder(path, image_column, caption_column, found, allow_outside, skip_folders)
+    elif path.exists():
+        raise InputError(f"dataset_name: '{dataset_name}' is a file; give a dataset folder or a hub id.")
+    elif names_a_path(dataset_name):
+        raise InputError(f"dataset_name: there is no folder '{dataset_name}'.")
+    else:
+        records = _load_hub(dataset_name)
+    if problems is None and found:
+        raise InputError(f"dataset_name: {found[0]}")
+    _check_columns(records, dataset_name, image_column, caption_column)
+    return records
+
+
+def _load_hub(dataset_id: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(dataset_id, split="train")
+    except Exception as exc:
+        raise InputError(f"dataset_name: could not load '{dataset_id}' from the hub "
+                         f"({type(exc).__name__}: {exc}).") from None
+
+
+def _load_folder(path: Path, image_column: str, caption_column: str, problems: list[str], allow_outside: bool,
+                 skip_folders: tuple[Path, ...]):
+    import datasets
+
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            split = "train" if "train" in loaded else next(iter(loaded))
+            loaded = loaded[split]
+        return loaded
+    metadata = _metadata_files(path)
+    if metadata:
+        return _load_metadata(path, metadata, problems, allow_outside)
+    return _load_captioned_images(path, image_column, caption_column, problems, allow_outside, skip_folders)
+
+
+def _metadata_files(path: Path) -> list[Path]:
+    """metadata.jsonl/.csv at the top; else where Lab-made datasets keep them, under train/ and
+    train/<label>/ (the layouts datasets' imagefolder reads)."""
+    def found(folder: Path) -> list[Path]:
+        return [folder / name for name in ("metadata.jsonl", "metadata.csv") if (folder / name).is_file()][:1]
+
+    train = path / "train"
+    labels = sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+    return found(path) or [file for folder in (train, *labels) for file in found(folder)]
+
+
+def _outside(path: Path, folder: Path) -> bool:
+    return not path.resolve().is_relative_to(folder.resolve())
+
+
+def _metadata_rows(metadata: Path, problems: list[str]) -> list[tuple[str, dict]]:
+    """(where, row) for each readable row of metadata.jsonl / metadata.csv."""
+    import csv
+
+    try:
+        text = metadata.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(f"{metadata}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+        return []
+    if metadata.suffix == ".csv":
+        return [(f"{metadata.name} row {n}", row) for n, row in enumerate(csv.DictReader(io.StringIO(text)), 2)]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{metadata.name} line {n}: not valid JSON ({exc.msg})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{metadata.name} line {n}: not a JSON object")
+            continue
+        rows.append((f"{metadata.name} line {n}", row))
+    return rows
+
+
+def _load_metadata(folder: Path, metadata_files: list[Path], problems: list[str], allow_outside: bool):
+    """An imagefolder: metadata rows with file_name (relative to the metadata file's folder) and other
+    columns; the images land in an `image` column, as datasets' imagefolder loader names it."""
+    import datasets
+
+    columns: dict[str, list] = {"image": []}
+    kept = 0
+    rows = [(metadata, where, row) for metadata in metadata_files for where, row in _metadata_rows(metadata, problems)]
+    for metadata, where, row in rows:
+        name = row.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"{where}: no file_name")
+            continue
+        file = metadata.parent / name
+        if not file.is_file():
+            problems.append(f"{where}: file_name '{name}' is not a file in {metadata.parent}")
+            continue
+        if not allow_outside and _outside(file, folder):
+            problems.append(f"{file}: leads outside the dataset folder (to {file.resolve()}); set "
+                            "allow_files_outside_dataset to use it")
+            continue
+        for key, value in row.items():
+            if key != "file_name":
+                columns.setdefault(key, [None] * kept).append(value)
+        columns["image"].append(str(file))
+        kept += 1
+        for values in columns.values():
+            values.extend([None] * (kept - len(values)))
+    if not kept:
+        raise InputError(f"dataset_name: {', '.join(map(str, metadata_files))} list no usable image" +
+                         (f" ({len(problems)} problem(s), e.g. {problems[0]})." if problems else "."))
+    return datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image())
+
+
+def listed_files(folder: Path, skip_folders: tuple[Path, ...] = ()) -> list[Path]:
+    """The files under `folder`, sorted, without hidden ones (a name starting with '.', such as
+    macOS's `._photo.png`, or anything inside a hidden folder) and without what lies in
+    `skip_folders` that lie inside `folder` (the run's output folder, say)."""
+    root = folder.resolve()
+    skipped = [s for s in (Path(f).expanduser().resolve() for f in skip_folders) if s != root and s.is_relative_to(root)]
+    in_skipped: dict[Path, bool] = {}  # per parent folder
+    files = []
+    for file in sorted(folder.rglob("*")):
+        if any(part.startswith(".") for part in file.relative_to(folder).parts):
+            continue
+        if file.parent not in in_skipped:
+            in_skipped[file.parent] = any(file.parent.resolve().is_relative_to(s) for s in skipped)
+        if not in_skipped[file.parent] and file.is_file():
+            files.append(file)
+    return files
+
+
+def _load_captioned_images(path: Path, image_column: str, caption_column: str, problems: list[str],
+                           allow_outside: bool, skip_folders: tuple[Path, ...] = ()):
+    import datasets
+
+    files = listed_files(path, skip_folders)
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise InputError(f"dataset_name: folder '{path}' holds no images "
+                         f"({', '.join(sorted(IMAGE_SUFFIXES))}), no metadata.jsonl and no saved dataset.")
+    captions_of, refused = caption_files(images, files, problems)
+    uncaptioned = [p.name for p in images if p not in captions_of and p not in refused]
+    if uncaptioned:
+        raise InputError(f"dataset_name: {len(uncaptioned)} image(s) in '{path}' have no caption file "
+                         f"(e.g. {uncaptioned[0]} needs {Path(uncaptioned[0]).stem}.txt beside it), and "
+                         "there is no metadata.jsonl.")
+    kept, captions = [], []
+    for image, caption_file in captions_of.items():
+        outside = [f for f in (image, caption_file) if _outside(f, path)]
+        if outside and not allow_outside:
+            problems.extend(f"{f}: leads outside the dataset folder (to {f.resolve()}); set "
+                            "allow_files_outside_dataset to use it" for f in outside)
+            continue
+        try:
+            captions.append(caption_file.read_text(encoding="utf-8").strip())
+        except UnicodeDecodeError as exc:
+            problems.append(f"{caption_file}: caption is not UTF-8 text ({exc.reason} at byte {exc.start})")
+            continue
+        kept.append(image)
+    if not kept:
+        raise InputError(f"dataset_name: no usable image in '{path}' ({len(problems)} problem(s), "
+                         f"e.g. {problems[0]}).")
+    table = datasets.Dataset.from_dict({image_column: [str(p) for p in kept], caption_column: captions})
+    return table.cast_column(image_column, datasets.Image())
+
+
+def _check_columns(records, dataset_name: str, image_column: str, caption_column: str) -> None:
+    if len(records) == 0:
+        raise InputError(f"dataset_name: '{dataset_name}' has no training rows.")
+    columns = list(records.column_names)
+    for name, column in (("image_column", image_column), ("caption_column", caption_column)):
+        if column not in columns:
+            raise InputError(f"{name}: '{column}' is not a column of '{dataset_name}'; its columns "
+                             f"are: {', '.join(columns)}.")
