@@ -101,7 +101,7 @@ def run_trainer(model: str, data: str, name: str, cached: bool, out: str) -> dic
     from diffusion_trainer.outputs.layout import RunPaths
     from diffusion_trainer.params import parse_params
     from diffusion_trainer.reporting import Reporter
-    from diffusion_trainer.train import run_training
+    from diffusion_trainer.run.train import run_training
 
     spec = MODELS[name]
     params, _ = parse_params({
@@ -254,11 +254,11 @@ def scaling(rounds: int) -> None:
 def checkpoint_cost(model: Path, data: Path, name: str, workdir: Path) -> dict[str, float]:
     """Seconds one checkpoint save takes against one optimizer step (a cached run of 20 steps with EMA,
     a checkpoint every 5), and what share of training time the default checkpointing_steps costs."""
-    from diffusion_trainer import checkpoint
     from diffusion_trainer.outputs.layout import RunPaths
     from diffusion_trainer.params import TrainingParams, parse_params
     from diffusion_trainer.reporting import Reporter
-    from diffusion_trainer.train import run_training
+    from diffusion_trainer.run import checkpoint
+    from diffusion_trainer.run.train import run_training
 
     spec, saves = MODELS[name], []
     real_save = checkpoint.Checkpoints.save

@@ -6,7 +6,7 @@
     python main.py export <adapter_dir> [--format kohya|diffusers]   the adapter in another form
     _TFL_JOB_ID=… python main.py                    a Transformer Lab task (the `transformerlab` SDK)
 
-The Lab launches live in lab/launch.py; running one configuration, in runner.py.
+The Lab launches live in lab/launch.py; running one configuration, in run/job.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .reporting import quiet_libraries
-from .runner import EXIT_BAD_INPUT, parse_overrides, read_config, run_standalone
+from .run.job import EXIT_BAD_INPUT, parse_overrides, read_config, run_standalone
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -18,7 +18,7 @@ from diffusion_trainer.demo import shapes
 from diffusion_trainer.families.sd import StableDiffusion
 from diffusion_trainer.params import parse_params
 from diffusion_trainer.reporting import Reporter
-from diffusion_trainer.train import training_samples
+from diffusion_trainer.run.setup import training_samples
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,7 @@ def test_encoders_leave_the_accelerator_after_caching(tmp_path, tiny_sd, numbere
     """With no eval prompt the VAE and text encoder are freed; with one each is moved to the CPU
     once its cache is built (recorded here, since on this machine the accelerator is the CPU too),
     is not moved again while training, and still draws the eval images."""
-    from diffusion_trainer import train as train_module
+    from diffusion_trainer.run import setup as train_module
 
     events, modules = [], {}
     to, predict = torch.nn.Module.to, StableDiffusion.predict
@@ -299,7 +299,7 @@ def test_a_lab_dataset_whose_pixels_change_under_the_same_file_name_gets_a_new_c
 
     from diffusion_trainer.lab.datasets import resolve_dataset_name
     from diffusion_trainer.outputs.layout import RunPaths
-    from diffusion_trainer.train import run_training
+    from diffusion_trainer.run.train import run_training
 
     datasets_dir = tmp_path / "workspace" / "datasets"
     shutil.copytree(numbered, datasets_dir / "my_pictures")

@@ -16,7 +16,7 @@ from diffusion_trainer.data.sources import load_records
 from diffusion_trainer.demo import shapes
 from diffusion_trainer.errors import InputError
 from diffusion_trainer.params import parse_params
-from diffusion_trainer.train import training_samples
+from diffusion_trainer.run.setup import training_samples
 
 OFF = {"center_crop": True, "random_flip": False, "color_jitter": False, "random_rotation": False}
 

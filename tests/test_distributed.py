@@ -18,8 +18,9 @@ import pytest
 import torch
 from conftest import ROOT, quick_params, train, write_config
 
-from diffusion_trainer import distributed, launch
 from diffusion_trainer.errors import InputError
+from diffusion_trainer.run import launch, processes, steps
+from diffusion_trainer.run.trace import TRACE_ENV
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
@@ -28,14 +29,14 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 def test_steps_count_global_optimizer_steps_across_processes():
     # the issue's case: 4 images, batch 1, 3 epochs on 2 processes -> 2 batches each per epoch -> 6 steps
-    plan = distributed.plan_steps(2, 1, 3, 0)
+    plan = steps.plan_steps(2, 1, 3, 0)
     assert (plan.updates_per_epoch, plan.total_steps, plan.num_epochs) == (2, 6, 3)
     # 3 batches a process, accumulation 2 -> 2 updates an epoch
-    plan = distributed.plan_steps(3, 2, 4, 0)
+    plan = steps.plan_steps(3, 2, 4, 0)
     assert (plan.updates_per_epoch, plan.total_steps, plan.num_epochs) == (2, 8, 4)
-    plan = distributed.plan_steps(2, 1, 10, 5)  # max_train_steps caps
+    plan = steps.plan_steps(2, 1, 10, 5)  # max_train_steps caps
     assert (plan.total_steps, plan.num_epochs) == (5, 3)
-    plan = distributed.plan_steps(2, 1, 3, 11)  # and adds epochs, as in diffusers: 11 steps of 2 an epoch
+    plan = steps.plan_steps(2, 1, 3, 11)  # and adds epochs, as in diffusers: 11 steps of 2 an epoch
     assert (plan.total_steps, plan.num_epochs) == (11, 6)
 
 
@@ -47,25 +48,25 @@ def test_under_deepspeed_max_grad_norm_goes_to_its_config_and_the_loop_clips_not
                                state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
 
     auto = {"gradient_clipping": "auto"}
-    assert distributed.loop_clipping(accelerator(DistributedType.DEEPSPEED, auto), 0.5) == (0.0, None)
+    assert processes.loop_clipping(accelerator(DistributedType.DEEPSPEED, auto), 0.5) == (0.0, None)
     assert auto["gradient_clipping"] == 0.5  # not the 1.0 accelerate fills "auto" with
     unset = {}
-    assert distributed.loop_clipping(accelerator(DistributedType.DEEPSPEED, unset), 0.0) == (0.0, None)
+    assert processes.loop_clipping(accelerator(DistributedType.DEEPSPEED, unset), 0.0) == (0.0, None)
     assert unset["gradient_clipping"] == 0.0  # no clipping asked: none
     fixed = {"gradient_clipping": 1.0}
-    loop_norm, warning = distributed.loop_clipping(accelerator(DistributedType.DEEPSPEED, fixed), 0.5)
+    loop_norm, warning = processes.loop_clipping(accelerator(DistributedType.DEEPSPEED, fixed), 0.5)
     assert loop_norm == 0.0 and "max_grad_norm=0.5 is not used" in warning and "gradient_clipping=1.0" in warning
-    assert distributed.loop_clipping(accelerator(DistributedType.MULTI_GPU, {}), 0.5) == (0.5, None)
+    assert processes.loop_clipping(accelerator(DistributedType.MULTI_GPU, {}), 0.5) == (0.5, None)
 
 
 def test_each_process_draws_its_own_noise_and_timesteps():
     draws = []
     for rank in (0, 1):
-        distributed.seed_this_process(7, rank)
+        processes.seed_this_process(7, rank)
         draws.append((torch.randn(4), torch.randint(0, 1000, (4,))))
     assert not torch.equal(draws[0][0], draws[1][0])
     assert not torch.equal(draws[0][1], draws[1][1])
-    distributed.seed_this_process(7, 1)  # and each stream is reproducible
+    processes.seed_this_process(7, 1)  # and each stream is reproducible
     assert torch.equal(torch.randn(4), draws[1][0])
 
 
@@ -93,10 +94,10 @@ def test_an_image_transform_seeds_only_the_cpu_generator(monkeypatch):
 def test_a_cpu_launch_asks_accelerate_for_gloo(monkeypatch):
     for key in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
         monkeypatch.delenv(key, raising=False)
-    assert "cpu" not in distributed.accelerator_kwargs()
+    assert "cpu" not in processes.accelerator_kwargs()
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert distributed.accelerator_kwargs()["cpu"] is True  # this machine has no CUDA
+    assert processes.accelerator_kwargs()["cpu"] is True  # this machine has no CUDA
 
 
 def test_the_accelerator_waits_hours_for_the_other_processes(tmp_path):
@@ -106,7 +107,7 @@ def test_the_accelerator_waits_hours_for_the_other_processes(tmp_path):
 
     from diffusion_trainer.params import parse_params
     from diffusion_trainer.reporting import Reporter
-    from diffusion_trainer.train import make_accelerator
+    from diffusion_trainer.run.setup import make_accelerator
 
     params = parse_params({"adaptor_name": "a", "model_name": "m/m", "dataset_name": "d"})[0]
     runtime = type("Runtime", (), {"mixed_precision": "no"})()
@@ -136,6 +137,9 @@ def test_launch_uses_accelerate_for_several_gpus_and_main_py_otherwise(monkeypat
         monkeypatch.delenv(key, raising=False)
     launch.main(["--input_file", "in.json"])
     assert ran[-1][ran[-1].index("--num_processes") + 1] == "2" and ran[-1][-2:] == ["--input_file", "in.json"]
+    import diffusion_trainer.launch as public  # `python -m diffusion_trainer.launch`, task.yaml's run line
+
+    assert public.main is launch.main
 
 
 def test_only_the_main_process_reaches_the_lab():
@@ -145,7 +149,7 @@ def test_only_the_main_process_reaches_the_lab():
         def __getattr__(self, name):
             return lambda *args, **kwargs: calls.append(name)
 
-    other = distributed.ProcessReporter(FakeLabReporter(), main=False)
+    other = processes.ProcessReporter(FakeLabReporter(), main=False)
     other.info("hello")
     other.begin(5)
     other.report(1, 5, {"loss": 1.0})
@@ -155,7 +159,7 @@ def test_only_the_main_process_reaches_the_lab():
     other.failed("boom")  # a failure is the exception: the job must hear of it (test below)
     assert calls == ["failed_in_another_process"]
     calls.clear()
-    main = distributed.ProcessReporter(FakeLabReporter(), main=True)
+    main = processes.ProcessReporter(FakeLabReporter(), main=True)
     main.info("hello")
     main.completed("done", {})
     assert calls == ["info", "completed"]
@@ -186,21 +190,21 @@ def test_fsdp_and_zero3_are_refused_with_what_to_use_instead():
     from accelerate.utils import DistributedType
 
     with pytest.raises(InputError, match="FSDP.*DDP"):
-        distributed.refuse_unsupported(SimpleNamespace(distributed_type=DistributedType.FSDP))
+        processes.refuse_unsupported(SimpleNamespace(distributed_type=DistributedType.FSDP))
     zero3 = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
                             state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
     with pytest.raises(InputError, match="stage 1 or 2"):
-        distributed.refuse_unsupported(zero3)
+        processes.refuse_unsupported(zero3)
     zero2 = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
                             state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)))
-    distributed.refuse_unsupported(zero2)
-    distributed.refuse_unsupported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+    processes.refuse_unsupported(zero2)
+    processes.refuse_unsupported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
 
 
 # --- two processes --------------------------------------------------------------------------
 
 def torchrun(tmp_path: Path, script: Path, config: Path, trace: Path, **env_extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, distributed.TRACE_ENV: str(trace), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+    env = {**os.environ, TRACE_ENV: str(trace), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
            **env_extra}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -250,7 +254,7 @@ def test_two_processes_train_one_run_on_disjoint_halves(tmp_path, monkeypatch, t
     pipe.load_lora_weights(str(adapter))
 
     # the learning rate follows the single-process run with the same global batch (2)
-    monkeypatch.setenv(distributed.TRACE_ENV, str(tmp_path / "single"))
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "single"))
     code, _ = train(tmp_path / "one", tiny_sd, star_folder, train_batch_size=2, **settings)
     assert code == 0
     single = read_trace(tmp_path / "single" / "rank0.jsonl")
@@ -320,7 +324,7 @@ def test_uneven_buckets_on_two_processes_train_full_batches_of_one_shape(tmp_pat
 FAILING_RANK_1 = """
 import os, sys
 sys.argv[0] = "main.py"
-from diffusion_trainer import loop
+from diffusion_trainer.run import loop
 original = loop.batch_loss
 batches = []
 
@@ -353,7 +357,7 @@ def test_a_failure_in_one_process_ends_the_run_with_its_message(tmp_path, tiny_s
 DECIDING_RANK_1 = """
 import os, sys
 sys.argv[0] = "main.py"
-from diffusion_trainer import train
+from diffusion_trainer.run import train
 
 def refuse(*args, **kwargs):
     raise RuntimeError("process 1 looked at the checkpoints itself")

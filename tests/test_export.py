@@ -14,7 +14,6 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from diffusion_trainer import loop
 from diffusion_trainer.families import family_for
 from diffusion_trainer.families.flux import Flux
 from diffusion_trainer.families.sd import StableDiffusion
@@ -24,7 +23,8 @@ from diffusion_trainer.outputs.adapter import save_adapter
 from diffusion_trainer.outputs.export import tag_frequency
 from diffusion_trainer.outputs.layout import INFO_NAME, WEIGHTS_NAME, single_file_name
 from diffusion_trainer.params import parse_params
-from diffusion_trainer.train import adapter_info
+from diffusion_trainer.run import loop
+from diffusion_trainer.run.train import adapter_info
 
 CAPTIONS = ["sks, a star, purple", "sks, a star", "a blue square"]
 UNET_ATTENTION = ("to_k", "to_q", "to_v", "to_out.0")

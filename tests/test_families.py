@@ -225,7 +225,7 @@ def fixed_noise_loss(name, model, images, adapter=None, repeats=6):
     from diffusion_trainer.families import FAMILIES
     from diffusion_trainer.objectives import weighted_loss
     from diffusion_trainer.params import parse_params
-    from diffusion_trainer.train import training_samples
+    from diffusion_trainer.run.setup import training_samples
 
     pipe = reload(model, name)
     if adapter is not None:

@@ -6,9 +6,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from diffusion_trainer import loop
 from diffusion_trainer.objectives import NoisyBatch
 from diffusion_trainer.reporting import Reporter
+from diffusion_trainer.run import loop
 
 POINTS = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0], [-1.0, 1.0]])
 

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, quick_params, run_main, train, write_config
+from conftest import ROOT, quick_params, train, write_config
 from safetensors.torch import load_file
 
-from diffusion_trainer import checkpoint, evaluate
 from diffusion_trainer.outputs import layout as adapter
 from diffusion_trainer.reporting import TERMINATE, Reporter
+from diffusion_trainer.run import checkpoint, evaluate
 
 INFO = adapter.INFO_NAME
 

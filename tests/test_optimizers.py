@@ -10,7 +10,7 @@ import torch
 from conftest import train
 from safetensors.torch import load_file
 
-from diffusion_trainer import optimizers
+from diffusion_trainer.run import optimizers
 
 
 def optimizer_classes(monkeypatch) -> list[str]:

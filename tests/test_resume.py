@@ -189,10 +189,10 @@ FINISHED = dict(num_train_epochs=1, checkpointing_steps=2, lr_scheduler="linear"
 
 def test_a_resume_with_more_epochs_follows_the_new_schedule_from_its_first_step(finished_run, tmp_path, tiny_sd,
                                                                                star_folder, capsys, monkeypatch):
-    from diffusion_trainer import distributed
+    from diffusion_trainer.run import trace
 
     copy_run(finished_run, tmp_path)
-    monkeypatch.setenv(distributed.TRACE_ENV, str(tmp_path / "trace"))
+    monkeypatch.setenv(trace.TRACE_ENV, str(tmp_path / "trace"))
     code, _ = train(tmp_path, tiny_sd, star_folder, resume_from_checkpoint="latest",
                     **{**FINISHED, "num_train_epochs": 2})
     err = capsys.readouterr().err

@@ -21,7 +21,7 @@ import torch
 from conftest import ROOT, quick_params, run_folder, write_config
 from safetensors.torch import load_file
 
-from diffusion_trainer.checkpoint import PREFIX, TEST_SLEEP_ENV
+from diffusion_trainer.run.checkpoint import PREFIX, TEST_SLEEP_ENV
 
 # 8 images, batch 1, 2 batches per step: 4 steps an epoch, so checkpoints every 3 steps fall
 # mid-epoch and mid-way through an accumulation cycle's neighbours.

@@ -324,8 +324,8 @@ def test_before_after_compares_the_image_before_training_with_the_last(tmp_path,
 
 
 def test_a_stop_during_the_image_before_training_trains_no_step(tmp_path, tiny_sd, star_folder, monkeypatch, capsys):
-    from diffusion_trainer import evaluate
     from diffusion_trainer.reporting import TERMINATE, Reporter
+    from diffusion_trainer.run import evaluate
 
     denoising_steps = []
     real_check = evaluate.Evaluator._check_stop

@@ -113,7 +113,7 @@ def grid(before: dict[str, list], after: dict[str, list], path: Path) -> Path:
 
 
 def run_demo(root: Path = OUTPUT) -> int:
-    from ..runner import run_standalone
+    from ..run.job import run_standalone
     from .shapes_world import load_pipeline
 
     started = time.monotonic()

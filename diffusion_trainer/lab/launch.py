@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..outputs.layout import RunPaths
-from ..runner import EXIT_BAD_INPUT, EXIT_FAILED, execute, parse_overrides, read_config, validated
+from ..run.job import EXIT_BAD_INPUT, EXIT_FAILED, execute, parse_overrides, read_config, validated
 from .datasets import resolve_dataset_name
 from .keys import is_bookkeeping
 from .reporter import PLUGIN, TASK, LabReporter, resolved
@@ -54,7 +54,7 @@ def run_lab_task(config_file: Path | None, overrides: list[str]) -> int:
         config.update(parse_overrides(overrides))
     except ValueError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
-        from ..distributed import reporter_for_this_process
+        from ..run.processes import reporter_for_this_process
 
         reporter_for_this_process(LabReporter(lab, TASK)).failed(str(exc))
         return EXIT_BAD_INPUT
@@ -77,7 +77,7 @@ def connect_lab():
     try:
         from lab import lab
 
-        from ..distributed import is_main_process
+        from ..run.processes import is_main_process
 
         if not is_main_process():
             return attach_lab_read_only(lab)  # one of several processes: only the main one writes the job
@@ -90,7 +90,7 @@ def connect_lab():
 
 
 def run_in_lab(config: dict[str, Any], lab: Any, launch: str) -> int:
-    from ..distributed import reporter_for_this_process
+    from ..run.processes import reporter_for_this_process
     from ..reporting import Reporter
 
     hub_id = str(config.get("model_name") or "")

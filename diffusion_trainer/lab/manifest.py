@@ -86,7 +86,7 @@ TASK_ENVS = {"HF_TOKEN": "{{secret._HF_TOKEN}}", "WANDB_API_KEY": "{{secret._WAN
 
 def task_run_command() -> str:
     """The task's `run` line: how the Lab starts a training process."""
-    return "python -m diffusion_trainer.launch"  # main.py on every visible GPU (see launch.py)
+    return "python -m diffusion_trainer.launch"  # main.py on every visible GPU (see run/launch.py)
 
 
 def task_parameters() -> dict[str, Any]:

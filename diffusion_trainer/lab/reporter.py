@@ -226,7 +226,7 @@ class LabReporter(Reporter):
         checkpoints folder (which may be remote) and from its list."""
         from lab import storage
 
-        from ..checkpoint import PREFIX
+        from ..run.checkpoint import PREFIX
 
         def name_of(item: Any) -> str:
             return str(item).rstrip("/").rsplit("/", 1)[-1]

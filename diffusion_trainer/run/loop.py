@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .objectives import weighted_loss
+from ..objectives import weighted_loss
 
 LOG_EVERY_STEPS = 10  # the loss is read (a host sync) this often, or once a second if slower
 

@@ -2,25 +2,21 @@
 
 Started by `accelerate launch` or `torchrun`, every process runs the whole of main.py on its
 own shard of each epoch. This module holds what differs from one process: who this process
-is, how many optimizer steps an epoch makes once the data is sharded, and the reporter that
-lets only the main process speak (terminal, Transformer Lab) while every process agrees on
-when to stop.
+is, its noise stream, how accelerate is set up for several processes, decisions the main
+process makes for all, and the reporter that lets only the main process speak (terminal,
+Transformer Lab) while every process agrees on when to stop.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .reporting import Reporter
-from .seeds import process_seed
+from ..reporting import Reporter
+from ..seeds import process_seed
 
 # Set by torchrun / accelerate launch (RANK), or by MPI launchers (accelerate's multi-CPU mode).
 RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
@@ -31,7 +27,6 @@ STOP_CHECK_EVERY = 1
 # How long a process waits in a collective for the others: the default 10 minutes is shorter than
 # one process encoding a large SDXL/Flux dataset into the disk latent cache while the rest wait.
 PROCESS_GROUP_TIMEOUT = timedelta(hours=4)
-TRACE_ENV = "DIFFUSION_TRAINER_TRACE_DIR"  # debugging: where each process writes what it trained on
 
 
 def _first_int(names: tuple[str, ...], default: int) -> int:
@@ -86,7 +81,7 @@ def refuse_unsupported(accelerator: Any) -> None:
     DeepSpeed (ZeRO-1/2 keep every weight whole on every GPU) are fine."""
     from accelerate.utils import DistributedType
 
-    from .errors import InputError
+    from ..errors import InputError
 
     if accelerator.distributed_type == DistributedType.FSDP:
         raise InputError("accelerate config: FSDP is not supported for LoRA training here (the adapter is "
@@ -98,18 +93,6 @@ def refuse_unsupported(accelerator: Any) -> None:
         if stage == 3:
             raise InputError("accelerate config: DeepSpeed ZeRO stage 3 shards the weights, which the adapter "
                              "saving and eval images here read whole; use ZeRO stage 1 or 2.")
-
-
-# --- how many optimizer steps ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StepPlan:
-    """Counts of global optimizer steps: one step = one batch on every process, times the
-    gradient accumulation (global batch = train_batch_size x processes x accumulation)."""
-
-    updates_per_epoch: int
-    total_steps: int
-    num_epochs: int
 
 
 def already_sharded(loader: Any, accelerator: Any) -> Any:
@@ -126,16 +109,6 @@ def already_sharded(loader: Any, accelerator: Any) -> Any:
                                    non_blocking=accelerator.non_blocking)
     prepared._is_accelerate_prepared = True
     return prepared
-
-
-def plan_steps(batches_per_process: int, gradient_accumulation_steps: int, epochs: int,
-               max_train_steps: int) -> StepPlan:
-    """`batches_per_process`: one process's batches an epoch (the loader's len())."""
-    updates_per_epoch = max(1, math.ceil(batches_per_process / gradient_accumulation_steps))
-    total_steps = epochs * updates_per_epoch
-    if max_train_steps:  # as in diffusers' scripts, it decides the length: more epochs, or fewer
-        total_steps = max_train_steps
-    return StepPlan(updates_per_epoch, total_steps, math.ceil(total_steps / updates_per_epoch))
 
 
 def loop_clipping(accelerator: Any, max_grad_norm: float) -> tuple[float, str | None]:
@@ -162,8 +135,6 @@ def decided_on_main(accelerator: Any, decision: Any) -> Any:
     """The main process's `decision` (computed there alone), the same on every process."""
     return same_on_every_process(accelerator, lambda: decision)
 
-
-# --- reporting: the main process speaks, every process stops together -------------------------
 
 class ProcessReporter:
     """The run's reporter as one of several processes sees it. The main process's calls go to
@@ -242,49 +213,6 @@ def reporter_for_this_process(reporter: Any) -> Any:
     if not launched_distributed():
         return reporter
     return ProcessReporter(reporter, is_main_process())
-
-
-# --- debugging: which samples each process trained on ------------------------------------------
-
-class TracedLoader:
-    """With DIFFUSION_TRAINER_TRACE_DIR set, each process appends one JSON line per batch to
-    <dir>/rank<k>.jsonl: the epoch, the dataset indices of the batch, the learning rate its
-    optimizer step uses and a digest of the RNG state its noise and timesteps are drawn from.
-    Iterating and len() are the wrapped loader's own."""
-
-    def __init__(self, loader: Any, samples: Any, optimizer: Any, folder: Path, rank: int):
-        self.loader, self.samples, self.optimizer = loader, samples, optimizer
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"rank{rank}.jsonl"
-        self.path.write_text("")
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.loader, name)
-
-    def __iter__(self):
-        with self.path.open("a") as out:
-            for batch in self.loader:
-                line = {"epoch": self.samples.epoch, "indices": batch["index"].tolist(),
-                        "lr": self.optimizer.param_groups[0]["lr"], "rng": rng_digest()}
-                out.write(json.dumps(line) + "\n")
-                out.flush()
-                yield batch
-
-
-def rng_digest() -> str:
-    """Which noise the next draws give: the torch generator this process draws noise from."""
-    import hashlib
-
-    state = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.random.get_rng_state()
-    return hashlib.sha1(state.numpy().tobytes()).hexdigest()[:16]
-
-
-def traced(loader: Any, samples: Any, optimizer: Any, rank: int) -> Any:
-    folder = os.environ.get(TRACE_ENV, "").strip()
-    return TracedLoader(loader, samples, optimizer, Path(folder), rank) if folder else loader
 
 
 def same_on_every_process(accelerator: Any, decide: Any) -> Any:

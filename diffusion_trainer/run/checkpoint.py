@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import atomic
-from .errors import InputError
+from .. import atomic
+from ..errors import InputError
 
 PREFIX = "checkpoint-"
 PARAMETERS_NAME = "run_parameters.json"

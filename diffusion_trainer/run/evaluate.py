@@ -12,8 +12,8 @@ import torch
 from diffusers.training_utils import offload_models
 from PIL import Image
 
-from . import atomic
-from .outputs.layout import BEFORE
+from .. import atomic
+from ..outputs.layout import BEFORE
 
 
 class Evaluator:

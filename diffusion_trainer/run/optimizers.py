@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def check_optimizer(params: Any, reporter: Any) -> None:

@@ -1,0 +1,234 @@
+"""Setting up a run from its parameters: this machine's runtime (TF32, precision, xFormers), the
+accelerator and trackers, the model and its speed-ups, the data pipeline and loader, the
+optimizer and schedule, and the checks that the output folders can be written and hold the files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.batch import ModelInputs
+from ..data.buckets import BucketBatchSampler
+from ..data.cache import CachedSamples, DiskLatents, TextCache, build_latent_cache
+from ..data.check import long_captions
+from ..data.images import Augmentation
+from ..data.samples import build_samples
+from ..errors import InputError
+from ..outputs.layout import RunPaths
+from ..params import TrainingParams
+from ..reporting import ignore_stop_signals
+from . import optimizers, processes
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Decisions about this machine, made once from the parameters."""
+
+    mixed_precision: str
+    use_xformers: bool
+
+
+def decide_runtime(params: TrainingParams, reporter: Any) -> Runtime:
+    cuda = torch.cuda.is_available()
+    if cuda and torch.cuda.get_device_capability()[0] >= 8:
+        torch.backends.cuda.matmul.allow_tf32 = True  # Ampere and later: TF32 matmuls, fp32 storage
+        torch.backends.cudnn.allow_tf32 = True
+    precision = params.mixed_precision
+    if precision == "fp16" and not cuda:
+        reporter.warn("mixed_precision=fp16 needs a CUDA GPU; training in fp32 on this machine.")
+        precision = "no"
+    xformers = params.enable_xformers_memory_efficient_attention
+    if xformers and not cuda:
+        reporter.warn("enable_xformers_memory_efficient_attention needs a CUDA GPU; using PyTorch's "
+                      "SDPA attention instead.")
+        xformers = False
+    return Runtime(precision, xformers)
+
+
+def choose_prediction_type(params: TrainingParams, family: Any, reporter: Any) -> str | None:
+    """The model's own prediction type unless the run asks for another (then say so loudly)."""
+    own = family.model_prediction_type()
+    if own is None:
+        return None
+    if params.prediction_type == "auto":
+        return own
+    if params.prediction_type != own:
+        reporter.warn(
+            f"{'!' * 70}\n  prediction_type={params.prediction_type} but this base model was trained "
+            f"with {own}.\n  Training as asked: the adapter will only work with a scheduler set to "
+            f"{params.prediction_type}.\n  Set prediction_type to auto (or {own}) to keep the "
+            f"model's own.\n{'!' * 70}")
+    return params.prediction_type
+
+
+def make_accelerator(params: TrainingParams, runtime: Runtime, paths: RunPaths, reporter: Any):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
+
+    # Accelerate keeps one state per process; a new run may need another precision.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    trackers = ["tensorboard"]
+    if params.log_to_wandb:
+        ready, reason = wandb_ready()
+        if ready:
+            trackers.append("wandb")
+        elif reason:
+            reporter.warn(f"log_to_wandb is on but {reason}; logging to TensorBoard only.")
+    return Accelerator(
+        mixed_precision=runtime.mixed_precision,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(paths.logs_dir), logging_dir=str(paths.logs_dir)),
+        **processes.accelerator_kwargs(),
+    )
+
+
+def wandb_ready() -> tuple[bool, str]:
+    """(usable, why not). Offline mode needs no account; no key and no offline mode: skip."""
+    if importlib.util.find_spec("wandb") is None:
+        return False, "the wandb package is not installed"
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode == "disabled":
+        return False, ""
+    if mode in {"offline", "dryrun"} or os.environ.get("WANDB_API_KEY"):
+        return True, ""
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return True, ""
+    return False, "W&B is not configured (no WANDB_API_KEY, no `wandb login`, WANDB_MODE is not offline)"
+
+
+def tracker_config(params: TrainingParams) -> dict[str, Any]:
+    return {k: v for k, v in params.model_dump().items() if isinstance(v, (int, float, str, bool))}
+
+
+def check_output_folders(paths: RunPaths, checkpoints_dir: Path, params: TrainingParams) -> None:
+    """Every folder the run writes to can be created and written, before anything loads."""
+    import tempfile
+
+    folders = [("output_dir (adapter)", paths.adapter_dir.parent), ("output_dir (logs)", paths.logs_dir)]
+    if params.checkpointing_steps or params.resume_from_checkpoint.strip():
+        folders.append(("output_dir (checkpoints)", checkpoints_dir))
+    for name, folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            raise InputError(f"{name}: cannot write in '{folder}' ({exc.strerror or exc}).") from None
+
+
+def check_room(paths: RunPaths, trainable: list[torch.nn.Parameter], params: TrainingParams, reporter: Any) -> None:
+    """Room on disk for the adapter and a checkpoint (weights, two Adam moments, EMA) with a margin;
+    refuse when there is not even room for the adapter, warn when checkpoints may not fit."""
+    import shutil
+
+    weights = sum(p.numel() * 4 for p in trainable)
+    adapter_bytes, checkpoint_bytes = 2 * weights, 5 * weights  # x2: a new adapter beside the old one
+    free = shutil.disk_usage(paths.adapter_dir.parent).free
+    mb = 2**20
+    if free < adapter_bytes:
+        raise InputError(f"output_dir: {free / mb:.1f} MB free at '{paths.adapter_dir.parent}', the adapter "
+                         f"needs about {adapter_bytes / mb:.1f} MB.")
+    if params.checkpointing_steps and free < adapter_bytes + checkpoint_bytes * max(1, params.checkpoints_total_limit):
+        reporter.warn(f"Only {free / mb:.1f} MB free at '{paths.adapter_dir.parent}': the adapter needs about "
+                      f"{adapter_bytes / mb:.1f} MB and each checkpoint about {checkpoint_bytes / mb:.1f} MB.")
+
+
+def load_family(family_cls: Any, params: TrainingParams, runtime: Runtime, accelerator: Any, reporter: Any):
+    weight_dtype = WEIGHT_DTYPES[runtime.mixed_precision]
+    reporter.info(f"Loading {family_cls.label} from {params.model_name} "
+                  f"(base weights {str(weight_dtype).removeprefix('torch.')}) on {accelerator.device}.")
+    family = family_cls.load(params.model_name, weight_dtype)
+    family.pipeline.to(accelerator.device)
+    for module in family.frozen_modules:
+        module.requires_grad_(False)
+    return family
+
+
+def speed_up_denoiser(denoiser: torch.nn.Module, params: TrainingParams, runtime: Runtime, reporter: Any) -> None:
+    if params.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if runtime.use_xformers:
+        try:
+            denoiser.enable_xformers_memory_efficient_attention()
+        except Exception as exc:  # not installed, or built for another torch/CUDA
+            reporter.warn(f"xFormers could not be enabled ({exc}); using PyTorch's SDPA attention.")
+    if params.torch_compile:
+        denoiser.compile()  # in place: the module (and its LoRA weights) stay the ones we save
+
+
+def prepare_data(family: Any, records: Any, images_fingerprint: str, params: TrainingParams, cache_dir: Path,
+                 accelerator: Any, reporter: Any) -> tuple[Any, ModelInputs]:
+    """The training dataset and how batches become model inputs: cached latents and text
+    embeddings when asked for, after which the VAE and text encoders leave the accelerator
+    (or are freed when no eval image will need them)."""
+    samples = training_samples(records, params)
+    for note in long_captions(family.pipeline, samples.captions):
+        reporter.warn(note)
+    if params.aspect_ratio_bucketing:
+        shapes = sorted(set(samples.targets))
+        reporter.info(f"Aspect-ratio buckets in use (height x width): {', '.join(f'{h}x{w}' for h, w in shapes)}.")
+    keep_for_eval = bool(params.eval_prompt.strip())
+    text_cache = None
+    if params.cache_text_embeddings:
+        text_cache = TextCache(family, samples.captions, accelerator.device, stop_asked=reporter.stop_asked_here)
+        parked = family.park(family.text_encoder_attrs, keep_for_eval)
+        reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB); "
+                      f"{', '.join(parked)} {'moved off the accelerator' if keep_for_eval else 'freed'}.")
+    if params.cache_latents:
+        store = build_latent_cache(family, samples, model_name=params.model_name, variants=params.latent_cache_variants,
+                                   memory_budget_mb=params.cache_memory_budget_mb,
+                                   bucketing=params.aspect_ratio_bucketing, images=images_fingerprint,
+                                   cache_root=cache_dir, reporter=reporter,
+                                   writer_first=accelerator.local_main_process_first)
+        samples = CachedSamples(store, samples)
+        family.park(("vae",), keep_for_eval)
+    else:
+        reporter.info("cache_latents is off: the VAE encodes every batch (augmented afresh each time).")
+    return samples, ModelInputs(family, params.caption_dropout_rate, accelerator.device, text_cache)
+
+
+def training_samples(records: Any, params: TrainingParams) -> Any:
+    return build_samples(records, params.image_column, params.caption_column, params.trigger_word,
+                         Augmentation.of(params), params.seed, params.aspect_ratio_bucketing)
+
+
+def make_dataloader(samples: Any, params: TrainingParams, accelerator: Any):
+    cuda = accelerator.device.type == "cuda"
+    batches = math.ceil(len(samples) / params.train_batch_size)
+    # Workers pay off only when items are expensive (decoding, augmenting, reading disk) and an
+    # epoch is long enough to amortise starting them; cached latents in memory are neither.
+    expensive = not isinstance(samples, CachedSamples) or isinstance(samples.store, DiskLatents)
+    workers = min(4, (os.cpu_count() or 1) - 1) if expensive and batches >= 8 else 0
+    options: dict[str, Any] = {"num_workers": max(0, workers), "pin_memory": cuda}
+    if options["num_workers"]:
+        options["worker_init_fn"] = ignore_stop_signals
+    # The order comes from (seed, epoch) alone; the loader's own generator (worker seeds only: the
+    # transforms are seeded per sample) keeps it from drawing on the global RNG each epoch.
+    sampler = BucketBatchSampler(samples, params.train_batch_size, params.seed, accelerator.num_processes,
+                                 accelerator.process_index)
+    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, generator=torch.Generator().manual_seed(params.seed),
+                                         **options)
+    return processes.already_sharded(loader, accelerator)
+
+
+def make_optimizer(trainable: list[torch.nn.Parameter], params: TrainingParams, total_steps: int, accelerator: Any):
+    from diffusers.optimization import get_scheduler
+
+    optimizer = optimizers.make_optimizer(trainable, params, accelerator.device)
+    lr_scheduler = get_scheduler(params.lr_scheduler, optimizer,
+                                 num_warmup_steps=params.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=total_steps * accelerator.num_processes)
+    return optimizer, lr_scheduler
