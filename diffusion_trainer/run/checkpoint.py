@@ -204,11 +204,13 @@ def check_processes(path: Path, recorded: dict[str, Any], num_processes: int) ->
         "`python -m diffusion_trainer.launch`), or start a fresh run (resume_from_checkpoint empty).")
 
 
-def compatibility_notes(path: Path, params: Any, data_fingerprint: str, num_processes: int = 1) -> list[str]:
-    """What differs from the checkpoint's run, as notes; raises InputError for what may not."""
+def compatibility_notes(path: Path, parameters: dict[str, Any], data_fingerprint: str,
+                        num_processes: int = 1) -> list[str]:
+    """What differs from the checkpoint's run (`parameters`: this run's, by name), as notes; raises
+    InputError for what may not."""
     recorded = json.loads((path / PARAMETERS_NAME).read_text())
     check_processes(path, recorded, num_processes)
-    before, now = recorded["parameters"], params.model_dump()
+    before, now = recorded["parameters"], parameters
     refused, notes = [], []
     for name in sorted(set(before) | set(now)):
         if before.get(name) == now.get(name) or name == "resume_from_checkpoint":
@@ -265,17 +267,19 @@ def continue_schedule(lr_scheduler: Any) -> list[tuple[float, float]]:
 class Checkpoints:
     """Saves and loads checkpoints of one run through its accelerator."""
 
-    def __init__(self, folder: Path, accelerator: Any, denoiser: torch.nn.Module, ema: Any, params: Any,
-                 data_fingerprint: str, reporter: Any):
+    def __init__(self, folder: Path, accelerator: Any, denoiser: torch.nn.Module, ema: Any, *, every: int, keep: int,
+                 parameters: dict[str, Any], data_fingerprint: str, reporter: Any):
+        """`every`: checkpointing_steps (0: none); `keep`: checkpoints_total_limit (0: all);
+        `parameters`: the run's, recorded so a resume can tell what changed."""
         self.folder = folder
         self.accelerator = accelerator
-        self.every = params.checkpointing_steps
-        self.keep = params.checkpoints_total_limit
+        self.every = every
+        self.keep = keep
         self.reporter = reporter
-        self.record = {"parameters": params.model_dump(), "data_fingerprint": data_fingerprint,
-                       **processes_record(accelerator.num_processes, params.train_batch_size,
-                                          params.gradient_accumulation_steps)}
-        self.state = RunState(seed=params.seed)
+        self.record = {"parameters": parameters, "data_fingerprint": data_fingerprint,
+                       **processes_record(accelerator.num_processes, parameters["train_batch_size"],
+                                          parameters["gradient_accumulation_steps"])}
+        self.state = RunState(seed=parameters["seed"])
         self.lora = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
         accelerator.register_save_state_pre_hook(self._save_lora)
         accelerator.register_load_state_pre_hook(self._load_lora)

@@ -4,6 +4,7 @@ asked while an image is drawn ends it at the next denoising step (the image is n
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,22 @@ from .. import atomic
 from ..outputs.layout import BEFORE
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    prompt: str  # empty: no eval images
+    seed: int
+    every_epochs: int  # eval_steps
+    inference_steps: int
+    guidance_scale: float  # 0: the pipeline's own default
+    resolution: int
+
+
 class Evaluator:
-    def __init__(self, family: Any, params: Any, out_dir: Path | None, accelerator: Any,
+    def __init__(self, family: Any, settings: EvalSettings, out_dir: Path | None, accelerator: Any,
                  ema: Any = None, stop_asked: Any = lambda: False):
         self.family = family
         self.stop_asked = stop_asked
-        self.params = params
+        self.settings = replace(settings, prompt=settings.prompt.strip())
         self.out_dir = out_dir
         self.accelerator = accelerator
         self.ema = ema
@@ -29,10 +40,10 @@ class Evaluator:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.params.eval_prompt.strip()) and self.out_dir is not None
+        return bool(self.settings.prompt) and self.out_dir is not None
 
     def due(self, epoch: int) -> bool:
-        return self.enabled and epoch % self.params.eval_steps == 0
+        return self.enabled and epoch % self.settings.every_epochs == 0
 
     def before(self, resumed: bool) -> None:
         """The eval prompt before the first step (`before.png`, what the end is compared with); a
@@ -48,7 +59,7 @@ class Evaluator:
         """Draw the eval prompt, save `<tag>.png`, log it to the trackers, return its path."""
         if not self.enabled or not self.accelerator.is_main_process:
             return None
-        image = self.draw(self.params.eval_prompt.strip(), self.params.seed)
+        image = self.draw(self.settings.prompt, self.settings.seed)
         if image is None:
             return None
         path = self.out_dir / f"{tag}.png"
@@ -67,28 +78,28 @@ class Evaluator:
         """The image, or None when a stop was asked meanwhile."""
         averaged = self.ema.applied() if self.ema is not None else nullcontext()
         device = self.accelerator.device
-        # the VAE and text encoders wait on the CPU between evals (see train.prepare_data)
+        # the VAE and text encoders wait on the CPU between evals (see setup.prepare_data)
         parked = offload_models(*self.family.frozen_modules, device=device, offload=device.type != "cpu")
         with averaged, parked, self.accelerator.autocast():
             pipeline = self.family.eval_pipeline()
             generator = torch.Generator(device="cpu").manual_seed(seed)
             result = pipeline(
                 prompt=prompt,
-                num_inference_steps=self.params.eval_num_inference_steps,
-                height=self.params.resolution,
-                width=self.params.resolution,
+                num_inference_steps=self.settings.inference_steps,
+                height=self.settings.resolution,
+                width=self.settings.resolution,
                 generator=generator,
                 callback_on_step_end=self._check_stop,
-                **self.family.eval_call_kwargs(self.params.eval_guidance_scale),
+                **self.family.eval_call_kwargs(self.settings.guidance_scale),
             )
         return None if self.stop_asked() else result.images[0]
 
     def _log(self, tag: str, image: Image.Image, step: int) -> None:
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
-                tracker.writer.add_image(f"eval/{self.params.eval_prompt.strip()}", np.asarray(image),
+                tracker.writer.add_image(f"eval/{self.settings.prompt}", np.asarray(image),
                                          step, dataformats="HWC")
             elif tracker.name == "wandb":
                 import wandb
 
-                tracker.log({"eval": [wandb.Image(image, caption=f"{tag}: {self.params.eval_prompt}")]}, step=step)
+                tracker.log({"eval": [wandb.Image(image, caption=f"{tag}: {self.settings.prompt}")]}, step=step)

@@ -24,7 +24,7 @@ from ..outputs import adapter, guards
 from ..outputs.layout import INFO_NAME, RunPaths
 from ..params import TrainingParams
 from . import checkpoint, loop, optimizers, processes, setup, steps, trace
-from .evaluate import Evaluator
+from .evaluate import EvalSettings, Evaluator
 
 
 @dataclass
@@ -92,7 +92,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     resume_from, resume_notes = (choose_checkpoint(params, checkpoints_dir, reporter)
                                  if processes.is_main_process() else (None, []))
     if resume_from is not None:
-        for note in checkpoint.compatibility_notes(resume_from, params, checked.fingerprint,
+        for note in checkpoint.compatibility_notes(resume_from, params.model_dump(), checked.fingerprint,
                                                    processes.num_processes()):
             reporter.info(f"Resuming with a changed setting (allowed): {note}")
 
@@ -142,8 +142,9 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     ema = LoraEMA(trainable, params.ema_decay) if params.use_ema else None
     run_folder = checkpoints_dir if paths.own_checkpoints_dir else processes.same_on_every_process(
         accelerator, lambda: checkpoint.run_folder_for(resume_from, checkpoints_dir))
-    checkpoints = checkpoint.Checkpoints(run_folder, accelerator, denoiser, ema, params, checked.fingerprint,
-                                         reporter)
+    checkpoints = checkpoint.Checkpoints(run_folder, accelerator, denoiser, ema, every=params.checkpointing_steps,
+                                         keep=params.checkpoints_total_limit, parameters=params.model_dump(),
+                                         data_fingerprint=checked.fingerprint, reporter=reporter)
     setup.check_room(paths, trainable, params, reporter)
 
     # --- outputs -----------------------------------------------------------------------------
@@ -151,7 +152,9 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     if os.environ.get("WANDB_MODE"):
         wandb_kwargs["mode"] = os.environ["WANDB_MODE"].lower()  # not whatever an earlier import fixed
     accelerator.init_trackers("diffusion_trainer", config=setup.tracker_config(params), init_kwargs={"wandb": wandb_kwargs})
-    evaluator = Evaluator(family, params, paths.eval_images_dir if params.eval_prompt.strip() else None,
+    settings = EvalSettings(params.eval_prompt, params.seed, params.eval_steps, params.eval_num_inference_steps,
+                            params.eval_guidance_scale, params.resolution)
+    evaluator = Evaluator(family, settings, paths.eval_images_dir if params.eval_prompt.strip() else None,
                           accelerator, ema, reporter.stop_asked_here)
     if evaluator.enabled and accelerator.is_main_process:
         paths.eval_images_dir.mkdir(parents=True, exist_ok=True)
