@@ -374,3 +374,16 @@ def test_a_saved_pipeline_finds_the_family_that_loads_it(tiny_family, name, fami
     assert family_for(str(model)) is family
     loaded = family.load(str(model), torch.float32)
     assert type(loaded.pipeline).__name__ == json.loads((model / "model_index.json").read_text())["_class_name"]
+
+
+def test_a_parameter_one_family_owns_is_named_to_the_others_runs():
+    # each family declares its own parameters in its own file; the others' runs say they do not apply
+    from diffusion_trainer.families.sd import StableDiffusion
+
+    params = parse_params({"adaptor_name": "a", "model_name": "m/n", "dataset_name": "d", "guidance_scale": 2.5,
+                           "max_sequence_length": 256})[0]
+    notes = {cls.__name__: cls.inapplicable_notes(object.__new__(cls), params)
+             for cls in (StableDiffusion, StableDiffusion3, Flux)}
+    assert [n.split(" does")[0] for n in notes["StableDiffusion"]] == ["max_sequence_length=256", "guidance_scale=2.5"]
+    assert [n.split(" does")[0] for n in notes["StableDiffusion3"]] == ["guidance_scale=2.5"]
+    assert [n.split(" does")[0] for n in notes["Flux"]] == ["max_sequence_length=256"]

@@ -37,8 +37,6 @@ FLOW_ONLY = {
 JOINT_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 JOINT_MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-FLUX_ONLY = {"guidance_scale": "only guidance-distilled Flux models take a guidance input while training"}
-SD3_ONLY = {"max_sequence_length": "only SD3's T5 prompt length is set by it (Flux uses 512)"}
 
 
 def read_model_index(source: str) -> dict:
@@ -91,8 +89,10 @@ class ModelFamily(ABC):
     text_encoder_attrs: ClassVar[tuple[str, ...]] = ("text_encoder",)
     # Extra from_pretrained keywords (e.g. skip SD's safety checker).
     load_kwargs: ClassVar[dict[str, Any]] = {}
-    # Parameters with no meaning for this family, and why: said once at the start of a run.
+    # Parameters with no meaning for this family's objective, and why: said once at the start of a run.
     inapplicable_params: ClassVar[dict[str, str]] = {}
+    # Parameters only this family reads, and why every other family ignores them (said to their runs).
+    own_params: ClassVar[dict[str, str]] = {}
     # The single-file LoRA form ComfyUI, AUTOMATIC1111/Forge and civitai read for this family
     # (see export.py): "kohya" (lora_unet_* keys, alpha tensors) or "folded" (transformer.* keys,
     # alpha / rank folded into lora_B).
@@ -147,9 +147,12 @@ class ModelFamily(ABC):
     def inapplicable_notes(self, params: Any) -> list[str]:
         """One line per parameter set to a non-default value that this family cannot use."""
         from ..params import FIELDS
+        from . import FAMILIES  # the registry imports this module
 
+        others = {name: why for family in FAMILIES.values() for name, why in family.own_params.items()
+                  if name not in self.own_params}
         return [f"{name}={getattr(params, name)} does not apply to {self.label}: {why}."
-                for name, why in self.inapplicable_params.items()
+                for name, why in {**self.inapplicable_params, **others}.items()
                 if getattr(params, name) != FIELDS[name].default]
 
     def park(self, attrs: tuple[str, ...], keep: bool) -> list[str]:
@@ -243,7 +246,7 @@ class FlowMatchingFamily(ModelFamily):
     lora_save_prefix = "transformer"
     single_file_form = "folded"  # ComfyUI reads transformer.* lora_A/lora_B keys, but no alpha
     resolution_multiple = 16  # 8x VAE, then 2x2 patches
-    inapplicable_params = {**DDPM_ONLY, **FLUX_ONLY, **SD3_ONLY}
+    inapplicable_params = DDPM_ONLY
 
     def model_prediction_type(self) -> str | None:
         return None

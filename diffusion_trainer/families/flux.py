@@ -9,7 +9,7 @@ import torch
 from diffusers import FluxPipeline
 
 from ..objectives import NoisyBatch
-from .base import DDPM_ONLY, JOINT_ATTENTION, JOINT_MLP, SD3_ONLY, Conditioning, FlowMatchingFamily
+from .base import DDPM_ONLY, JOINT_ATTENTION, JOINT_MLP, Conditioning, FlowMatchingFamily
 from .text import clip_pooled, t5_hidden_states
 
 T5_TOKENS = 512  # FLUX.1-dev's prompt length (schnell's tokenizer caps it at 256)
@@ -21,7 +21,8 @@ class Flux(FlowMatchingFamily):
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
     lora_presets = {"attention": JOINT_ATTENTION, "attention+mlp": JOINT_ATTENTION + JOINT_MLP}
     default_lora_layers = "attention+mlp"  # diffusers' Flux LoRA recipe trains the feed-forward layers too
-    inapplicable_params = {**DDPM_ONLY, **SD3_ONLY}
+    inapplicable_params = DDPM_ONLY
+    own_params = {"guidance_scale": "only guidance-distilled Flux models take a guidance input while training"}
 
     @classmethod
     def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:

@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 
 from ..objectives import DDPMObjective, NoisyBatch
-from .base import FLOW_ONLY, FLUX_ONLY, SD3_ONLY, Conditioning, ModelFamily
+from .base import FLOW_ONLY, Conditioning, ModelFamily
 from .text import token_ids
 
 # SD 2.x conditions on OpenCLIP ViT-H/14, 1024 wide; SD 1.x on CLIP ViT-L/14, 768 wide.
@@ -35,7 +35,7 @@ class StableDiffusion(ModelFamily):
     pipeline_class = StableDiffusionPipeline
     label = "Stable Diffusion 1.x/2.x"
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
-    inapplicable_params = {**FLOW_ONLY, **FLUX_ONLY, **SD3_ONLY}
+    inapplicable_params = FLOW_ONLY
 
     def configure_objective(self, params: Any, prediction_type: str | None) -> None:
         prediction_type = prediction_type or "epsilon"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from diffusers import StableDiffusion3Pipeline
 
 from ..objectives import NoisyBatch
-from .base import DDPM_ONLY, FLUX_ONLY, JOINT_ATTENTION, JOINT_MLP, Conditioning, FlowMatchingFamily
+from .base import DDPM_ONLY, JOINT_ATTENTION, JOINT_MLP, Conditioning, FlowMatchingFamily
 from .text import clip_penultimate_and_pooled, t5_hidden_states
 
 
@@ -26,7 +26,8 @@ class StableDiffusion3(FlowMatchingFamily):
     label = "Stable Diffusion 3"
     text_encoder_attrs = ("text_encoder", "text_encoder_2", "text_encoder_3")
     lora_presets = {"attention": JOINT_ATTENTION, "attention+mlp": JOINT_ATTENTION + JOINT_MLP}
-    inapplicable_params = {**DDPM_ONLY, **FLUX_ONLY}
+    inapplicable_params = DDPM_ONLY
+    own_params = {"max_sequence_length": "only SD3's T5 prompt length is set by it (Flux uses 512)"}
     max_sequence_length = 77  # T5 tokens; set from the run's parameters
 
     def configure_objective(self, params: Any, prediction_type: str | None) -> None:
