@@ -1,5 +1,11 @@
-"""The registry of model families, keyed by the pipeline class name in model_index.json
-(the same names the Lab's `model_architectures` filter uses)."""
+"""Model families: everything that differs between architectures, and nothing else.
+
+Owns: the family interface (`base`), one class per family in its own file (`sd`, `sdxl`, `sd3`,
+`flux`) with the parameters only it reads, text-encoding helpers (`text`), and this registry,
+keyed by the pipeline class name in model_index.json (the names the Lab's `model_architectures`
+filter uses).
+May import: the ground floor (`errors`, `hub_ids`, `objectives`, `params`).
+"""
 
 from __future__ import annotations
 
