@@ -35,7 +35,7 @@ def check_adapter_target(adapter_dir: Path, info_name: str, dataset_dir: Path | 
     target = adapter_dir.expanduser().resolve()
     if dataset_dir is not None:
         data = dataset_dir.expanduser().resolve()
-        if _inside(data, target):  # an output folder inside the dataset is skipped when it is read (data.py)
+        if _inside(data, target):  # an output folder inside the dataset is skipped when it is read (data/sources.py)
             raise InputError(
                 f"adaptor_name: the adapter would be written to '{adapter_dir}', which is or holds the dataset "
                 f"'{dataset_dir}'; saving it there would replace your images. Choose another adaptor_name "

@@ -4,7 +4,7 @@ A checkpoint is accelerate's `save_state` folder: the optimizer, LR scheduler, G
 RNG state (python, numpy, torch, CUDA), plus what we register with it: the LoRA weights (as
 safetensors, through a save/load hook, instead of the whole denoiser), the EMA and a `RunState`
 (step, epoch, batches of that epoch already trained, the seed the data order derives from). The
-data order is a pure function of (seed, epoch) (`data.BucketBatchSampler`), so a resumed run skips
+data order is a pure function of (seed, epoch) (`data.buckets.BucketBatchSampler`), so a resumed run skips
 the batches already trained and sees the rest in the same order. `run_parameters.json` records the
 parameters; a resume that changes one that matters is refused by name.
 

@@ -98,7 +98,7 @@ def refuse_unsupported(accelerator: Any) -> None:
 def already_sharded(loader: Any, accelerator: Any) -> Any:
     """`loader` as accelerate prepares it for one process (batches moved to the device, the
     epoch's end marked for gradient accumulation), but not sharded again: its batch sampler
-    already yields this process's share of an exact plan (`data.BucketBatchSampler`), where
+    already yields this process's share of an exact plan (`data.buckets.BucketBatchSampler`), where
     accelerate's `BatchSamplerShard` would drop a short round and top it up from the epoch's
     first batches, whatever their shape. Marked as prepared, so `accelerator.prepare` only
     registers it. No RNG is synchronised: the order is a pure function of (seed, epoch)."""
