@@ -52,7 +52,8 @@ class TrainingParams(BaseModel):
     dataset_name: str = _param(
         title="Dataset", group="Run", lab_form=False,
         help="Hub id, a folder saved with datasets' save_to_disk, an imagefolder with "
-             "metadata.jsonl, or a folder of images with same-named .txt captions.")
+             "metadata.jsonl, or a folder of images with same-named .txt captions (see caption_extension "
+             "and default_caption).")
     output_dir: str = _param(
         DEFAULT_OUTPUT_DIR, title="Output Directory", group="Run", lab_form=False,
         help="Where a standalone run writes the adaptor, eval images and logs. Empty = ./output.")
@@ -78,6 +79,15 @@ class TrainingParams(BaseModel):
     caption_column: str = _param(
         "text", title="Caption Column", group="Data", min_length=1,
         help="Dataset column holding each image's caption.")
+    caption_extension: Literal[".txt", ".caption"] = _param(
+        ".txt", title="Caption File Extension", group="Data",
+        help="In a folder of images, the caption files read beside them: '.txt' or '.caption' (kohya's); "
+             "files with the other extension are not read.")
+    default_caption: str = _param(
+        "", title="Default Caption", group="Data",
+        help="In a folder of images, the caption of every image without a caption file (the trigger "
+             "word still goes in front). Empty = such images get the trigger word alone, or, without "
+             "one, the folder is refused.")
     image_column: str = _param(
         "image", title="Image Column", group="Data", min_length=1,
         help="Dataset column holding the images.")

@@ -1,4 +1,4 @@
-"""Captions: which .txt belongs to which image, the trigger word, caption dropout."""
+"""Captions: which caption file (.txt or .caption) belongs to which image, the trigger word, caption dropout."""
 
 from __future__ import annotations
 
@@ -32,14 +32,20 @@ def drop_captions(captions: list[str], rate: float) -> list[str]:
 
 
 
-def caption_files(images: list[Path], files: list[Path], problems: list[str]) -> tuple[dict[Path, Path], set[Path]]:
-    """({image: its caption}, the images refused): the caption is the `.txt` beside the image with
-    the same stem, its extension in any case (`B.JPG` + `B.TXT`). Images that would share one
+CAPTION_EXTENSIONS = (".txt", ".caption")  # kohya's scripts read .caption files
+
+
+def caption_files(images: list[Path], files: list[Path], problems: list[str],
+                  extension: str = ".txt") -> tuple[dict[Path, Path], set[Path]]:
+    """({image: its caption}, the images refused): the caption is the file with `extension` (`.txt`
+    or `.caption`) beside the image with the same stem, its extension in any case (`B.JPG` +
+    `B.TXT`); files with the other extension are not captions. Images that would share one
     caption (`a.png`, `a.jpg` and `a.txt`), or whose caption is ambiguous (`a.txt` and `a.TXT`),
     are refused, each case described in `problems`."""
+    extension = extension.lower()
     by_stem: dict[tuple[Path, str], list[Path]] = {}
     for file in files:
-        if file.suffix.lower() == ".txt":
+        if file.suffix.lower() == extension:
             by_stem.setdefault((file.parent, file.stem), []).append(file)
     images_by_stem: dict[tuple[Path, str], list[Path]] = {}
     for image in images:

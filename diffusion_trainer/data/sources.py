@@ -1,24 +1,32 @@
 """Where image+caption pairs come from: a hub id, a folder saved with `save_to_disk`, an
 imagefolder with metadata.jsonl (or .csv) at the top or under train/ (the Lab's layouts), or a
-folder of images with same-named .txt captions. Every source becomes a `datasets.Dataset` with
+folder of images with same-named .txt (or .caption) captions, where an image without one may take
+`default_caption` or the trigger word. Every source becomes a `datasets.Dataset` with
 an image column and a caption column, checked here."""
 
 from __future__ import annotations
 
 import io
 import json
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
 from ..hub_ids import names_a_path
-from .captions import caption_files
+from .captions import CAPTION_EXTENSIONS, caption_files
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def load_records(dataset_name: str, image_column: str, caption_column: str, problems: list[str] | None = None,
-                 allow_outside: bool = False, skip_folders: tuple[Path, ...] = ()):
+                 allow_outside: bool = False, skip_folders: tuple[Path, ...] = (), *, caption_extension: str = ".txt",
+                 default_caption: str = "", trigger_word: str = "", notes: list[str] | None = None):
     """The dataset's training split as a `datasets.Dataset`, with both columns checked.
+
+    In a folder of images, an image's caption is the `caption_extension` file beside it; an image
+    without one is captioned `default_caption`, else `trigger_word`, else refused. How many
+    captions came from where is one line added to `notes`. Other sources are read as they are.
 
     Rows of a local folder that cannot be used (a caption file that is not UTF-8, a metadata line
     that is not JSON or names no file, a file outside the folder unless `allow_outside`, images
@@ -28,7 +36,8 @@ def load_records(dataset_name: str, image_column: str, caption_column: str, prob
     path = Path(dataset_name).expanduser()
     found: list[str] = [] if problems is None else problems
     if path.is_dir():
-        records = _load_folder(path, image_column, caption_column, found, allow_outside, skip_folders)
+        fallback = _Fallback(caption_extension, default_caption, trigger_word, [] if notes is None else notes)
+        records = _load_folder(path, image_column, caption_column, found, allow_outside, skip_folders, fallback)
     elif path.exists():
         raise InputError(f"dataset_name: '{dataset_name}' is a file; give a dataset folder or a hub id.")
     elif names_a_path(dataset_name):
@@ -51,8 +60,26 @@ def _load_hub(dataset_id: str):
                          f"({type(exc).__name__}: {exc}).") from None
 
 
+@dataclass(frozen=True)
+class _Fallback:
+    """How a folder of images is captioned: its caption files' extension, what an image without
+    one gets, and where the line counting the captions' sources goes."""
+    caption_extension: str = ".txt"
+    default_caption: str = ""
+    trigger_word: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def caption(self) -> tuple[str, str]:
+        """(the caption of an image without a file, the parameter it comes from); ("", "") for none."""
+        if self.default_caption.strip():
+            return self.default_caption.strip(), "default_caption"
+        if self.trigger_word.strip():
+            return self.trigger_word.strip(), "trigger_word"
+        return "", ""
+
+
 def _load_folder(path: Path, image_column: str, caption_column: str, problems: list[str], allow_outside: bool,
-                 skip_folders: tuple[Path, ...]):
+                 skip_folders: tuple[Path, ...], fallback: _Fallback):
     import datasets
 
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -64,7 +91,7 @@ def _load_folder(path: Path, image_column: str, caption_column: str, problems: l
     metadata = _metadata_files(path)
     if metadata:
         return _load_metadata(path, metadata, problems, allow_outside)
-    return _load_captioned_images(path, image_column, caption_column, problems, allow_outside, skip_folders)
+    return _load_captioned_images(path, image_column, caption_column, problems, allow_outside, skip_folders, fallback)
 
 
 def _metadata_files(path: Path) -> list[Path]:
@@ -162,7 +189,7 @@ def listed_files(folder: Path, skip_folders: tuple[Path, ...] = ()) -> list[Path
 
 
 def _load_captioned_images(path: Path, image_column: str, caption_column: str, problems: list[str],
-                           allow_outside: bool, skip_folders: tuple[Path, ...] = ()):
+                           allow_outside: bool, skip_folders: tuple[Path, ...], fallback: _Fallback):
     import datasets
 
     files = listed_files(path, skip_folders)
@@ -170,28 +197,46 @@ def _load_captioned_images(path: Path, image_column: str, caption_column: str, p
     if not images:
         raise InputError(f"dataset_name: folder '{path}' holds no images "
                          f"({', '.join(sorted(IMAGE_SUFFIXES))}), no metadata.jsonl and no saved dataset.")
-    captions_of, refused = caption_files(images, files, problems)
-    uncaptioned = [p.name for p in images if p not in captions_of and p not in refused]
-    if uncaptioned:
+    extension = fallback.caption_extension
+    captions_of, refused = caption_files(images, files, problems, extension)
+    uncaptioned = [p for p in images if p not in captions_of and p not in refused]
+    default, default_source = fallback.caption()
+    if uncaptioned and not default:
+        other = next((e for e in CAPTION_EXTENSIONS if e != extension.lower() and
+                      any(f.suffix.lower() == e for f in files)), None)
+        hint = f"; the folder has {other} files: set caption_extension to '{other}' to read them" if other else ""
         raise InputError(f"dataset_name: {len(uncaptioned)} image(s) in '{path}' have no caption file "
-                         f"(e.g. {uncaptioned[0]} needs {Path(uncaptioned[0]).stem}.txt beside it), and "
-                         "there is no metadata.jsonl.")
-    kept, captions = [], []
-    for image, caption_file in captions_of.items():
-        outside = [f for f in (image, caption_file) if _outside(f, path)]
+                         f"(e.g. {uncaptioned[0].name} needs {uncaptioned[0].stem}{extension} beside it{hint}), and "
+                         "there is no metadata.jsonl. Add the caption files, or set default_caption (the caption "
+                         "of every image without a file) or trigger_word (then the trigger word alone is their "
+                         "caption).")
+    kept, captions, sources = [], [], []
+    for image in images:
+        caption_file = captions_of.get(image)
+        if caption_file is None and image in refused:
+            continue
+        outside = [f for f in (image, caption_file) if f is not None and _outside(f, path)]
         if outside and not allow_outside:
             problems.extend(f"{f}: leads outside the dataset folder (to {f.resolve()}); set "
                             "allow_files_outside_dataset to use it" for f in outside)
             continue
-        try:
-            captions.append(caption_file.read_text(encoding="utf-8").strip())
-        except UnicodeDecodeError as exc:
-            problems.append(f"{caption_file}: caption is not UTF-8 text ({exc.reason} at byte {exc.start})")
-            continue
+        if caption_file is None:
+            captions.append(default)
+            sources.append(default_source)
+        else:
+            try:
+                captions.append(caption_file.read_text(encoding="utf-8").strip())
+            except UnicodeDecodeError as exc:
+                problems.append(f"{caption_file}: caption is not UTF-8 text ({exc.reason} at byte {exc.start})")
+                continue
+            sources.append(f"{extension} files")
         kept.append(image)
     if not kept:
         raise InputError(f"dataset_name: no usable image in '{path}' ({len(problems)} problem(s), "
                          f"e.g. {problems[0]}).")
+    counts = Counter(sources)  # the files' count first, then the fallback's
+    fallback.notes.append("Captions: " + ", ".join(
+        f"{counts[source]} from {source}" for source in (f"{extension} files", default_source) if counts[source]) + ".")
     table = datasets.Dataset.from_dict({image_column: [str(p) for p in kept], caption_column: captions})
     return table.cast_column(image_column, datasets.Image())
 

@@ -215,7 +215,9 @@ def training_captions(params: dict[str, Any]) -> list[str] | None:
     try:
         outputs = (Path(str(params["output_dir"])),) if params.get("output_dir") else ()
         records = load_records(params["dataset_name"], params["image_column"], params["caption_column"],
-                               skip_folders=outputs)
+                               skip_folders=outputs, caption_extension=params.get("caption_extension", ".txt"),
+                               default_caption=params.get("default_caption", ""),
+                               trigger_word=params.get("trigger_word", ""))
         column = records[params["caption_column"]]
         return [with_trigger(caption_text(c), params.get("trigger_word", "")) for c in column]
     except Exception:

@@ -69,8 +69,13 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
         raise InputError(f"resolution: {family_cls.label} needs a multiple of "
                          f"{family_cls.resolution_multiple} (got {params.resolution}).")
     load_problems: list[str] = []
+    load_notes: list[str] = []
     records = load_records(params.dataset_name, params.image_column, params.caption_column, load_problems,
-                           params.allow_files_outside_dataset, paths.written())
+                           params.allow_files_outside_dataset, paths.written(),
+                           caption_extension=params.caption_extension, default_caption=params.default_caption,
+                           trigger_word=params.trigger_word, notes=load_notes)
+    for note in load_notes:
+        reporter.info(note)
     checked = check_dataset(records, image_column=params.image_column, caption_column=params.caption_column,
                             dataset_name=params.dataset_name, skip_bad_images=params.skip_bad_images,
                             resolution=params.resolution, bucketing=params.aspect_ratio_bucketing,
