@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import datasets
 import pytest
@@ -15,7 +16,8 @@ from diffusion_trainer.data.images import to_rgb, upright_sizes
 from diffusion_trainer.data.sources import load_records
 from diffusion_trainer.demo import shapes
 from diffusion_trainer.errors import InputError
-from diffusion_trainer.params import parse_params
+from diffusion_trainer.outputs.export import training_captions
+from diffusion_trainer.params import ParamsError, parse_params
 from diffusion_trainer.run.setup import training_samples
 
 OFF = {"center_crop": True, "random_flip": False, "color_jitter": False, "random_rotation": False}
@@ -217,7 +219,7 @@ def test_a_lab_dataset_id_is_found_in_the_workspace(tmp_path, star_imagefolder):
 
 def test_images_without_captions_are_named(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "lonely.png")
-    with pytest.raises(InputError, match=r"lonely.png needs lonely.txt"):
+    with pytest.raises(InputError, match=r"lonely.png needs lonely.txt.*set default_caption .* or trigger_word"):
         load_records(str(tmp_path), "image", "text")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no images"):
@@ -235,3 +237,95 @@ def test_metadata_captions_keep_their_column_names(tmp_path):
     with pytest.raises(InputError, match=r"caption_column: 'text' is not a column .* columns are: image, prompt"):
         load_records(str(tmp_path), "image", "text")
     assert load_records(str(tmp_path), "image", "prompt")[0]["prompt"] == "hello"
+
+
+# --- Images without caption files (issue 20) -----------------------------------------------
+
+def photos(folder, captions: dict[str, str | None], extension: str = ".txt"):
+    """One small image per name; a caption file with `extension` for those whose caption is not None."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, (name, caption) in enumerate(captions.items()):
+        Image.new("RGB", (8, 8), (40 * n, 90, 200)).save(folder / f"{name}.png")
+        if caption is not None:
+            (folder / f"{name}{extension}").write_text(caption + "\n")
+    return folder
+
+
+def captions_trained(folder, **values) -> tuple[list[str], list[str]]:
+    """(each image's training caption, trigger word in, in file order; the loader's notes)."""
+    p = params(**values)
+    notes: list[str] = []
+    records = load_records(str(folder), "image", "text", caption_extension=p.caption_extension,
+                           default_caption=p.default_caption, trigger_word=p.trigger_word, notes=notes)
+    return training_samples(records, p).captions, notes
+
+
+def test_images_without_a_caption_file_get_default_caption_behind_the_trigger_word(tmp_path):
+    folder = photos(tmp_path / "mixed", {"a": "a red square", "b": None, "c": "a blue sks circle", "d": None})
+    captions, notes = captions_trained(folder, default_caption="a photo", trigger_word="sks")
+    assert captions == ["sks a red square", "sks a photo", "a blue sks circle", "sks a photo"]
+    assert notes == ["Captions: 2 from .txt files, 2 from default_caption."]
+    recorded = {"dataset_name": str(folder), "image_column": "image", "caption_column": "text",
+                "trigger_word": "sks", "default_caption": "a photo"}  # an exported adapter's tags read the same
+    assert training_captions(recorded) == captions
+
+
+def test_with_only_a_trigger_word_every_uncaptioned_image_is_captioned_by_it_once(tmp_path):
+    folder = photos(tmp_path / "bare", {"a": None, "b": None, "c": None})
+    captions, notes = captions_trained(folder, trigger_word="sks")
+    assert captions == ["sks", "sks", "sks"]
+    assert notes == ["Captions: 3 from trigger_word."]
+
+
+def test_default_caption_holding_the_trigger_word_does_not_get_it_twice(tmp_path):
+    folder = photos(tmp_path / "bare", {"a": None})
+    assert captions_trained(folder, default_caption="a photo of sks", trigger_word="sks")[0] == ["a photo of sks"]
+
+
+def test_uncaptioned_images_without_default_caption_or_trigger_word_are_refused_by_the_command(
+        tmp_path, tiny_sd, capsys):
+    folder = photos(tmp_path / "bare", {"a": "a red square", "b": None})
+    code, _ = train(tmp_path, tiny_sd, folder)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "1 image(s)" in err and "b.png needs b.txt" in err
+    assert "default_caption" in err and "trigger_word" in err
+
+
+def test_caption_extension_caption_reads_caption_files_and_not_txt(tmp_path):
+    folder = photos(tmp_path / "kohya", {"a": "from the caption file", "b": None}, extension=".caption")
+    (folder / "a.txt").write_text("from the txt file")
+    (folder / "b.txt").write_text("from the txt file")
+    captions, notes = captions_trained(folder, caption_extension=".caption", default_caption="a photo")
+    assert captions == ["from the caption file", "a photo"]
+    assert notes == ["Captions: 1 from .caption files, 1 from default_caption."]
+    assert captions_trained(folder)[0] == ["from the txt file", "from the txt file"]  # the default: .txt
+
+
+def test_caption_files_of_the_other_extension_are_pointed_at(tmp_path):
+    folder = photos(tmp_path / "kohya", {"a": "a caption"}, extension=".caption")
+    with pytest.raises(InputError, match=r"a.png needs a.txt beside it; the folder has .caption files: set "
+                                         r"caption_extension to '.caption'"):
+        load_records(str(folder), "image", "text")
+
+
+def test_a_caption_extension_other_than_txt_or_caption_is_refused_by_name(tmp_path, tiny_sd, capsys):
+    with pytest.raises(ParamsError, match=r"caption_extension: must be '.txt' or '.caption' \(got '.md'\)"):
+        params(caption_extension=".md")
+    assert params(caption_extension=".CAPTION").caption_extension == ".caption"  # the Lab's form, any case
+    code, _ = train(tmp_path, tiny_sd, tmp_path, caption_extension="caption")
+    assert code == 2 and "caption_extension: must be '.txt' or '.caption'" in capsys.readouterr().err
+
+
+def test_a_run_on_a_half_captioned_folder_trains_and_counts_its_captions(tmp_path, tiny_sd, star_folder, capsys):
+    folder = tmp_path / "half"
+    shutil.copytree(star_folder, folder)
+    for caption in sorted(folder.glob("*.txt"))[::2]:
+        caption.unlink()
+    code, out = train(tmp_path, tiny_sd, folder, default_caption="a purple star", trigger_word="sks",
+                      num_train_epochs=1)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Captions: 4 from .txt files, 4 from default_caption." in err
+    assert "Training 8 images" in err
+    assert (out / "test_lora" / "pytorch_lora_weights.safetensors").is_file()
