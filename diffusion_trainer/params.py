@@ -95,6 +95,19 @@ class TrainingParams(BaseModel):
         0.0, title="Caption Dropout Rate", group="Data", ge=0.0, le=1.0,
         help="Chance of training a sample with an empty caption, which keeps classifier-free "
              "guidance working. 1.0 trains without captions.")
+    shuffle_caption: bool = _param(
+        False, title="Shuffle Caption Tags", group="Data",
+        help="Each time a caption is used, shuffle its comma-separated tags. The first keep_tokens "
+             "tags stay in place, and the trigger word stays first. With cache_text_embeddings, "
+             "shuffled captions are encoded as drawn (the text encoder stays on the accelerator).")
+    keep_tokens: int = _param(
+        0, title="Keep Tokens", group="Data", ge=0,
+        help="How many leading comma-separated tags (after the trigger word) shuffle_caption and "
+             "caption_tag_dropout_rate leave in place.")
+    caption_tag_dropout_rate: float = _param(
+        0.0, title="Caption Tag Dropout Rate", group="Data", ge=0.0, le=1.0,
+        help="Chance of dropping each comma-separated tag (except the first keep_tokens and the "
+             "trigger word) each time a caption is used. 0 keeps every tag.")
     resolution: int = _param(
         512, title="Image Resolution", group="Data", ge=64, le=2048,
         help="Training images are resized and cropped to this square size (a multiple of 8; "

@@ -8,15 +8,35 @@ from typing import Any
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from .captions import drop_captions
+from .captions import drop_captions, shuffled_tags
 
 
 class ModelInputs:
-    def __init__(self, family: Any, caption_dropout_rate: float, device: torch.device, text_cache: Any = None):
+    def __init__(self, family: Any, caption_dropout_rate: float, device: torch.device, text_cache: Any = None,
+                 shuffle_caption: bool = False, keep_tokens: int = 0, caption_tag_dropout_rate: float = 0.0,
+                 trigger_word: str = ""):
         self.family = family
         self.caption_dropout_rate = caption_dropout_rate
         self.device = device
         self.text_cache = text_cache
+        self.shuffle_caption = shuffle_caption
+        self.keep_tokens = keep_tokens
+        self.caption_tag_dropout_rate = caption_tag_dropout_rate
+        self.trigger_word = trigger_word
+
+    @property
+    def captions_vary(self) -> bool:
+        """Whether captions are redrawn (tags shuffled or dropped) each time they are used."""
+        return self.shuffle_caption or self.caption_tag_dropout_rate > 0
+
+    def captions(self, batch: dict[str, Any]) -> list[str]:
+        """The batch's captions as this step trains them: tags shuffled and dropped, then whole
+        captions dropped, all drawn from torch's seeded RNG."""
+        captions = list(batch["caption"])
+        if self.captions_vary:
+            captions = [shuffled_tags(c, self.keep_tokens, self.trigger_word, self.caption_tag_dropout_rate,
+                                      self.shuffle_caption) for c in captions]
+        return drop_captions(captions, self.caption_dropout_rate)
 
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
         if "latent_params" in batch:  # a fresh sample from the cached posterior, as encoding would draw
@@ -25,7 +45,7 @@ class ModelInputs:
         return self.family.encode_images(batch["pixel_values"].to(self.device, non_blocking=True))
 
     def conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        captions = drop_captions(batch["caption"], self.caption_dropout_rate)
+        captions = self.captions(batch)
         if self.text_cache is not None:
             return self.text_cache(captions)
         return self.family.encode_prompts(captions)

@@ -241,7 +241,11 @@ class TextCache:
     """Each distinct caption's conditioning, computed once; looked up by caption every step."""
 
     def __init__(self, family: Any, captions: list[str], device: torch.device, batch_size: int = 16,
-                 stop_asked: Callable[[], bool] = lambda: False):
+                 stop_asked: Callable[[], bool] = lambda: False,
+                 encode_missing: Callable[[list[str]], dict[str, torch.Tensor]] | None = None):
+        """`encode_missing`: how a batch holding a caption the cache lacks is encoded (the family's
+        encoder); None: such a caption is an error."""
+        self.encode_missing = encode_missing
         unique = sorted(set(captions) | {""})
         self.rows = {caption: row for row, caption in enumerate(unique)}
         parts: dict[str, list[torch.Tensor]] = {}
@@ -260,5 +264,7 @@ class TextCache:
         return len(self.rows)
 
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if self.encode_missing is not None and any(c not in self.rows for c in captions):
+            return self.encode_missing(captions)  # a caption drawn afresh (tags shuffled or dropped)
         rows = torch.tensor([self.rows[c] for c in captions])
         return {k: v[rows.to(v.device)].to(self.device, non_blocking=True) for k, v in self.tensors.items()}

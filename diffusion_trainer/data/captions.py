@@ -1,4 +1,5 @@
-"""Captions: which caption file (.txt or .caption) belongs to which image, the trigger word, caption dropout."""
+"""Captions: which caption file (.txt or .caption) belongs to which image, the trigger word, caption dropout,
+shuffling and dropping a caption's tags."""
 
 from __future__ import annotations
 
@@ -29,6 +30,32 @@ def drop_captions(captions: list[str], rate: float) -> list[str]:
         return list(captions)
     keep = torch.rand(len(captions)) >= rate
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def shuffled_tags(caption: str, keep: int = 0, trigger_word: str = "", drop_rate: float = 0.0,
+                  shuffle: bool = True, generator: torch.Generator | None = None) -> str:
+    """The caption's comma-separated tags, the ones after the first `keep` shuffled (when `shuffle`)
+    and each of those dropped with probability `drop_rate`, drawn from `generator` (torch's seeded
+    RNG when None). A caption that starts with the trigger word (as `with_trigger` makes it) keeps
+    it first, whatever follows it; `keep` counts the tags after it."""
+    prefix, rest = "", caption
+    trigger = trigger_word.strip()
+    if trigger and re.match(rf"{re.escape(trigger)}(?!\w)", caption):
+        rest = caption[len(trigger):]
+        separator = re.match(r"[\s,]*", rest).group(0)
+        prefix, rest = trigger + separator, rest[len(separator):]
+    tags = [t.strip() for t in rest.split(",")]
+    tags = [t for t in tags if t]
+    kept, free = tags[:keep], tags[keep:]
+    if not free:
+        return caption
+    if shuffle and len(free) > 1:
+        free = [free[i] for i in torch.randperm(len(free), generator=generator).tolist()]
+    if drop_rate > 0:
+        stays = (torch.rand(len(free), generator=generator) >= drop_rate).tolist()
+        free = [t for t, s in zip(free, stays) if s]
+    body = ", ".join(kept + free)
+    return prefix + body if body else prefix.rstrip(", \t\n")
 
 
 

@@ -182,11 +182,18 @@ def prepare_data(family: Any, records: Any, images_fingerprint: str, params: Tra
         reporter.info(f"Aspect-ratio buckets in use (height x width): {', '.join(f'{h}x{w}' for h, w in shapes)}.")
     keep_for_eval = bool(params.eval_prompt.strip())
     text_cache = None
+    captions_vary = params.shuffle_caption or params.caption_tag_dropout_rate > 0
     if params.cache_text_embeddings:
-        text_cache = TextCache(family, samples.captions, accelerator.device, stop_asked=reporter.stop_asked_here)
-        parked = family.park(family.text_encoder_attrs, keep_for_eval)
-        reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB); "
-                      f"{', '.join(parked)} {'moved off the accelerator' if keep_for_eval else 'freed'}.")
+        text_cache = TextCache(family, samples.captions, accelerator.device, stop_asked=reporter.stop_asked_here,
+                               encode_missing=family.encode_prompts if captions_vary else None)
+        if captions_vary:
+            reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB), "
+                          "unshuffled; captions whose tags shuffle_caption or caption_tag_dropout_rate changed "
+                          "are encoded as drawn, so the text encoders stay on the accelerator.")
+        else:
+            parked = family.park(family.text_encoder_attrs, keep_for_eval)
+            reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB); "
+                          f"{', '.join(parked)} {'moved off the accelerator' if keep_for_eval else 'freed'}.")
     if params.cache_latents:
         store = build_latent_cache(family, samples, model_name=params.model_name, variants=params.latent_cache_variants,
                                    memory_budget_mb=params.cache_memory_budget_mb,
@@ -197,7 +204,10 @@ def prepare_data(family: Any, records: Any, images_fingerprint: str, params: Tra
         family.park(("vae",), keep_for_eval)
     else:
         reporter.info("cache_latents is off: the VAE encodes every batch (augmented afresh each time).")
-    return samples, ModelInputs(family, params.caption_dropout_rate, accelerator.device, text_cache)
+    return samples, ModelInputs(family, params.caption_dropout_rate, accelerator.device, text_cache,
+                                shuffle_caption=params.shuffle_caption, keep_tokens=params.keep_tokens,
+                                caption_tag_dropout_rate=params.caption_tag_dropout_rate,
+                                trigger_word=params.trigger_word)
 
 
 def training_samples(records: Any, params: TrainingParams) -> Any:
