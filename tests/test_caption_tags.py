@@ -30,6 +30,13 @@ def test_kept_tags_and_the_trigger_word_stay_in_place_and_the_rest_are_permuted(
     assert len(set(results)) > 1 and any(r != CAPTION for r in results)
 
 
+def test_the_trigger_word_stays_first_even_when_no_tag_is_kept():
+    results = draws(CAPTION, keep=0, trigger_word="sks")
+    assert all(r.startswith("sks ") and sorted(r.removeprefix("sks ").split(", ")) == sorted(TAGS) for r in results)
+    assert any(not r.startswith("sks star") for r in results)  # the tag the trigger word was put before moves
+    assert all(r.startswith("sks, ") for r in draws("sks, red, green, blue", keep=0, trigger_word="sks"))
+
+
 def test_without_a_trigger_word_every_tag_after_keep_tokens_moves():
     results = draws("red, green, blue, white", keep=0)
     assert all(sorted(r.split(", ")) == ["blue", "green", "red", "white"] for r in results)
