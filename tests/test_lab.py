@@ -288,6 +288,22 @@ def test_task_yaml_is_generated_from_the_schema_and_importable():
     assert warnings == [] and params.prediction_type == "auto"  # the model's own, not a forced epsilon
 
 
+def test_task_yaml_and_index_json_list_the_same_parameters_and_defaults_but_what_the_plugin_lab_fills_in():
+    """The plugin Lab puts model_name, dataset_name and output_dir into the config itself (from the
+    experiment's model, the chosen dataset, its tensorboard folder); a plugin form field of that name
+    would send its empty default over the Lab's choice. The task Lab has no other way to ask for them."""
+    import yaml
+
+    index = json.loads((ROOT / "index.json").read_text())["parameters"]
+    task = yaml.safe_load((ROOT / "task.yaml").read_text())["parameters"]
+    filled_by_the_plugin_lab = {n for n, f in FIELDS.items() if not (f.json_schema_extra or {}).get("lab_form", True)}
+    assert filled_by_the_plugin_lab == {"model_name", "dataset_name", "output_dir"}
+    assert set(task) - set(index) == filled_by_the_plugin_lab and set(index) <= set(task)
+    for name, entry in index.items():
+        expected = "" if entry.get("required") else entry["default"]
+        assert task[name] == expected and type(task[name]) is type(expected), name
+
+
 def test_a_stopped_task_hands_the_adapter_to_the_lab_before_its_last_checkpoint(monkeypatch, lab_job, tiny_sd,
                                                                                star_folder, tmp_path):
     experiment, job = lab_job
