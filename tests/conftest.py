@@ -167,3 +167,26 @@ def run_folder(output: Path, name: str = "test_lora") -> Path:
     runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def stop_after_denoising_steps(monkeypatch, count: int) -> list[int]:
+    """Counts eval images' denoising steps; once `count` are done, the run is asked to stop, as
+    SIGTERM's handler would ask. Returns the list of steps seen."""
+    from diffusion_trainer.reporting import TERMINATE, Reporter
+    from diffusion_trainer.run import evaluate
+
+    denoising_steps: list[int] = []
+    real_check = evaluate.Evaluator._check_stop
+
+    def counting(self, pipeline, step, timestep, callback_kwargs):
+        denoising_steps.append(step)
+        return real_check(self, pipeline, step, timestep, callback_kwargs)
+
+    def stop_asked_here(self):
+        if len(denoising_steps) >= count and self.stop_reason is None:
+            self.stop_reason = TERMINATE
+        return self.stop_reason is not None
+
+    monkeypatch.setattr(evaluate.Evaluator, "_check_stop", counting)
+    monkeypatch.setattr(Reporter, "stop_asked_here", stop_asked_here)
+    return denoising_steps

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, quick_params, train, write_config
+from conftest import ROOT, quick_params, stop_after_denoising_steps, train, write_config
 from safetensors.torch import load_file
 
 from diffusion_trainer.outputs import layout as adapter
-from diffusion_trainer.reporting import TERMINATE, Reporter
-from diffusion_trainer.run import checkpoint, evaluate
+from diffusion_trainer.reporting import Reporter
+from diffusion_trainer.run import checkpoint
 
 INFO = adapter.INFO_NAME
 
@@ -233,20 +233,7 @@ def test_a_checkpoint_without_its_random_state_resumes_saying_it_is_not_exact(ch
 
 def test_a_stop_during_an_eval_image_ends_it_at_the_next_denoising_step(tmp_path, tiny_sd, star_folder, monkeypatch,
                                                                          capsys):
-    denoising_steps = []
-    real_check = evaluate.Evaluator._check_stop
-
-    def counting(self, pipeline, step, timestep, callback_kwargs):
-        denoising_steps.append(step)
-        return real_check(self, pipeline, step, timestep, callback_kwargs)
-
-    def stop_asked_here(self):
-        if len(denoising_steps) >= 200 + 3 and self.stop_reason is None:  # the "before" image is whole
-            self.stop_reason = TERMINATE  # as SIGTERM's handler would set it
-        return self.stop_reason is not None
-
-    monkeypatch.setattr(evaluate.Evaluator, "_check_stop", counting)
-    monkeypatch.setattr(Reporter, "stop_asked_here", stop_asked_here)
+    denoising_steps = stop_after_denoising_steps(monkeypatch, 200 + 3)  # the "before" image is whole
     code, out = train(tmp_path, tiny_sd, star_folder, num_train_epochs=3, eval_prompt="a sks star",
                       eval_steps=1, eval_num_inference_steps=200)
     err = capsys.readouterr().err

@@ -324,23 +324,9 @@ def test_before_after_compares_the_image_before_training_with_the_last(tmp_path,
 
 
 def test_a_stop_during_the_image_before_training_trains_no_step(tmp_path, tiny_sd, star_folder, monkeypatch, capsys):
-    from diffusion_trainer.reporting import TERMINATE, Reporter
-    from diffusion_trainer.run import evaluate
+    from conftest import stop_after_denoising_steps
 
-    denoising_steps = []
-    real_check = evaluate.Evaluator._check_stop
-
-    def counting(self, pipeline, step, timestep, callback_kwargs):
-        denoising_steps.append(step)
-        return real_check(self, pipeline, step, timestep, callback_kwargs)
-
-    def stop_asked_here(self):
-        if len(denoising_steps) >= 2 and self.stop_reason is None:
-            self.stop_reason = TERMINATE  # as SIGTERM's handler would set it
-        return self.stop_reason is not None
-
-    monkeypatch.setattr(evaluate.Evaluator, "_check_stop", counting)
-    monkeypatch.setattr(Reporter, "stop_asked_here", stop_asked_here)
+    denoising_steps = stop_after_denoising_steps(monkeypatch, 2)
     code, out = train(tmp_path, tiny_sd, star_folder, eval_prompt=PROMPT, eval_num_inference_steps=50)
     assert code == 143, capsys.readouterr().err
     assert len(denoising_steps) == 2
