@@ -138,7 +138,7 @@ def encode_variants(family: Any, samples: TrainingSamples, plan: list[list[bool 
         batch = pending.pop(shape)
         pixels = torch.stack([out.pixels for _, _, out in batch]).to(family.vae.device, family.vae.dtype)
         with torch.no_grad():
-            params = family.vae.encode(pixels).latent_dist.parameters.cpu()
+            params = family.posterior(pixels).parameters.cpu()
         for (index, k, out), p in zip(batch, params):
             done[index][k] = Variant(p, out.original_size, out.crop_top_left)
             if all(v is not None for v in done[index]):
@@ -171,8 +171,8 @@ def build_latent_cache(family: Any, samples: TrainingSamples, *, model_name: str
     dtype = family.vae.dtype
     key = fingerprint(model_name, dict(family.vae.config), dtype, samples, bucketing, images, plan)
     folder = cache_root / f"latents-{key}"
-    channels = 2 * family.vae.config.latent_channels
-    scale = 2 ** (len(family.vae.config.block_out_channels) - 1)
+    channels = 2 * family.latent_channels
+    scale = family.vae_downscale
     element = torch.finfo(family.vae.dtype).bits // 8
     size_mb = sum(len(flips) * channels * (h // scale) * (w // scale) * element
                   for flips, (h, w) in zip(plan, samples.targets)) / 2**20

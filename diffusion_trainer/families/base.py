@@ -193,7 +193,21 @@ class ModelFamily(ABC):
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] to the latents the denoiser is trained on (a fresh VAE sample)."""
-        return self.latents_from_distribution(self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist)
+        return self.latents_from_distribution(self.posterior(pixels))
+
+    def posterior(self, pixels: torch.Tensor) -> Any:
+        """The VAE's latent distribution of pixels in [-1, 1]; its parameters are 2C x h x w per image
+        (what the latent cache stores)."""
+        return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae_config.latent_channels
+
+    @property
+    def vae_downscale(self) -> int:
+        """How many pixels one latent spans, per side."""
+        return 2 ** (len(self.vae_config.block_out_channels) - 1)
 
     def latents_from_distribution(self, latent_dist: Any) -> torch.Tensor:
         config = self.vae_config
