@@ -37,6 +37,10 @@ FAMILY_BUILDERS = {
     "sd3_without_t5": lambda: tiny_models.tiny_sd3_pipeline(with_t5=False),
     "flux": tiny_models.tiny_flux_pipeline,
     "flux_schnell_like": lambda: tiny_models.tiny_flux_pipeline(guidance_embeds=False),
+    # issue 22
+    "chroma": tiny_models.tiny_chroma_pipeline,
+    "z_image": tiny_models.tiny_z_image_pipeline,
+    "qwen_image": tiny_models.tiny_qwen_image_pipeline,
 }
 
 

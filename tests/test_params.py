@@ -140,8 +140,9 @@ def test_index_json_is_a_loadable_lab_trainer_manifest():
         assert key in index, key
     # our own id: the plugin Lab auto-updates a plugin whose id matches its built-in "diffusion_trainer"
     assert index["uniqueId"] == "diffusion_lora_trainer" and index["type"] == "trainer"
-    assert index["model_architectures"] == ["StableDiffusionPipeline", "StableDiffusionXLPipeline",
-                                            "StableDiffusion3Pipeline", "FluxPipeline"]
+    from diffusion_trainer.families import FAMILIES  # every family the trainer has, in the registry's order
+
+    assert index["model_architectures"] == list(FAMILIES)
     assert set(index["supported_hardware_architectures"]) <= {"cuda", "mlx", "cpu", "amd"}
     for path in index["files"]:
         assert (ROOT / path).is_file(), path

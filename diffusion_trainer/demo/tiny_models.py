@@ -209,3 +209,109 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True, words: Itera
                      use_quant_conv=False, use_post_quant_conv=False),
         text_encoder=clip_text_encoder(tokenizer, hidden_size=clip_hidden), tokenizer=tokenizer,
         text_encoder_2=t5_encoder(tokenizer_2, d_model=t5_dim), tokenizer_2=tokenizer_2)
+
+
+def tiny_chroma_pipeline(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS):
+    """A Chroma-shaped pipeline: Flux's packed latents and VAE, T5 alone (no CLIP, no guidance input)."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel
+
+    torch.manual_seed(seed)
+    t5_dim, latent_channels = 64, 4
+    tokenizer = t5_tokenizer(words)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=t5_dim, axes_dims_rope=(4, 6, 6), approximator_num_channels=16,
+        approximator_hidden_dim=32, approximator_layers=1)
+    return ChromaPipeline(
+        transformer=transformer,
+        scheduler=flow_scheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                 base_image_seq_len=256, max_image_seq_len=4096),
+        vae=tiny_vae(latent_channels=latent_channels, shift_factor=0.1159, scaling_factor=0.3611,
+                     use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=t5_encoder(tokenizer, d_model=t5_dim), tokenizer=tokenizer)
+
+
+# The chat-template words of Qwen-Image's and Z-Image's prompt templates, as whole tokens.
+QWEN_WORDS = ("system", "user", "assistant", "describe", "Describe", "image", "by", "detailing", "color", "size",
+              "texture", "quantity", "text", "spatial", "relationships", "objects", "background")
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+QWEN_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                      "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def qwen_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 64):
+    """A Qwen2-style byte-level BPE tokenizer (words with and without a leading space as whole
+    tokens), with Qwen's chat special tokens and a minimal chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    vocab, merges = list(_byte_symbols()), []
+    for word in dict.fromkeys(w for base in (*words, *QWEN_WORDS) for w in (base, "Ġ" + base)):
+        pieces = list(word)
+        while len(pieces) > 1:
+            if (pieces[0], pieces[1]) not in merges:
+                merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.append(pieces[0])
+    backend = Tokenizer(models.BPE({t: i for i, t in enumerate(dict.fromkeys(vocab))}, merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=backend, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", model_max_length=model_max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return type(tokenizer).from_pretrained(folder)
+
+
+def tiny_z_image_pipeline(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS):
+    """A Z-Image-shaped pipeline: single-stream DiT over 2x2 patches, Qwen3 prompt features (its
+    penultimate layer), Flux's 16-channel VAE."""
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    tokenizer, text_dim, latent_channels = qwen_tokenizer(words), 32, 16
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id))
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=latent_channels, dim=32, n_layers=1,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=text_dim, axes_dims=[4, 6, 6],
+        axes_lens=[512, 32, 32])
+    return ZImagePipeline(
+        transformer=transformer, scheduler=flow_scheduler(shift=3.0),
+        vae=tiny_vae(latent_channels=latent_channels, shift_factor=0.1159, scaling_factor=0.3611,
+                     use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=text_encoder, tokenizer=tokenizer)
+
+
+def tiny_qwen_image_pipeline(seed: int = 0, words: Iterable[str] = DEFAULT_WORDS):
+    """A Qwen-Image-shaped pipeline: MMDiT over packed 2x2 latents, Qwen2.5-VL prompt features,
+    the Wan-style 3D VAE with per-channel latents_mean/std."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer, text_dim, z_dim = qwen_tokenizer(words), 32, 4
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": text_dim, "intermediate_size": 2 * text_dim,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "max_position_embeddings": 1024, "pad_token_id": tokenizer.pad_token_id,
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                       "out_hidden_size": text_dim, "fullatt_block_indexes": [0]}))
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * z_dim, out_channels=z_dim, num_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=text_dim, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 0.8, 1.2])
+    return QwenImagePipeline(
+        transformer=transformer,
+        # Qwen-Image's own scheduler also has shift_terminal=0.02, with which diffusers samples NaN in one step
+        scheduler=flow_scheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                 base_image_seq_len=256, max_image_seq_len=8192),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)

@@ -1,9 +1,9 @@
 """Model families: everything that differs between architectures, and nothing else.
 
 Owns: the family interface (`base`), one class per family in its own file (`sd`, `sdxl`, `sd3`,
-`flux`) with the parameters only it reads, text-encoding helpers (`text`), and this registry,
-keyed by the pipeline class name in model_index.json (the names the Lab's `model_architectures`
-filter uses).
+`flux`, `chroma`, `z_image`, `qwen_image`) with the parameters only it reads, text-encoding helpers
+(`text`), and this registry, keyed by the pipeline class name in model_index.json (the names the
+Lab's `model_architectures` filter uses).
 May import: the ground floor (`errors`, `hub_ids`, `objectives`, `params`).
 """
 
@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from ..errors import InputError
 from .base import ModelFamily, read_model_index
+from .chroma import Chroma
 from .flux import Flux
+from .qwen_image import QwenImage
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
+from .z_image import ZImage
 
 FAMILIES: dict[str, type[ModelFamily]] = {
     family.pipeline_class.__name__: family
-    for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)
+    for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Chroma, ZImage, QwenImage)
 }
 
 

@@ -1,0 +1,63 @@
+"""Z-Image: a single-stream DiT taking lists (one latent and one unpadded prompt per image),
+Qwen3's penultimate hidden states of the chat-templated prompt, timestep 1 - sigma, and an output
+that is minus the flow velocity (the pipeline negates it before stepping)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import ZImagePipeline
+
+from ..objectives import NoisyBatch
+from .base import DDPM_ONLY, Conditioning, FlowMatchingFamily
+
+PROMPT_TOKENS = 512  # the Z-Image pipeline's max_sequence_length
+ATTENTION = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
+MLP = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+def pad_prompts(embeddings: list[torch.Tensor], length: int) -> Conditioning:
+    """Unpadded prompt features (one per prompt) as one tensor padded to `length`, with its mask:
+    the text cache stores every caption's conditioning at one shape."""
+    padded = embeddings[0].new_zeros(len(embeddings), length, embeddings[0].shape[-1])
+    mask = torch.zeros(len(embeddings), length, dtype=torch.bool, device=padded.device)
+    for row, features in enumerate(embeddings):
+        padded[row, :len(features)] = features
+        mask[row, :len(features)] = True
+    return {"prompt_embeds": padded, "prompt_mask": mask}
+
+
+class ZImage(FlowMatchingFamily):
+    pipeline_class = ZImagePipeline
+    label = "Z-Image"
+    # diffusers' train_dreambooth_lora_z_image.py trains to_q/to_k/to_v/to_out.0 unless told otherwise
+    lora_presets = {"attention": ATTENTION, "attention+mlp": ATTENTION + MLP}
+    inapplicable_params = DDPM_ONLY
+
+    @classmethod
+    def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:
+        return {"ss_base_model_version": "z_image", "ss_v2": "False", "modelspec.architecture": "z-image/lora",
+                "modelspec.implementation": "https://github.com/Tongyi-MAI/Z-Image"}
+
+    @property
+    def prompt_tokens(self) -> int:
+        return min(PROMPT_TOKENS, self.pipeline.tokenizer.model_max_length)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        pipe = self.pipeline
+        embeddings = pipe._encode_prompt(list(prompts), device=pipe.text_encoder.device,  # it rewrites the list
+                                         max_sequence_length=self.prompt_tokens)
+        return pad_prompts(embeddings, self.prompt_tokens)
+
+    def eval_call_kwargs(self, guidance_scale: float) -> dict[str, Any]:
+        return {**super().eval_call_kwargs(guidance_scale), "max_sequence_length": self.prompt_tokens}
+
+    def predict(self, denoiser: torch.nn.Module, noisy: NoisyBatch, conditioning: Conditioning,
+                batch: dict[str, Any]) -> torch.Tensor:
+        latents = noisy.model_input
+        prompts = [features[mask] for features, mask in zip(conditioning["prompt_embeds"], conditioning["prompt_mask"])]
+        out = denoiser(list(latents.unsqueeze(2).unbind(0)), (1 - noisy.sigmas).to(latents.dtype), prompts,
+                       return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)
