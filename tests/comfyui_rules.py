@@ -18,6 +18,13 @@ derives its UNet config (res blocks and transformer depth per block) from the ch
 is derived from the diffusers UNet's config, which describes the same structure. Norm weights are
 left out: a LoRA never targets them. The SD3/Flux maps list the linear layers ComfyUI maps (it
 also maps norms and q/k norms, which no LoRA targets).
+
+Issue 22's families: Chroma is `model_base.Chroma(Flux)` in ComfyUI, so it takes the Flux branch
+(`flux_to_diffusers`, of which Chroma's diffusers transformer has the attention and feed-forward
+layers); Z-Image is `model_base.Lumina2`, mapped by `utils.z_image_to_diffusers` (diffusers' separate
+to_q/to_k/to_v onto slices of the fused qkv, refiners, x/cap/t embedders, final layer) under
+`transformer.<name>`; Qwen-Image's ComfyUI model keeps diffusers' module names, and its branch
+accepts `transformer.<name>` (and the bare name) for every weight of the model.
 """
 
 from __future__ import annotations
@@ -112,11 +119,41 @@ def flux_module_names(config: dict[str, Any]) -> set[str]:
                       for j in (1, 2))}
 
 
-def accepted_lora_names(family_form: str, denoiser_config: dict[str, Any], is_flux: bool = False) -> dict[str, str]:
-    """LoRA name in the file -> diffusers module name, as model_lora_keys_unet accepts them."""
+def z_image_module_names(config: dict[str, Any]) -> set[str]:
+    """diffusers Z-Image transformer module names that z_image_to_diffusers maps (the context
+    refiner blocks have no adaLN modulation)."""
+    attention = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
+                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+    names = {f"layers.{i}.{p}" for i in range(config["n_layers"]) for p in (*attention, "adaLN_modulation.0")}
+    names |= {f"noise_refiner.{i}.{p}" for i in range(config["n_refiner_layers"])
+              for p in (*attention, "adaLN_modulation.0")}
+    names |= {f"context_refiner.{i}.{p}" for i in range(config["n_refiner_layers"]) for p in attention}
+    return names | {"all_final_layer.2-1.linear", "all_final_layer.2-1.adaLN_modulation.1", "all_x_embedder.2-1",
+                    "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2"}
+
+
+def qwen_image_module_names(config: dict[str, Any]) -> set[str]:
+    """Qwen-Image's linear layers, which ComfyUI names as diffusers does."""
+    per_block = ("img_mod.1", "txt_mod.1", "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
+                 "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
+                 "txt_mlp.net.0.proj", "txt_mlp.net.2")
+    names = {f"transformer_blocks.{i}.{p}" for i in range(config["num_layers"]) for p in per_block}
+    return names | {"img_in", "txt_in", "norm_out.linear", "proj_out",
+                    "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2"}
+
+
+COMFY_TRANSFORMER_MAPS = {"flux": flux_module_names, "sd3": mmdit_module_names, "z_image": z_image_module_names,
+                          "qwen_image": qwen_image_module_names}
+
+
+def accepted_lora_names(family_form: str, denoiser_config: dict[str, Any], is_flux: bool = False,
+                        architecture: str | None = None) -> dict[str, str]:
+    """LoRA name in the file -> diffusers module name, as model_lora_keys_unet accepts them.
+    `architecture` ("flux" for Flux and Chroma, "sd3", "z_image", "qwen_image") picks the
+    transformer's map; without it, is_flux chooses between Flux and SD3."""
     if family_form == "kohya":
         return {"lora_unet_" + name.replace(".", "_"): name for name in unet_module_map(denoiser_config)}
-    names = flux_module_names(denoiser_config) if is_flux else mmdit_module_names(denoiser_config)
+    names = COMFY_TRANSFORMER_MAPS[architecture or ("flux" if is_flux else "sd3")](denoiser_config)
     return {f"transformer.{name}": name for name in names}
 
 

@@ -15,9 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from diffusion_trainer.families import family_for
-from diffusion_trainer.families.flux import Flux
+from diffusion_trainer.families.chroma import APPROXIMATOR
+from diffusion_trainer.families.qwen_image import MLP as QWEN_MLP
 from diffusion_trainer.families.sd import StableDiffusion
 from diffusion_trainer.families.sd3 import sd3_model_type
+from diffusion_trainer.families.z_image import ATTENTION as Z_IMAGE_ATTENTION
+from diffusion_trainer.families.z_image import MLP as Z_IMAGE_MLP
 from diffusion_trainer.lora import attach_lora
 from diffusion_trainer.outputs.adapter import save_adapter
 from diffusion_trainer.outputs.export import tag_frequency
@@ -40,9 +43,24 @@ def all_linear(denoiser):
     return tuple(name for name, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear))
 
 
+def chroma_all_linear(denoiser):
+    """Chroma's all-linear: every linear layer but the distilled guidance layer, which ComfyUI's
+    Flux map (Chroma's in ComfyUI) has no name for."""
+    return tuple(name for name in all_linear(denoiser) if not name.startswith(APPROXIMATOR))
+
+
 CASES = {"sd": ("sd", UNET_ATTENTION), "sd_wide": ("sd", SD_WIDE), "sdxl": ("sdxl", UNET_ATTENTION),
          "sdxl_all_linear": ("sdxl", all_linear), "sd3": ("sd3", JOINT_ATTENTION),
-         "sd3_all_linear": ("sd3", all_linear), "flux": ("flux", JOINT_ATTENTION), "flux_all_linear": ("flux", all_linear)}
+         "sd3_all_linear": ("sd3", all_linear), "flux": ("flux", JOINT_ATTENTION), "flux_all_linear": ("flux", all_linear),
+         # issue 22
+         "chroma": ("chroma", JOINT_ATTENTION), "chroma_all_linear": ("chroma", chroma_all_linear),
+         "z_image": ("z_image", Z_IMAGE_ATTENTION + Z_IMAGE_MLP),
+         "z_image_all_linear": ("z_image", all_linear), "qwen_image": ("qwen_image", JOINT_ATTENTION + QWEN_MLP),
+         "qwen_image_all_linear": ("qwen_image", all_linear)}
+# ComfyUI's transformer map for each family (comfyui_rules.COMFY_TRANSFORMER_MAPS)
+COMFY_ARCHITECTURE = {"StableDiffusion3": "sd3", "Flux": "flux", "Chroma": "flux", "ZImage": "z_image",
+                      "QwenImage": "qwen_image"}
+NEW_FAMILIES = ["chroma", "z_image", "qwen_image"]
 
 
 def model_path(case, tiny_sd, tiny_family):
@@ -51,7 +69,9 @@ def model_path(case, tiny_sd, tiny_family):
 
 
 def draw(pipe):
-    extra = {"max_sequence_length": 32} if type(pipe).__name__ == "FluxPipeline" else {}  # the tiny T5's length
+    # the tiny tokenizers' lengths (T5: 32, Qwen: 64)
+    extra = {"FluxPipeline": {"max_sequence_length": 32}, "ChromaPipeline": {"max_sequence_length": 32},
+             "ZImagePipeline": {"max_sequence_length": 64}}.get(type(pipe).__name__, {})
     return pipe("a sks star", num_inference_steps=1, height=64, width=64, output_type="np",
                 generator=torch.Generator().manual_seed(0), **extra).images
 
@@ -86,7 +106,8 @@ def single_file(adapter):
 def test_every_key_maps_to_a_module_comfyui_accepts_with_the_trained_weight_change(saved, case):
     family, adapter = saved[case]
     lora = load_file(str(single_file(adapter)))
-    accepted = accepted_lora_names(family.single_file_form, dict(family.denoiser.config), type(family) is Flux)
+    accepted = accepted_lora_names(family.single_file_form, dict(family.denoiser.config),
+                                   architecture=COMFY_ARCHITECTURE.get(type(family).__name__))
     patches, not_loaded = load_lora(lora, accepted)
     assert not_loaded == []  # ComfyUI would warn "lora key not loaded" for each of these
     layers = {name: module for name, module in family.denoiser.named_modules() if isinstance(module, LoraLayer)}
@@ -103,13 +124,14 @@ def test_comfyui_map_covers_every_linear_and_conv_layer_of_the_denoiser(saved, c
     conv layer a LoRA could target, so the test above can fail only on our keys."""
     family, _ = saved[case]
     accepted = set(accepted_lora_names(family.single_file_form, dict(family.denoiser.config),
-                                       type(family) is Flux).values())
+                                       architecture=COMFY_ARCHITECTURE.get(type(family).__name__)).values())
     layers = {name.removesuffix(".base_layer") for name, m in family.denoiser.named_modules()
-              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in name}
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in name
+              and not (type(family).__name__ == "Chroma" and name.startswith(APPROXIMATOR))}  # see chroma_all_linear
     assert layers - accepted == set()
 
 
-@pytest.mark.parametrize("case", ["sd", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("case", ["sd", "sdxl", "sd3", "flux", *NEW_FAMILIES])
 def test_file_form_per_family(saved, case):
     family, adapter = saved[case]
     lora = load_file(str(single_file(adapter)))
@@ -125,7 +147,7 @@ def test_file_form_per_family(saved, case):
     assert f"`{case}_lora.safetensors`" in (adapter / "README.md").read_text()  # the model card says which file
 
 
-@pytest.mark.parametrize("case", ["sd", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("case", ["sd", "sdxl", "sd3", "flux"])  # NEW_FAMILIES: in test_new_families.py
 def test_diffusers_reads_the_single_file_to_the_same_images(saved, case):
     family, adapter = saved[case]
     pipe = type(family).load(family.source, torch.float32).pipeline
@@ -142,10 +164,12 @@ def test_diffusers_reads_the_single_file_to_the_same_images(saved, case):
 EXPECTED_VERSION = {"sd": ("sd_v1", "stable-diffusion-v1/lora", "False"),
                     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "False"),
                     "sd3": ("m", "stable-diffusion-3-m/lora", "False"),
-                    "flux": ("flux1", "flux-1-dev/lora", "False")}
+                    "flux": ("flux1", "flux-1-dev/lora", "False"), "chroma": ("chroma", "chroma/lora", "False"),
+                    "z_image": ("z_image", "z-image/lora", "False"),
+                    "qwen_image": ("qwen_image", "qwen-image/lora", "False")}
 
 
-@pytest.mark.parametrize("case", ["sd", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("case", ["sd", "sdxl", "sd3", "flux", *NEW_FAMILIES])
 def test_header_has_kohya_and_modelspec_metadata(saved, case):
     _, adapter = saved[case]
     with safe_open(str(single_file(adapter)), "pt") as handle:
