@@ -21,6 +21,8 @@ from diffusion_trainer.params import parse_params
 
 PIPELINES = {"chroma": "ChromaPipeline", "z_image": "ZImagePipeline", "qwen_image": "QwenImagePipeline"}
 PROMPTS = ["a sks star", "a big red circle on the left of a small blue square"]  # two text lengths
+# the tiny Qwen-Image's picture moves little with its image-stream attention alone
+RUN_SETTINGS = {"qwen_image": {"lora_layers": "attention+mlp", "learning_rate": 3e-2}}
 NO_CFG = {"chroma": {"guidance_scale": 1.0}, "z_image": {"guidance_scale": 0.0}, "qwen_image": {}}
 
 
@@ -44,7 +46,8 @@ def eval_image(pipe, family, steps=1):
 def trained(tiny_family, star_folder, tmp_path_factory):
     """One short run per family: 8 images in batches of 3, eval images before and after."""
     return {name: train(tmp_path_factory.mktemp(name), tiny_family(name), star_folder, num_train_epochs=1,
-                        train_batch_size=3, eval_prompt=PROMPTS[0], eval_num_inference_steps=1)
+                        train_batch_size=3, eval_prompt=PROMPTS[0], eval_num_inference_steps=1,
+                        **{"learning_rate": 1e-2, **RUN_SETTINGS.get(name, {})})
             for name in PIPELINES}
 
 
@@ -57,7 +60,7 @@ def test_trains_and_diffusers_reloads_the_adapter_to_the_trained_eval_image(trai
     assert family_for(str(tiny_family(name))) is FAMILIES[PIPELINES[name]]
     images = out / "eval_images" / "test_lora"
     final = np.asarray(Image.open(images / "final.png"), dtype=np.int16)
-    assert np.abs(final - np.asarray(Image.open(images / "before.png"), dtype=np.int16)).mean() > 0  # it learned
+    assert np.abs(final - np.asarray(Image.open(images / "before.png"), dtype=np.int16)).mean() > 1  # it learned
 
     pipe, family = loaded(tiny_family(name))
     pipe.load_lora_weights(str(adapter))
