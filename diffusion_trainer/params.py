@@ -111,7 +111,7 @@ class TrainingParams(BaseModel):
     resolution: int = _param(
         512, title="Image Resolution", group="Data", ge=64, le=2048,
         help="Training images are resized and cropped to this square size (a multiple of 8; "
-             "16 for SD3 and Flux).")
+             "16 for SD3, Flux, Chroma, Z-Image and Qwen-Image).")
     center_crop: bool = _param(
         False, title="Center Crop", group="Data",
         help="Crop the centre of each resized image; off crops at a random place.")
@@ -170,8 +170,8 @@ class TrainingParams(BaseModel):
         "default", title="LoRA Layers", group="LoRA",
         help="Which denoiser layers get LoRA: 'attention' (the attention projections), "
              "'attention+mlp' (and the feed-forward layers), 'all-linear' (every linear layer). "
-             "'default' is each family's reference recipe: attention+mlp for Flux, attention for "
-             "the others. The adaptor info records the layers used.")
+             "'default' is each family's reference recipe: attention+mlp for Flux and Chroma, attention "
+             "for the others. The adaptor info records the layers used.")
 
     # --- Optimizer -----------------------------------------------------------------------
     optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = _param(
@@ -340,7 +340,8 @@ class TrainingParams(BaseModel):
         0.0, title="Evaluation Guidance Scale", group="Evaluation", ge=0.0, le=30.0,
         help="Guidance for eval images; higher follows the prompt more closely. 0 = the model's "
              "own pipeline default (7.5 for SD 1.x/2.x, 5.0 SDXL, 7.0 SD3, 3.5 Flux, whose "
-             "guidance-distilled models take it as their guidance input).")
+             "guidance-distilled models take it as their guidance input, 5.0 Chroma and Z-Image, none "
+             "for Qwen-Image, where a value is its true_cfg_scale with a blank negative prompt).")
 
     # --- Logging -------------------------------------------------------------------------
     log_to_wandb: bool = _param(
