@@ -141,7 +141,8 @@ def test_index_json_is_a_loadable_lab_trainer_manifest():
     # our own id: the plugin Lab auto-updates a plugin whose id matches its built-in "diffusion_trainer"
     assert index["uniqueId"] == "diffusion_lora_trainer" and index["type"] == "trainer"
     assert index["model_architectures"] == ["StableDiffusionPipeline", "StableDiffusionXLPipeline",
-                                            "StableDiffusion3Pipeline", "FluxPipeline"]
+                                            "StableDiffusion3Pipeline", "FluxPipeline", "Flux2Pipeline",
+                                            "Flux2KleinPipeline"]
     assert set(index["supported_hardware_architectures"]) <= {"cuda", "mlx", "cpu", "amd"}
     for path in index["files"]:
         assert (ROOT / path).is_file(), path

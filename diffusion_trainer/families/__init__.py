@@ -1,7 +1,7 @@
 """Model families: everything that differs between architectures, and nothing else.
 
 Owns: the family interface (`base`), one class per family in its own file (`sd`, `sdxl`, `sd3`,
-`flux`) with the parameters only it reads, text-encoding helpers (`text`), and this registry,
+`flux`, `flux2`) with the parameters only it reads, text-encoding helpers (`text`), and this registry,
 keyed by the pipeline class name in model_index.json (the names the Lab's `model_architectures`
 filter uses).
 May import: the ground floor (`errors`, `hub_ids`, `objectives`, `params`).
@@ -12,13 +12,14 @@ from __future__ import annotations
 from ..errors import InputError
 from .base import ModelFamily, read_model_index
 from .flux import Flux
+from .flux2 import Flux2, Flux2Klein
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
 FAMILIES: dict[str, type[ModelFamily]] = {
     family.pipeline_class.__name__: family
-    for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)
+    for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Flux2, Flux2Klein)
 }
 
 
