@@ -107,15 +107,22 @@ def test_flux2_trains_and_its_adapter_changes_and_reloads_the_output(runs, tiny_
     assert abs(draw(pipe) - with_folder).max() < 1e-4
 
 
-def test_flux2_resume_from_a_checkpoint_ends_with_the_same_adapter(runs, tiny_family, mixed_shapes, tmp_path):
-    _, out, *_ = runs["flux2_klein"]
+def test_flux2_resume_from_a_checkpoint_ends_with_the_same_adapter(runs, tiny_family, mixed_shapes, tmp_path,
+                                                                   monkeypatch, capsys):
+    _, out, _, calls = runs["flux2_klein"]
     shutil.copytree(out, tmp_path / "output")
     for checkpoint in run_folder(tmp_path / "output").iterdir():
         if checkpoint.name != "checkpoint-2":
             shutil.rmtree(checkpoint)
+    resumed_calls = {"train": [], "eval": []}
+    monkeypatch.setattr(Flux2Transformer2DModel, "forward", recording(resumed_calls))
     code, resumed = train(tmp_path, tiny_family("flux2_klein"), mixed_shapes, resume_from_checkpoint="latest",
                           **{**RUN, "eval_prompt": ""}, guidance_scale=2.0)
-    assert code == 0
+    total = len(calls["train"])  # 3 buckets of 1 image, batch 2: 3 steps an epoch
+    assert code == 0 and f"step 2 of {total}" in capsys.readouterr().err
+    assert total == 6 and len(resumed_calls["train"]) == total - 2  # only the steps after the checkpoint
+    for before, after in zip(calls["train"][2:], resumed_calls["train"]):  # the same batches, noise and levels
+        assert all(torch.equal(before[k], after[k]) for k in before)
     first, second = (load_file(o / "test_lora" / "pytorch_lora_weights.safetensors") for o in (out, resumed))
     assert first.keys() == second.keys()
     assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
@@ -212,3 +219,37 @@ def test_klein_is_its_own_family_without_a_guidance_input(tiny_family):
     assert family_for(str(tiny_family("flux2_klein"))) is Flux2Klein
     meta = Flux2Klein.base_model_metadata({"guidance_embeds": False}, None)
     assert meta["modelspec.architecture"] == "flux-2-klein/lora"
+
+
+def paired_loss(name, model, latents, text, adapter=None):
+    """The loss on fixed noise and noise levels, with the adapter if given: a noise-free before/after."""
+    from diffusion_trainer.objectives import weighted_loss
+
+    pipe = reload(model)
+    if adapter is not None:
+        pipe.load_lora_weights(str(adapter))
+    family = FAMILIES[NAMES[name]](pipe, str(model))
+    family.configure_objective(parse_params(quick_params(model, model, model))[0], None)
+    total = 0.0
+    with torch.no_grad():
+        for repeat in range(3):
+            torch.manual_seed(repeat)
+            noisy = family.noisy_input_and_target(latents)
+            total += weighted_loss(family.predict(family.denoiser, noisy, text, {}), noisy.target, None).item()
+    return total / 3
+
+
+@pytest.mark.parametrize("name", list(NAMES))
+def test_overfitting_one_image_lowers_the_flux2_loss(tiny_family, one_star, tmp_path, name):
+    model = tiny_family(name)
+    code, out = train(tmp_path, model, one_star, train_batch_size=8, max_train_steps=12, learning_rate=2e-2,
+                      lora_r=8, lora_alpha=8)
+    assert code == 0
+    family = FAMILIES[NAMES[name]](reload(model), str(model))
+    image = Image.open(next(one_star.glob("*.png"))).convert("RGB").resize((64, 64))
+    pixels = torch.tensor(list(image.getdata()), dtype=torch.float32).view(1, 64, 64, 3).permute(0, 3, 1, 2)
+    latents = family.encode_images(pixels / 127.5 - 1).repeat(4, 1, 1, 1)
+    text = {k: v.repeat(4, 1, 1) for k, v in family.encode_prompts([(one_star / "0000.txt").read_text().strip()]).items()}
+    before = paired_loss(name, model, latents, text)
+    after = paired_loss(name, model, latents, text, out / "test_lora")
+    assert after < 0.95 * before, (before, after)
