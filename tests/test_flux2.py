@@ -93,8 +93,12 @@ def test_flux2_trains_and_its_adapter_changes_and_reloads_the_output(runs, tiny_
     losses = [float(line.split("loss=")[1].split()[0]) for line in err.splitlines() if "loss=" in line]
     assert losses and all(math.isfinite(v) for v in losses)
     assert "checkpoint-2" in {p.name for p in run_folder(out).iterdir()}
-    if name == "flux2_klein":
-        assert err.count(KLEIN_GUIDANCE_NOTE) == 1  # klein has no guidance input
+    if name == "flux2_klein":  # no guidance input; eval images use the pipeline's CFG at 4.0: two passes a step
+        assert err.count(KLEIN_GUIDANCE_NOTE) == 1
+        assert not any("guidance" in c for c in calls["train"] + calls["eval"]) and len(calls["eval"]) == 2 * 3
+    else:  # guidance_scale while training, the pipeline's 4.0 for eval images
+        assert {c["guidance"].tolist()[0] for c in calls["train"]} == {1.0}
+        assert {c["guidance"].tolist()[0] for c in calls["eval"]} == {4.0} and len(calls["eval"]) == 3
 
     pipe = reload(tiny_family(name))
     before = draw(pipe)

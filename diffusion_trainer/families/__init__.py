@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..errors import InputError
 from .base import ModelFamily, read_model_index
 from .flux import Flux
-from .flux2 import Flux2, Flux2Klein
+from .flux2 import MIN_DIFFUSERS, Flux2, Flux2Klein
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
@@ -20,6 +20,7 @@ from .sdxl import StableDiffusionXL
 FAMILIES: dict[str, type[ModelFamily]] = {
     family.pipeline_class.__name__: family
     for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Flux2, Flux2Klein)
+    if family.pipeline_class is not None  # FLUX.2 needs a newer diffusers than the rest
 }
 
 
@@ -30,5 +31,7 @@ def family_for(source: str) -> type[ModelFamily]:
         return FAMILIES[class_name]
     except KeyError:
         supported = ", ".join(sorted(FAMILIES))
+        newer = (f" (FLUX.2 needs diffusers >= {MIN_DIFFUSERS})"
+                 if class_name.startswith("Flux2") and Flux2.pipeline_class is None else "")
         raise InputError(f"model_name: '{source}' is a {class_name}; this trainer supports "
-                         f"{supported}.") from None
+                         f"{supported}{newer}.") from None

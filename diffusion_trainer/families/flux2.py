@@ -16,8 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import Flux2KleinPipeline, Flux2Pipeline
-from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+try:
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+except ImportError:  # diffusers before 0.37 has no FLUX.2 [klein]: the registry leaves both out
+    Flux2Pipeline = Flux2KleinPipeline = None
 
 from ..objectives import FlowMatchObjective, NoisyBatch
 from .base import DDPM_ONLY, JOINT_ATTENTION, Conditioning, FlowMatchingFamily
@@ -27,6 +31,7 @@ from .base import DDPM_ONLY, JOINT_ATTENTION, Conditioning, FlowMatchingFamily
 SINGLE_STREAM = ("attn.to_qkv_mlp_proj", "attn.to_out")
 DOUBLE_STREAM_MLP = ("ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out")
 SAMPLING_STEPS = 50  # the pipelines' default num_inference_steps, whose shift training follows
+MIN_DIFFUSERS = "0.37"  # the first with Flux2KleinPipeline
 
 
 class Flux2FlowObjective(FlowMatchObjective):
