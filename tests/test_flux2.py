@@ -120,16 +120,19 @@ def test_flux2_resume_from_a_checkpoint_ends_with_the_same_adapter(runs, tiny_fa
             shutil.rmtree(checkpoint)
     resumed_calls = {"train": [], "eval": []}
     monkeypatch.setattr(Flux2Transformer2DModel, "forward", recording(resumed_calls))
+    # resumed without the caches: the VAE and the text encoder run every step, to the same inputs
     code, resumed = train(tmp_path, tiny_family("flux2_klein"), mixed_shapes, resume_from_checkpoint="latest",
-                          **{**RUN, "eval_prompt": ""}, guidance_scale=2.0)
+                          **{**RUN, "eval_prompt": ""}, guidance_scale=2.0, cache_latents=False,
+                          cache_text_embeddings=False)
     total = len(calls["train"])  # 3 buckets of 1 image, batch 2: 3 steps an epoch
-    assert code == 0 and f"step 2 of {total}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0 and f"step 2 of {total}" in err and "Latent cache" not in err and "Text cache" not in err
     assert total == 6 and len(resumed_calls["train"]) == total - 2  # only the steps after the checkpoint
     for before, after in zip(calls["train"][2:], resumed_calls["train"]):  # the same batches, noise and levels
-        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)
     first, second = (load_file(o / "test_lora" / "pytorch_lora_weights.safetensors") for o in (out, resumed))
     assert first.keys() == second.keys()
-    assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
+    assert all(torch.allclose(first[k], second[k], atol=1e-5) for k in first)
 
 
 def family_and_params(tiny_family, name, **overrides):
