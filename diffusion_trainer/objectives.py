@@ -159,7 +159,11 @@ class FlowMatchObjective:
         u = compute_density_for_timestep_sampling(self.weighting_scheme, batch_size, self.logit_mean,
                                                   self.logit_std, self.mode_scale, device=device)
         u = u.clamp(1 / self.num_train_timesteps, 1.0)  # as fine as the model's own timestep grid
-        return shift_sigmas(u, shift_mu(self.config, image_tokens))
+        return shift_sigmas(u, self.mu(image_tokens))
+
+    def mu(self, image_tokens: int) -> float:
+        """The shift (as mu = ln shift) for images of this many tokens."""
+        return shift_mu(self.config, image_tokens)
 
     def noisy_batch(self, latents: torch.Tensor) -> NoisyBatch:
         image_tokens = (latents.shape[-2] // self.patch_size) * (latents.shape[-1] // self.patch_size)

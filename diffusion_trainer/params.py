@@ -254,7 +254,7 @@ class TrainingParams(BaseModel):
              "'sigma_sqrt' (1/sigma^2) or 'cosmap'.")
     guidance_scale: float = _param(
         1.0, title="Flux Training Guidance", group="Flow matching (SD3, Flux)", ge=0.0, le=20.0,
-        help="Guidance value fed to a guidance-distilled Flux model (FLUX.1-dev) while training; "
+        help="Guidance value fed to a guidance-distilled Flux model (FLUX.1-dev, FLUX.2-dev) while training; "
              "1.0 as the reference LoRA recipes use. Eval images use eval_guidance_scale.")
 
     max_sequence_length: int = _param(
@@ -339,9 +339,9 @@ class TrainingParams(BaseModel):
     eval_guidance_scale: float = _param(
         0.0, title="Evaluation Guidance Scale", group="Evaluation", ge=0.0, le=30.0,
         help="Guidance for eval images; higher follows the prompt more closely. 0 = the model's "
-             "own pipeline default (7.5 for SD 1.x/2.x, 5.0 SDXL, 7.0 SD3, 3.5 Flux, whose "
-             "guidance-distilled models take it as their guidance input, 5.0 Chroma and Z-Image, none "
-             "for Qwen-Image, where a value is its true_cfg_scale with a blank negative prompt).")
+             "own pipeline default (7.5 for SD 1.x/2.x, 5.0 SDXL, 7.0 SD3, 3.5 Flux, 4.0 FLUX.2; "
+             "guidance-distilled models, FLUX.1-dev and FLUX.2-dev, take it as their guidance input; 5.0 Chroma and "
+             "Z-Image, none for Qwen-Image, where a value is its true_cfg_scale with a blank negative prompt).")
 
     # --- Logging -------------------------------------------------------------------------
     log_to_wandb: bool = _param(

@@ -173,3 +173,64 @@ def load_lora(lora: dict[str, torch.Tensor], accepted: dict[str, str]):
 def weight_delta(up: torch.Tensor, down: torch.Tensor, alpha: float | None, shape: torch.Size) -> torch.Tensor:
     scale = alpha / down.shape[0] if alpha is not None else 1.0
     return (scale * (up.flatten(1).double() @ down.flatten(1).double())).reshape(shape)
+
+
+# FLUX.2: ComfyUI runs the BFL checkpoint's own modules and accepts a LoRA for any module of its state
+# dict by the generic name `diffusion_model.<module>` (model_lora_keys_unet's first loop); its
+# diffusers-name map (flux_to_diffusers) is FLUX.1's. The BFL modules, with the diffusers layers each
+# holds, as diffusers' single-file converter (convert_flux2_transformer_checkpoint_to_diffusers)
+# splits them: (diffusers module, which third of a fused qkv or None, halves swapped).
+FLUX2_DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                "img_attn.proj": ("attn.to_out.0",), "txt_attn.proj": ("attn.to_add_out",),
+                "img_mlp.0": ("ff.linear_in",), "img_mlp.2": ("ff.linear_out",),
+                "txt_mlp.0": ("ff_context.linear_in",), "txt_mlp.2": ("ff_context.linear_out",)}
+FLUX2_SINGLE = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out"}
+FLUX2_OTHER = {"img_in": "x_embedder", "txt_in": "context_embedder",
+               "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+               "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+               "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+               "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+               "single_stream_modulation.lin": "single_stream_modulation.linear",
+               "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear"}
+FLUX2_GUIDANCE = {"guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+                  "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2"}
+
+
+def flux2_lora_names(config: dict[str, Any]) -> dict[str, list[tuple[str, int | None, bool]]]:
+    """LoRA name in the file -> the diffusers layers of that BFL module."""
+    names: dict[str, list[tuple[str, int | None, bool]]] = {}
+    for i in range(config["num_layers"]):
+        for bfl, parts in FLUX2_DOUBLE.items():
+            names[f"diffusion_model.double_blocks.{i}.{bfl}"] = [
+                (f"transformer_blocks.{i}.{p}", k if len(parts) == 3 else None, False) for k, p in enumerate(parts)]
+    for i in range(config["num_single_layers"]):
+        for bfl, diffusers in FLUX2_SINGLE.items():
+            names[f"diffusion_model.single_blocks.{i}.{bfl}"] = [
+                (f"single_transformer_blocks.{i}.{diffusers}", None, False)]
+    other = {**FLUX2_OTHER, **(FLUX2_GUIDANCE if config.get("guidance_embeds", True) else {})}
+    for bfl, diffusers in other.items():
+        names[f"diffusion_model.{bfl}"] = [(diffusers, None, bfl == "final_layer.adaLN_modulation.1")]
+    return names
+
+
+def load_flux2_lora(lora: dict[str, torch.Tensor], accepted: dict[str, list[tuple[str, int | None, bool]]]):
+    """As load_lora, with each BFL patch (delta = up @ down on the BFL weight) read back per diffusers
+    layer: the rows of its third of a fused qkv, or the halves put back in diffusers' order."""
+    patches, loaded = {}, set()
+    for name, layers in accepted.items():
+        if name + ".lora_B.weight" not in lora:
+            continue
+        up, down = lora[name + ".lora_B.weight"], lora[name + ".lora_A.weight"]
+        alpha = lora[name + ".alpha"].item() if name + ".alpha" in lora else None
+        loaded |= {name + ".lora_B.weight", name + ".lora_A.weight"}
+        loaded |= {name + ".alpha"} if alpha is not None else set()
+        for module, third, swapped in layers:
+            rows = up
+            if third is not None:
+                rows = up.chunk(3, dim=0)[third]
+            if swapped:  # BFL (shift, scale) -> diffusers (scale, shift)
+                shift, scale = up.chunk(2, dim=0)
+                rows = torch.cat([scale, shift])
+            patches[module] = (rows, down, alpha)
+    return patches, sorted(set(lora) - loaded)

@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import main  # noqa: E402  (the entry point under test, as the Lab's harness imports it)
 from diffusion_trainer.demo import (
     shapes,  # noqa: E402
+    tiny_flux2,  # noqa: E402
     tiny_models,  # noqa: E402
 )
 from diffusion_trainer.demo.tiny_models import save_pipeline, tiny_sd_pipeline  # noqa: E402
@@ -37,6 +38,8 @@ FAMILY_BUILDERS = {
     "sd3_without_t5": lambda: tiny_models.tiny_sd3_pipeline(with_t5=False),
     "flux": tiny_models.tiny_flux_pipeline,
     "flux_schnell_like": lambda: tiny_models.tiny_flux_pipeline(guidance_embeds=False),
+    "flux2": tiny_flux2.tiny_flux2_pipeline,
+    "flux2_klein": tiny_flux2.tiny_flux2_klein_pipeline,
     # issue 22
     "chroma": tiny_models.tiny_chroma_pipeline,
     "z_image": tiny_models.tiny_z_image_pipeline,

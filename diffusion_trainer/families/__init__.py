@@ -1,7 +1,7 @@
 """Model families: everything that differs between architectures, and nothing else.
 
 Owns: the family interface (`base`), one class per family in its own file (`sd`, `sdxl`, `sd3`,
-`flux`, `chroma`, `z_image`, `qwen_image`) with the parameters only it reads, text-encoding helpers
+`flux`, `flux2`, `chroma`, `z_image`, `qwen_image`) with the parameters only it reads, text-encoding helpers
 (`text`), and this registry, keyed by the pipeline class name in model_index.json (the names the
 Lab's `model_architectures` filter uses).
 May import: the ground floor (`errors`, `hub_ids`, `objectives`, `params`).
@@ -13,6 +13,7 @@ from ..errors import InputError
 from .base import ModelFamily, read_model_index
 from .chroma import Chroma
 from .flux import Flux
+from .flux2 import MIN_DIFFUSERS, Flux2, Flux2Klein
 from .qwen_image import QwenImage
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
@@ -21,7 +22,9 @@ from .z_image import ZImage
 
 FAMILIES: dict[str, type[ModelFamily]] = {
     family.pipeline_class.__name__: family
-    for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Chroma, ZImage, QwenImage)
+    for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Flux2, Flux2Klein, Chroma, ZImage,
+                   QwenImage)
+    if family.pipeline_class is not None  # FLUX.2 needs a newer diffusers than the rest
 }
 
 
@@ -32,5 +35,7 @@ def family_for(source: str) -> type[ModelFamily]:
         return FAMILIES[class_name]
     except KeyError:
         supported = ", ".join(sorted(FAMILIES))
+        newer = (f" (FLUX.2 needs diffusers >= {MIN_DIFFUSERS})"
+                 if class_name.startswith("Flux2") and Flux2.pipeline_class is None else "")
         raise InputError(f"model_name: '{source}' is a {class_name}; this trainer supports "
-                         f"{supported}.") from None
+                         f"{supported}{newer}.") from None

@@ -1,5 +1,5 @@
-"""index.json's `parameters`, `parameters_ui` and `files`, task.yaml (the current Lab's task),
-and the parameter sections of info.md and README.md, generated from the schema so that they
+"""index.json's `model_architectures`, `parameters`, `parameters_ui` and `files`, task.yaml (the
+current Lab's task), and the parameter sections of info.md and README.md, generated from the schema so that they
 cannot disagree with it.
 
     python -m diffusion_trainer.lab.manifest           rewrite them
@@ -65,6 +65,9 @@ def plugin_files() -> list[str]:
 
 def generated_index() -> dict[str, Any]:
     index = json.loads(INDEX.read_text())
+    from ..run.train import trained_pipeline_classes
+
+    index["model_architectures"] = trained_pipeline_classes()
     index["parameters"], index["parameters_ui"] = lab_parameters()
     index["files"] = plugin_files()
     return index

@@ -10,6 +10,8 @@ tools ignore, and names SD/SDXL modules in a way they do not map. Beside it goes
 - "folded" (SD3, Flux): `transformer.<module path>.lora_A.weight` / `.lora_B.weight` with the LoRA
   scale multiplied into lora_B: ComfyUI applies no scale without an `.alpha` tensor, and diffusers
   refuses a file holding both `.alpha` tensors and its own adapter metadata.
+- "bfl" (FLUX.2): `diffusion_model.<BFL module>.lora_A/lora_B.weight`, scale folded in, as
+  ComfyUI names FLUX.2's modules (bfl_keys).
 
 The header carries kohya's ss_* training fields and Stability AI's ModelSpec fields. The same
 code serves `python main.py export <adapter_dir>` for folders written by earlier versions.
@@ -83,7 +85,18 @@ def to_folded(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> di
     return folded
 
 
-FORMS = {"kohya": to_kohya, "folded": to_folded}
+def to_bfl(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A diffusers FLUX.2 LoRA in BFL's module names (see bfl_keys), the scale in lora_B."""
+    from .bfl_keys import to_bfl_lora
+
+    folded = to_folded(state_dict, config)
+    modules = {key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+               for key in folded if key.endswith(".lora_A.weight")}
+    return to_bfl_lora({m: (folded[f"transformer.{m}.lora_A.weight"], folded[f"transformer.{m}.lora_B.weight"])
+                        for m in sorted(modules)})
+
+
+FORMS = {"kohya": to_kohya, "folded": to_folded, "bfl": to_bfl}
 
 
 # --- the header -----------------------------------------------------------------------------

@@ -18,13 +18,18 @@ from .. import atomic
 from ..data.check import check_dataset
 from ..data.sources import load_records
 from ..errors import InputError, raise_if_stopped
-from ..families import family_for
+from ..families import FAMILIES, family_for
 from ..lora import LoraEMA, attach_lora, lora_metadata
 from ..outputs import adapter, guards
 from ..outputs.layout import INFO_NAME, RunPaths
 from ..params import TrainingParams
 from . import checkpoint, loop, optimizers, processes, setup, steps, trace
 from .evaluate import EvalSettings, Evaluator
+
+
+def trained_pipeline_classes() -> list[str]:
+    """The pipeline class names this trainer takes (the Lab's `model_architectures` filter)."""
+    return list(FAMILIES)
 
 
 @dataclass
