@@ -169,3 +169,21 @@ def test_sd3_text_encoder_lora_keeps_t5_cached(tiny_family, star_folder, tmp_pat
     text_keys = [k for k in lora if k.startswith("lora_te")]
     assert text_keys and all(k.rsplit(".", 2)[0] in names or k.rsplit(".", 1)[0] in names for k in text_keys)
     assert {k[:8] for k in text_keys} == {"lora_te1", "lora_te2"}
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "lokr", "loha"])
+def test_each_type_trains_flux_with_its_clip_encoder(kind, tiny_family, star_folder, tmp_path):
+    """Flux, every type, CLIP-L trained beside the frozen T5: the run ends, and the single file (for the
+    types ComfyUI reads) holds only names ComfyUI maps for Flux: transformer.* and lora_te1_ (clip_l)."""
+    model = tiny_family("flux")
+    out = run(tmp_path, model, star_folder, lora_type=kind, train_text_encoder=True, eval_prompt="")
+    saved = load_file(str(out / "test_lora" / WEIGHTS_NAME))
+    assert any(k.startswith("text_encoder.") for k in saved) and not any(k.startswith("text_encoder_2.") for k in saved)
+    path = out / "test_lora" / single_file_name("test_lora")
+    assert path.is_file() == (kind != "dora")
+    if kind != "dora":
+        lora = load_file(str(path))
+        config = family_for(str(model)).load(str(model), torch.float32).denoiser.config
+        accepted = {**accepted_lora_names("folded", dict(config), is_flux=True), **accepted_clip_names("FluxPipeline")}
+        patches, unloaded = (load_lora if kind == "lora" else load_lycoris)(lora, accepted)
+        assert unloaded == [] and any(m.startswith("text_encoder.") for m in patches)
