@@ -7,6 +7,10 @@ Written from reading ComfyUI's comfy/lora.py and comfy/utils.py (GPL; nothing is
   `utils.mmdit_to_diffusers`; for Flux `transformer.<name>` over `utils.flux_to_diffusers`.
 - `load_lora`: for each accepted name, `.lora_up/.lora_down.weight` (or `.lora_B/.lora_A.weight`)
   and an optional `.alpha`; every other key is reported as "lora key not loaded".
+- `model_lora_keys_clip`: the CLIP encoders' kohya names (`lora_te_`, `lora_te1_`, `lora_te2_` +
+  `text_model_encoder_layers_<b>_<layer>`), per family (see CLIP_PREFIXES).
+- comfy/weight_adapter's LoKr and LoHa: `lokr_w1`/`lokr_w2` (or their `_a`/`_b` factors, alpha / rank
+  applied only when a factor is decomposed) and `hada_w1_a…` (alpha / rank).
 - `calculate_weight` for a plain LoRA: delta = (alpha / rank if `.alpha` exists else 1.0)
   * up.flatten(1) @ down.flatten(1), reshaped to the weight.
 

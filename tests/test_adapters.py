@@ -187,3 +187,12 @@ def test_each_type_trains_flux_with_its_clip_encoder(kind, tiny_family, star_fol
         accepted = {**accepted_lora_names("folded", dict(config), is_flux=True), **accepted_clip_names("FluxPipeline")}
         patches, unloaded = (load_lora if kind == "lora" else load_lycoris)(lora, accepted)
         assert unloaded == [] and any(m.startswith("text_encoder.") for m in patches)
+
+
+@pytest.mark.parametrize("kind", ["dora", "lokr", "loha"])
+def test_pissa_and_olora_are_refused_for_other_types(kind, tiny_sd, star_folder, tmp_path):
+    from diffusion_trainer.params import ParamsError, parse_params
+
+    with pytest.raises(ParamsError, match=f"lora_init: .*lora_type '{kind}'"):
+        parse_params(quick_params(tiny_sd, star_folder, tmp_path, lora_type=kind, lora_init="olora"))
+    parse_params(quick_params(tiny_sd, star_folder, tmp_path, lora_type=kind, lora_init="default"))

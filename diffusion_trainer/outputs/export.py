@@ -169,8 +169,9 @@ def dataset_label(dataset_name: str) -> str:
 def single_file_metadata(family_cls: Any, info: dict[str, Any], name: str, config: dict[str, Any],
                          denoiser_config: dict[str, Any], captions: list[str] | None) -> dict[str, str]:
     params = info.get("parameters") or {}
+    kind = (info.get("lora_config") or {}).get("lora_type", "lora")
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if kind in ("lokr", "loha") else "networks.lora",
         "ss_network_dim": str(config["r"]),
         "ss_network_alpha": f"{float(config['lora_alpha']):g}",
         "ss_output_name": name,
@@ -180,6 +181,8 @@ def single_file_metadata(family_cls: Any, info: dict[str, Any], name: str, confi
         "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **family_cls.base_model_metadata(denoiser_config, info.get("prediction_type")),
     }
+    if kind in ("lokr", "loha"):  # LyCORIS's record of the algorithm, as its kohya trainers write it
+        meta["ss_network_args"] = json.dumps({"algo": kind})
     if params.get("resolution"):
         size = int(params["resolution"])
         meta["ss_resolution"] = f"({size}, {size})"
