@@ -196,3 +196,19 @@ def test_pissa_and_olora_are_refused_for_other_types(kind, tiny_sd, star_folder,
     with pytest.raises(ParamsError, match=f"lora_init: .*lora_type '{kind}'"):
         parse_params(quick_params(tiny_sd, star_folder, tmp_path, lora_type=kind, lora_init="olora"))
     parse_params(quick_params(tiny_sd, star_folder, tmp_path, lora_type=kind, lora_init="default"))
+
+
+def test_text_encoder_training_is_refused_under_deepspeed():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from diffusion_trainer.errors import InputError
+    from diffusion_trainer.run import processes
+
+    zero2 = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)))
+    with pytest.raises(InputError, match="train_text_encoder: .*DeepSpeed"):
+        processes.refuse_unsupported(zero2, train_text_encoder=True)
+    processes.refuse_unsupported(zero2)
+    processes.refuse_unsupported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), train_text_encoder=True)

@@ -103,7 +103,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
 
     # --- model -----------------------------------------------------------------------------
     accelerator = setup.make_accelerator(params, runtime, paths, reporter)
-    processes.refuse_unsupported(accelerator)
+    processes.refuse_unsupported(accelerator, params.train_text_encoder)
     resume_from, resume_notes = processes.decided_on_main(accelerator, (resume_from, resume_notes))
     with accelerator.local_main_process_first():  # another machine: its first process copies the Lab's
         if resume_from is not None and not resume_from.exists():
