@@ -1,36 +1,118 @@
-"""The LoRA on the denoiser: attach it, and keep its EMA."""
+"""The adapters: attach them (LoRA, DoRA, LoKr or LoHa, through peft) to the denoiser and, when
+asked, the CLIP text encoders; their state for saving (PiSSA/OLoRA converted back to the base);
+and their EMA."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from diffusers.training_utils import EMAModel, cast_training_params
-from peft import LoraConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+# The CLIP layers a text-encoder adapter goes on (the names diffusers' scripts and ComfyUI map).
+TEXT_ENCODER_LAYERS = {
+    "attention": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "attention+mlp": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+}
+# Which loaders read each adapter type from the files this trainer writes (README: "Adapter types").
+DIFFUSERS_LOADS = frozenset({"lora", "dora"})  # load_lora_weights builds LoRA configs only
+SINGLE_FILE_TYPES = frozenset({"lora", "lokr", "loha"})  # ComfyUI's dora_scale normalises the other axis
+BASE_CHANGING_INITS = frozenset({"pissa", "olora"})
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    kind: str  # lora_type: lora, dora, lokr, loha
+    rank: int
+    alpha: int
+    dropout: float = 0.0
+    init: str = "gaussian"  # lora_init
+
+    def peft_config(self, targets: tuple[str, ...]):
+        targets = list(targets)
+        if self.kind in ("lokr", "loha"):
+            config = LoKrConfig if self.kind == "lokr" else LoHaConfig
+            return config(r=self.rank, alpha=self.alpha, rank_dropout=self.dropout, target_modules=targets)
+        init = True if self.init == "default" else self.init
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, init_lora_weights=init,
+                          use_dora=self.kind == "dora", target_modules=targets)
+
+
+def attach(module: torch.nn.Module, spec: AdapterSpec, targets: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """Freeze the module, add the adapter (starting as the base model, except that PiSSA/OLoRA move
+    part of the base into it), keep its trainable weights in fp32 whatever the base dtype, return them."""
+    from diffusers import ModelMixin
+    from peft import inject_adapter_in_model
+
+    module.requires_grad_(False)
+    config = spec.peft_config(targets)
+    if isinstance(module, ModelMixin):
+        module.add_adapter(config)
+    else:  # a transformers text encoder: its own add_adapter wants a newer peft than diffusers does
+        inject_adapter_in_model(config, module)
+        module.peft_config = {"default": config}
+    cast_training_params(module, dtype=torch.float32)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if not trainable:
+        raise RuntimeError(f"no adapter target modules {targets} found in {type(module).__name__}")
+    return trainable
 
 
 def attach_lora(denoiser: torch.nn.Module, rank: int, alpha: int,
                 target_modules: tuple[str, ...]) -> list[torch.nn.Parameter]:
-    """Freeze the denoiser, add a LoRA (B = 0, so training starts from the base model), keep
-    the trainable LoRA weights in fp32 whatever the base dtype, and return them."""
-    denoiser.requires_grad_(False)
-    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                    target_modules=list(target_modules)))
-    cast_training_params(denoiser, dtype=torch.float32)
-    trainable = [p for p in denoiser.parameters() if p.requires_grad]
-    if not trainable:
-        raise RuntimeError(f"no LoRA target modules {target_modules} found in {type(denoiser).__name__}")
-    return trainable
+    """A plain LoRA (Gaussian A, B = 0) on the denoiser."""
+    return attach(denoiser, AdapterSpec("lora", rank, alpha), target_modules)
 
 
-def lora_metadata(denoiser: torch.nn.Module) -> dict:
+def lora_metadata(module: torch.nn.Module) -> dict:
     """The adapter's PEFT config; saved in the safetensors header so loaders keep alpha."""
-    return denoiser.peft_config["default"].to_dict()
+    return module.peft_config["default"].to_dict()
+
+
+class Adapter:
+    """One module's adapter: its trainable weights, and for PiSSA/OLoRA the starting A and B,
+    so the saved adapter is (B A - B0 A0) as a rank-2r LoRA that applies to the original base."""
+
+    def __init__(self, module: torch.nn.Module, spec: AdapterSpec, targets: tuple[str, ...]):
+        self.module = module
+        self.spec = spec
+        self.trainable = attach(module, spec, targets)
+        self.initial = ({k: v.detach().clone() for k, v in get_peft_model_state_dict(module).items()}
+                        if spec.init in BASE_CHANGING_INITS else None)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = get_peft_model_state_dict(self.module)
+        if self.initial is None:
+            return state
+        out = {}
+        for key, value in state.items():
+            start = self.initial[key]
+            if ".lora_A." in key:
+                out[key] = torch.cat([value, start], dim=0)
+            elif ".lora_B." in key:
+                out[key] = torch.cat([value, -start], dim=1)
+            else:
+                out[key] = value
+        return out
+
+    def metadata(self) -> dict:
+        # dropout is for training: a loader that injects fresh layers leaves them in train mode, so
+        # a saved dropout would drop at inference (diffusers' load_lora_weights does)
+        config = {**lora_metadata(self.module), "lora_dropout": 0.0}
+        if self.spec.kind in ("lokr", "loha"):
+            config = {**config, "rank_dropout": 0.0, "module_dropout": 0.0}
+            del config["lora_dropout"]
+        if self.initial is not None:  # the converted adapter: twice the rank at the same scale
+            config = {**config, "r": 2 * config["r"], "lora_alpha": 2 * config["lora_alpha"], "init_lora_weights": True}
+        return config
 
 
 class LoraEMA:
-    """An exponential moving average of the LoRA weights (diffusers' EMAModel)."""
+    """An exponential moving average of the adapter weights (diffusers' EMAModel)."""
 
     def __init__(self, parameters: list[torch.nn.Parameter], decay: float):
         self.parameters = parameters

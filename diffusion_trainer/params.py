@@ -170,8 +170,37 @@ class TrainingParams(BaseModel):
         "default", title="LoRA Layers", group="LoRA",
         help="Which denoiser layers get LoRA: 'attention' (the attention projections), "
              "'attention+mlp' (and the feed-forward layers), 'all-linear' (every linear layer). "
-             "'default' is each family's reference recipe: attention+mlp for Flux and Chroma, attention "
-             "for the others. The adaptor info records the layers used.")
+             "'default' is each family's reference recipe: attention+mlp for Flux and Chroma, "
+             "attention for the others. The adaptor info records the layers used.")
+    lora_type: Literal["lora", "dora", "lokr", "loha"] = _param(
+        "lora", title="Adapter Type", group="LoRA",
+        help="'lora' (plain LoRA); 'dora' (weight-decomposed LoRA: a learned magnitude per output row); "
+             "'lokr' (LyCORIS LoKr, a Kronecker product); 'loha' (LyCORIS LoHa, a Hadamard product), all "
+             "through peft. diffusers' load_lora_weights reads lora and dora; the ComfyUI/A1111 file holds "
+             "lora, lokr and loha (see the README's table).")
+    lora_dropout: float = _param(
+        0.0, title="LoRA Dropout", group="LoRA", ge=0.0, lt=1.0,
+        help="Dropout on the adapter's input while training (lora, dora), or on its rank (lokr, loha). "
+             "0 = none.")
+    lora_init: Literal["gaussian", "default", "pissa", "olora"] = _param(
+        "gaussian", title="LoRA Initialisation", group="LoRA",
+        help="How a lora/dora adapter starts: 'gaussian' (A Gaussian, B zero, as diffusers' scripts), "
+             "'default' (peft's own: A Kaiming-uniform, B zero), 'pissa' or 'olora' (lora only: A and B "
+             "from the base weights' principal / orthonormal part, which is taken out of the base; the "
+             "saved adapter is converted to a rank-2r LoRA that loads on the original base model). "
+             "lokr and loha start their own way ('gaussian' or 'default').")
+    train_text_encoder: bool = _param(
+        False, title="Train Text Encoder", group="LoRA",
+        help="Also put an adapter on the CLIP text encoders (SD 1.x/2.x: one; SDXL and SD3: both CLIP; "
+             "Flux: CLIP-L; never T5). Their captions are then encoded every step (the text cache keeps "
+             "only the frozen encoders', e.g. T5).")
+    text_encoder_lr: float = _param(
+        0.0, title="Text Encoder Learning Rate", group="LoRA", ge=0.0, le=1.0,
+        help="Learning rate of the text-encoder adapter. 0 = learning_rate.")
+    text_encoder_lora_layers: Literal["attention", "attention+mlp"] = _param(
+        "attention", title="Text Encoder LoRA Layers", group="LoRA",
+        help="Which text-encoder layers get the adapter: 'attention' (q, k, v, out projections, as "
+             "diffusers' scripts) or 'attention+mlp' (and fc1, fc2).")
 
     # --- Optimizer -----------------------------------------------------------------------
     optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = _param(
@@ -420,6 +449,16 @@ class TrainingParams(BaseModel):
             raise ValueError(f"is the same weighting as snr_gamma ({snr_gamma}); set only one "
                              "of them, or both to the same value")
         return min_snr_gamma
+
+    @field_validator("lora_init")
+    @classmethod
+    def _init_fits_type(cls, lora_init: str, info: ValidationInfo) -> str:
+        lora_type = info.data.get("lora_type", "lora")
+        if lora_init in {"pissa", "olora"} and lora_type != "lora":
+            raise ValueError(f"'{lora_init}' applies to lora_type 'lora' only (got lora_type '{lora_type}'): it "
+                             "moves part of the base weights into the adapter, which a "
+                             f"{lora_type} adapter cannot be converted back from; choose gaussian or default")
+        return lora_init
 
     @property
     def effective_snr_gamma(self) -> float:

@@ -7,6 +7,10 @@ Written from reading ComfyUI's comfy/lora.py and comfy/utils.py (GPL; nothing is
   `utils.mmdit_to_diffusers`; for Flux `transformer.<name>` over `utils.flux_to_diffusers`.
 - `load_lora`: for each accepted name, `.lora_up/.lora_down.weight` (or `.lora_B/.lora_A.weight`)
   and an optional `.alpha`; every other key is reported as "lora key not loaded".
+- `model_lora_keys_clip`: the CLIP encoders' kohya names (`lora_te_`, `lora_te1_`, `lora_te2_` +
+  `text_model_encoder_layers_<b>_<layer>`), per family (see CLIP_PREFIXES).
+- comfy/weight_adapter's LoKr and LoHa: `lokr_w1`/`lokr_w2` (or their `_a`/`_b` factors, alpha / rank
+  applied only when a factor is decomposed) and `hada_w1_a…` (alpha / rank).
 - `calculate_weight` for a plain LoRA: delta = (alpha / rank if `.alpha` exists else 1.0)
   * up.flatten(1) @ down.flatten(1), reshaped to the weight.
 
@@ -234,3 +238,65 @@ def load_flux2_lora(lora: dict[str, torch.Tensor], accepted: dict[str, list[tupl
                 rows = torch.cat([scale, shift])
             patches[module] = (rows, down, alpha)
     return patches, sorted(set(lora) - loaded)
+
+
+# --- text encoders (model_lora_keys_clip) and LyCORIS types (comfy/weight_adapter) --------------
+# LORA_CLIP_MAP: the CLIP layers ComfyUI maps, for layers 0-31 of each encoder.
+LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+                 "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+                 "self_attn.out_proj": "self_attn_out_proj"}
+# The kohya prefixes model_lora_keys_clip maps per CLIP encoder of each family: a model with one CLIP
+# (SD 1.x: clip_l, SD 2.x: clip_h, Flux: clip_l beside T5) takes lora_te_ and lora_te1_; with clip_l and
+# clip_g (SDXL, SD3) lora_te1_ is clip_l and lora_te2_ clip_g.
+CLIP_PREFIXES = {"StableDiffusionPipeline": {"text_encoder": ("lora_te", "lora_te1")},
+                 "FluxPipeline": {"text_encoder": ("lora_te", "lora_te1")},
+                 "StableDiffusionXLPipeline": {"text_encoder": ("lora_te1",), "text_encoder_2": ("lora_te2",)},
+                 "StableDiffusion3Pipeline": {"text_encoder": ("lora_te1",), "text_encoder_2": ("lora_te2",)}}
+
+
+def accepted_clip_names(pipeline_class: str) -> dict[str, str]:
+    """LoRA name in the file -> "<text encoder attr>.text_model.<layer path>"."""
+    names = {}
+    for attr, prefixes in CLIP_PREFIXES[pipeline_class].items():
+        for prefix in prefixes:
+            for b in range(32):
+                for layer, lora_name in LORA_CLIP_MAP.items():
+                    names[f"{prefix}_text_model_encoder_layers_{b}_{lora_name}"] = f"{attr}.text_model.encoder.layers.{b}.{layer}"
+    return names
+
+
+LOKR_PARTS = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def load_lycoris(lora: dict[str, torch.Tensor], accepted: dict[str, str]):
+    """As LoKrAdapter.load / LoHaAdapter.load: (module -> (kind, parts, alpha or None), keys left unloaded)."""
+    patches, loaded = {}, set()
+    for name, module in accepted.items():
+        for kind, names in (("lokr", LOKR_PARTS), ("loha", LOHA_PARTS)):
+            parts = {p: lora[f"{name}.{p}"] for p in names if f"{name}.{p}" in lora}
+            if parts:
+                alpha = lora[name + ".alpha"].item() if name + ".alpha" in lora else None
+                patches[module] = (kind, parts, alpha)
+                loaded |= {f"{name}.{p}" for p in parts} | ({name + ".alpha"} if alpha is not None else set())
+    return patches, sorted(set(lora) - loaded)
+
+
+def lycoris_delta(kind: str, parts: dict[str, torch.Tensor], alpha: float | None, shape: torch.Size) -> torch.Tensor:
+    """calculate_weight of LoKr (kron(w1, w2), alpha / rank only when a factor is decomposed) and LoHa
+    ((w1a w1b) * (w2a w2b) * alpha / rank)."""
+    p = {k: v.double() for k, v in parts.items()}
+    if kind == "loha":
+        scale = alpha / p["hada_w1_b"].shape[0] if alpha is not None else 1.0
+        return (scale * (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])).reshape(shape)
+    dim = None
+    if "lokr_w1" in p:
+        w1 = p["lokr_w1"]
+    else:
+        dim, w1 = p["lokr_w1_b"].shape[0], p["lokr_w1_a"] @ p["lokr_w1_b"]
+    if "lokr_w2" in p:
+        w2 = p["lokr_w2"]
+    else:
+        dim, w2 = p["lokr_w2_b"].shape[0], p["lokr_w2_a"] @ p["lokr_w2_b"]
+    scale = alpha / dim if alpha is not None and dim is not None else 1.0
+    return (scale * torch.kron(w1, w2)).reshape(shape)

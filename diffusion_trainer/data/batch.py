@@ -46,6 +46,17 @@ class ModelInputs:
 
     def conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         captions = self.captions(batch)
+        family, trained = self.family, self.family.trained_text
+        if not trained:
+            if self.text_cache is not None:
+                return self.text_cache(captions)
+            with torch.no_grad():
+                return family.encode_prompts(captions)
+        # trained encoders run every step, with gradients; frozen ones (T5) come from the cache
         if self.text_cache is not None:
-            return self.text_cache(captions)
-        return self.family.encode_prompts(captions)
+            parts = dict(self.text_cache(captions))
+        else:
+            with torch.no_grad():
+                parts = family.encode_text(captions, family.frozen_text_attrs)
+        parts.update(family.encode_text(captions, trained))
+        return family.combine_text(parts)

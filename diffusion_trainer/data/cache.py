@@ -240,18 +240,22 @@ DEVICE_TEXT_CACHE_MB = 512  # larger text caches (T5's are big) stay in host mem
 class TextCache:
     """Each distinct caption's conditioning, computed once; looked up by caption every step."""
 
-    def __init__(self, family: Any, captions: list[str], device: torch.device, batch_size: int = 16,
-                 stop_asked: Callable[[], bool] = lambda: False,
-                 encode_missing: Callable[[list[str]], dict[str, torch.Tensor]] | None = None):
-        """`encode_missing`: how a batch holding a caption the cache lacks is encoded (the family's
-        encoder); None: such a caption is an error."""
+    def __init__(self, encode: Callable[[list[str]], dict[str, torch.Tensor]], captions: list[str],
+                 device: torch.device, batch_size: int = 16, stop_asked: Callable[[], bool] = lambda: False,
+                 encode_missing: bool = False):
+        """`encode`: the family's encoder (all of its conditioning, or only the frozen encoders' parts
+        while others are trained); `encode_missing`: a batch holding a caption the cache lacks is
+        encoded with it, else such a caption is an error."""
+        self.encode = encode
         self.encode_missing = encode_missing
         unique = sorted(set(captions) | {""})
         self.rows = {caption: row for row, caption in enumerate(unique)}
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(unique), batch_size):
             raise_if_stopped(stop_asked, "while the text cache was built")
-            for key, value in family.encode_prompts(unique[start:start + batch_size]).items():
+            with torch.no_grad():
+                encoded = encode(unique[start:start + batch_size])
+            for key, value in encoded.items():
                 parts.setdefault(key, []).append(value)
         tensors = {key: torch.cat(values) for key, values in parts.items()}
         size_mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
@@ -264,7 +268,8 @@ class TextCache:
         return len(self.rows)
 
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        if self.encode_missing is not None and any(c not in self.rows for c in captions):
-            return self.encode_missing(captions)  # a caption drawn afresh (tags shuffled or dropped)
+        if self.encode_missing and any(c not in self.rows for c in captions):
+            with torch.no_grad():
+                return self.encode(captions)  # a caption drawn afresh (tags shuffled or dropped)
         rows = torch.tensor([self.rows[c] for c in captions])
         return {k: v[rows.to(v.device)].to(self.device, non_blocking=True) for k, v in self.tensors.items()}

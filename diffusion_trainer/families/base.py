@@ -29,6 +29,11 @@ DDPM_ONLY = {
     "snr_gamma": "Min-SNR weighting is defined on DDPM noise schedules (see flow_loss_weighting)",
     "min_snr_gamma": "Min-SNR weighting is defined on DDPM noise schedules (see flow_loss_weighting)",
 }
+# Families whose only text encoders are language models (T5, Qwen, Mistral): train_text_encoder has
+# no CLIP to put an adapter on, and their frozen encoders stay cached.
+LANGUAGE_MODEL_TEXT = {
+    "train_text_encoder": "its text encoder is a language model this trainer keeps frozen (only CLIP encoders train)",
+}
 FLOW_ONLY = {
     name: "DDPM models draw timesteps uniformly and weight them with snr_gamma"
     for name in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "flow_loss_weighting")
@@ -87,6 +92,10 @@ class ModelFamily(ABC):
     default_lora_layers: ClassVar[str] = "attention"
     resolution_multiple: ClassVar[int] = 8
     text_encoder_attrs: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    # The CLIP encoders train_text_encoder puts an adapter on (never T5), in save_lora_weights' order.
+    trainable_text_attrs: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    # Whether the pipeline's LoRA loader wants PEFT's keys renamed to diffusers' (SD, SDXL).
+    converts_lora_keys: ClassVar[bool] = False
     # Extra from_pretrained keywords (e.g. skip SD's safety checker).
     load_kwargs: ClassVar[dict[str, Any]] = {}
     # Parameters with no meaning for this family's objective, and why: said once at the start of a run.
@@ -97,12 +106,16 @@ class ModelFamily(ABC):
     # (see export.py): "kohya" (lora_unet_* keys, alpha tensors) or "folded" (transformer.* keys,
     # alpha / rank folded into lora_B).
     single_file_form: ClassVar[str] = "kohya"
+    # The single file's name prefix for each trainable text encoder, as ComfyUI's model_lora_keys_clip
+    # maps them: kohya's lora_te_ for one CLIP (SD 1.x/2.x), lora_te1_/lora_te2_ beside another model.
+    single_file_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 
     def __init__(self, pipeline: DiffusionPipeline, source: str):
         self.pipeline = pipeline
         self.source = source  # hub id or path it was loaded from
         self.vae_config = pipeline.vae.config  # latent scale and shift, still needed once the VAE is freed
         self.objective: Any = None  # set by configure_objective
+        self.trained_text: tuple[str, ...] = ()  # text encoders with an adapter being trained
 
     # --- loading ---------------------------------------------------------------------------
     @classmethod
@@ -141,8 +154,13 @@ class ModelFamily(ABC):
         return [m for m in (getattr(self.pipeline, a, None) for a in self.text_encoder_attrs) if m is not None]
 
     @property
+    def frozen_text_attrs(self) -> tuple[str, ...]:
+        return tuple(a for a in self.text_encoder_attrs if a not in self.trained_text)
+
+    @property
     def frozen_modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.vae, *self.text_encoders) if m is not None]
+        frozen = [getattr(self.pipeline, a, None) for a in self.frozen_text_attrs]
+        return [m for m in (self.vae, *frozen) if m is not None]
 
     def inapplicable_notes(self, params: Any) -> list[str]:
         """One line per parameter set to a non-default value that this family cannot use."""
@@ -186,9 +204,20 @@ class ModelFamily(ABC):
     def configure_objective(self, params: Any, prediction_type: str | None) -> None:
         """Choose and set up self.objective from the run's parameters."""
 
-    @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """Text conditioning for a batch of prompts; every tensor has the batch as dim 0."""
+        """Text conditioning for a batch of prompts; every tensor has the batch as dim 0. Gradients
+        flow when a text encoder is trained (callers that only read it use torch.no_grad)."""
+        return self.combine_text(self.encode_text(prompts, self.text_encoder_attrs))
+
+    def encode_text(self, prompts: list[str], attrs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """What the text encoders named in `attrs` make of the prompts, keyed by encoder ("<attr>"
+        and "<attr>.pooled"), so a trained encoder's part can be recomputed while a frozen one's is
+        cached. Families with trainable text encoders define it; the others override encode_prompts."""
+        raise NotImplementedError(f"{type(self).__name__} trains no text encoder")
+
+    def combine_text(self, parts: dict[str, torch.Tensor]) -> Conditioning:
+        """The denoiser's conditioning from every encoder's part."""
+        raise NotImplementedError(f"{type(self).__name__} trains no text encoder")
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -228,14 +257,19 @@ class ModelFamily(ABC):
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         return get_peft_model_state_dict(self.denoiser)
 
-    def save_adapter(self, directory: Path, lora_metadata: dict) -> None:
-        """Write pytorch_lora_weights.safetensors in diffusers format, alpha included."""
-        prefix = self.lora_save_prefix
-        self.pipeline_class.save_lora_weights(
-            str(directory),
-            **{f"{prefix}_lora_layers": self.lora_state_dict(), f"{prefix}_lora_adapter_metadata": lora_metadata},
-            safe_serialization=True,
-        )
+    def save_adapter(self, directory: Path, layers: dict[str, tuple[dict[str, torch.Tensor], dict]]) -> None:
+        """Write pytorch_lora_weights.safetensors in diffusers format, alpha included. `layers`: per
+        component ("denoiser", "text_encoder", "text_encoder_2") its PEFT state dict and config."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        keywords = {}
+        for component, (state, metadata) in layers.items():
+            prefix = self.lora_save_prefix if component == "denoiser" else component
+            plain = any(".lora_A." in key for key in state)  # LoKr/LoHa keys have no diffusers names
+            keywords[f"{prefix}_lora_layers"] = (convert_state_dict_to_diffusers(state)
+                                                 if self.converts_lora_keys and plain else state)
+            keywords[f"{prefix}_lora_adapter_metadata"] = metadata
+        self.pipeline_class.save_lora_weights(str(directory), **keywords, safe_serialization=True)
 
     @classmethod
     @abstractmethod

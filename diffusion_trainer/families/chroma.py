@@ -9,7 +9,7 @@ import torch
 from diffusers import ChromaPipeline, FluxPipeline
 
 from ..objectives import NoisyBatch
-from .base import DDPM_ONLY, JOINT_ATTENTION, JOINT_MLP, Conditioning, FlowMatchingFamily
+from .base import DDPM_ONLY, LANGUAGE_MODEL_TEXT, JOINT_ATTENTION, JOINT_MLP, Conditioning, FlowMatchingFamily
 
 T5_TOKENS = 512  # the Chroma pipeline's max_sequence_length
 APPROXIMATOR = "distilled_guidance_layer."
@@ -20,7 +20,8 @@ class Chroma(FlowMatchingFamily):
     label = "Chroma"
     lora_presets = {"attention": JOINT_ATTENTION, "attention+mlp": JOINT_ATTENTION + JOINT_MLP}
     default_lora_layers = "attention+mlp"  # Flux's recipe: Chroma is a Flux-architecture model
-    inapplicable_params = DDPM_ONLY
+    inapplicable_params = {**DDPM_ONLY, **LANGUAGE_MODEL_TEXT}
+    trainable_text_attrs = ()
 
     @classmethod
     def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:

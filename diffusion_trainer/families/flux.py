@@ -42,12 +42,17 @@ class Flux(FlowMatchingFamily):
                          "guidance input (it is not guidance-distilled, e.g. FLUX.1-schnell).")
         return notes
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        pipe = self.pipeline
-        t5_tokens = min(T5_TOKENS, pipe.tokenizer_2.model_max_length)
-        return {"pooled_projections": clip_pooled(pipe.tokenizer, pipe.text_encoder, prompts),
-                "encoder_hidden_states": t5_hidden_states(pipe.tokenizer_2, pipe.text_encoder_2, prompts, t5_tokens)}
+    def encode_text(self, prompts: list[str], attrs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        pipe, parts = self.pipeline, {}
+        if "text_encoder" in attrs:
+            parts["text_encoder.pooled"] = clip_pooled(pipe.tokenizer, pipe.text_encoder, prompts)
+        if "text_encoder_2" in attrs:
+            t5_tokens = min(T5_TOKENS, pipe.tokenizer_2.model_max_length)
+            parts["text_encoder_2"] = t5_hidden_states(pipe.tokenizer_2, pipe.text_encoder_2, prompts, t5_tokens)
+        return parts
+
+    def combine_text(self, parts: dict[str, torch.Tensor]) -> Conditioning:
+        return {"pooled_projections": parts["text_encoder.pooled"], "encoder_hidden_states": parts["text_encoder_2"]}
 
     def predict(self, denoiser: torch.nn.Module, noisy: NoisyBatch, conditioning: Conditioning,
                 batch: dict[str, Any]) -> torch.Tensor:

@@ -24,7 +24,7 @@ except ImportError:  # diffusers before 0.37 has no FLUX.2 [klein]: the registry
     Flux2Pipeline = Flux2KleinPipeline = None
 
 from ..objectives import FlowMatchObjective, NoisyBatch
-from .base import DDPM_ONLY, JOINT_ATTENTION, Conditioning, FlowMatchingFamily
+from .base import DDPM_ONLY, LANGUAGE_MODEL_TEXT, JOINT_ATTENTION, Conditioning, FlowMatchingFamily
 
 # The single-stream blocks fuse attention and MLP: one projection in (q, k, v and the MLP's input)
 # and one out, so any attention LoRA on them trains their MLP too (diffusers' FLUX.2 recipe).
@@ -47,7 +47,8 @@ class Flux2(FlowMatchingFamily):
     label = "FLUX.2"
     lora_presets = {"attention": JOINT_ATTENTION + SINGLE_STREAM,
                     "attention+mlp": JOINT_ATTENTION + SINGLE_STREAM + DOUBLE_STREAM_MLP}
-    inapplicable_params = DDPM_ONLY
+    inapplicable_params = {**DDPM_ONLY, **LANGUAGE_MODEL_TEXT}
+    trainable_text_attrs = ()
     own_params = {"guidance_scale": "only guidance-distilled models (FLUX.1-dev, FLUX.2-dev) take a guidance "
                                     "input while training"}
     single_file_form = "bfl"  # ComfyUI's own (BFL) module names, see export.py

@@ -11,7 +11,7 @@ from diffusers import QwenImagePipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ..objectives import NoisyBatch
-from .base import DDPM_ONLY, JOINT_ATTENTION, Conditioning, FlowMatchingFamily
+from .base import DDPM_ONLY, LANGUAGE_MODEL_TEXT, JOINT_ATTENTION, Conditioning, FlowMatchingFamily
 
 PROMPT_TOKENS = 512  # the Qwen-Image pipeline's max_sequence_length
 MLP = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
@@ -22,7 +22,8 @@ class QwenImage(FlowMatchingFamily):
     label = "Qwen-Image"
     # diffusers' train_dreambooth_lora_qwen_image.py trains to_k/to_q/to_v/to_out.0 unless told otherwise
     lora_presets = {"attention": ("to_k", "to_q", "to_v", "to_out.0"), "attention+mlp": JOINT_ATTENTION + MLP}
-    inapplicable_params = DDPM_ONLY
+    inapplicable_params = {**DDPM_ONLY, **LANGUAGE_MODEL_TEXT}
+    trainable_text_attrs = ()
 
     @classmethod
     def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:

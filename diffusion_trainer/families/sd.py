@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
 
 from ..objectives import DDPMObjective, NoisyBatch
 from .base import FLOW_ONLY, Conditioning, ModelFamily
@@ -36,6 +35,8 @@ class StableDiffusion(ModelFamily):
     label = "Stable Diffusion 1.x/2.x"
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
     inapplicable_params = FLOW_ONLY
+    single_file_text_prefixes = {"text_encoder": "lora_te"}
+    converts_lora_keys = True  # PEFT names the LoRA keys its own way; the SD loaders expect diffusers'
 
     def configure_objective(self, params: Any, prediction_type: str | None) -> None:
         prediction_type = prediction_type or "epsilon"
@@ -45,11 +46,15 @@ class StableDiffusion(ModelFamily):
         scheduler = self.pipeline.scheduler
         self.pipeline.scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+    def encode_text(self, prompts: list[str], attrs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        if "text_encoder" not in attrs:
+            return {}
         encoder = self.pipeline.text_encoder
         ids = token_ids(self.pipeline.tokenizer, prompts).to(encoder.device)
-        return {"encoder_hidden_states": encoder(ids)[0]}  # the last layer, as SD 1.x/2.x pipelines use
+        return {"text_encoder": encoder(ids)[0]}  # the last layer, as SD 1.x/2.x pipelines use
+
+    def combine_text(self, parts: dict[str, torch.Tensor]) -> Conditioning:
+        return {"encoder_hidden_states": parts["text_encoder"]}
 
     def predict(self, denoiser: torch.nn.Module, noisy: NoisyBatch, conditioning: Conditioning,
                 batch: dict[str, Any]) -> torch.Tensor:
@@ -66,7 +71,3 @@ class StableDiffusion(ModelFamily):
         return {"ss_base_model_version": "sd_v2" if v2 else "sd_v1", "ss_v2": str(v2),
                 "modelspec.architecture": f"{architecture}/lora", "modelspec.implementation": "diffusers",
                 "modelspec.prediction_type": modelspec_prediction(prediction_type)}
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        # PEFT names the UNet's LoRA keys its own way; the SD loaders expect diffusers' names.
-        return convert_state_dict_to_diffusers(super().lora_state_dict())

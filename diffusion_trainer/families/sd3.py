@@ -25,6 +25,7 @@ class StableDiffusion3(FlowMatchingFamily):
     pipeline_class = StableDiffusion3Pipeline
     label = "Stable Diffusion 3"
     text_encoder_attrs = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    trainable_text_attrs = ("text_encoder", "text_encoder_2")
     lora_presets = {"attention": JOINT_ATTENTION, "attention+mlp": JOINT_ATTENTION + JOINT_MLP}
     inapplicable_params = DDPM_ONLY
     own_params = {"max_sequence_length": "only SD3's T5 prompt length is set by it (Flux uses 512)"}
@@ -41,20 +42,27 @@ class StableDiffusion3(FlowMatchingFamily):
                 "modelspec.architecture": f"stable-diffusion-3-{model_type}/lora",
                 "modelspec.implementation": "diffusers"}
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        pipe = self.pipeline
-        hidden_1, pooled_1 = clip_penultimate_and_pooled(pipe.tokenizer, pipe.text_encoder, prompts)
-        hidden_2, pooled_2 = clip_penultimate_and_pooled(pipe.tokenizer_2, pipe.text_encoder_2, prompts)
-        clip = torch.cat([hidden_1, hidden_2], dim=-1)
-        if pipe.text_encoder_3 is not None:
-            t5 = t5_hidden_states(pipe.tokenizer_3, pipe.text_encoder_3, prompts, self.max_sequence_length)
-        else:  # without T5, the zeros the installed SD3 pipeline samples with (their length varies by version)
-            t5 = pipe._get_t5_prompt_embeds(prompts, max_sequence_length=self.max_sequence_length,
-                                            device=clip.device, dtype=clip.dtype)
+    def encode_text(self, prompts: list[str], attrs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        pipe, parts = self.pipeline, {}
+        for attr, tokenizer in (("text_encoder", pipe.tokenizer), ("text_encoder_2", pipe.tokenizer_2)):
+            if attr in attrs:
+                parts[attr], parts[f"{attr}.pooled"] = clip_penultimate_and_pooled(tokenizer, getattr(pipe, attr), prompts)
+        if "text_encoder_3" in attrs:
+            if pipe.text_encoder_3 is not None:
+                parts["text_encoder_3"] = t5_hidden_states(pipe.tokenizer_3, pipe.text_encoder_3, prompts,
+                                                           self.max_sequence_length)
+            else:  # without T5, the zeros the installed SD3 pipeline samples with (their length varies by version)
+                clip = pipe.text_encoder
+                parts["text_encoder_3"] = pipe._get_t5_prompt_embeds(
+                    prompts, max_sequence_length=self.max_sequence_length, device=clip.device, dtype=clip.dtype)
+        return parts
+
+    def combine_text(self, parts: dict[str, torch.Tensor]) -> Conditioning:
+        clip = torch.cat([parts["text_encoder"], parts["text_encoder_2"]], dim=-1)
+        t5 = parts["text_encoder_3"]
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2),
-                "pooled_projections": torch.cat([pooled_1, pooled_2], dim=-1)}
+                "pooled_projections": torch.cat([parts["text_encoder.pooled"], parts["text_encoder_2.pooled"]], dim=-1)}
 
     def eval_call_kwargs(self, guidance_scale: float) -> dict[str, Any]:
         return {**super().eval_call_kwargs(guidance_scale), "max_sequence_length": self.max_sequence_length}

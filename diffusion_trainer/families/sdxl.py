@@ -24,6 +24,8 @@ class StableDiffusionXL(StableDiffusion):
     label = "Stable Diffusion XL"
     load_kwargs = {}
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
+    trainable_text_attrs = ("text_encoder", "text_encoder_2")
+    single_file_text_prefixes = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 
     @classmethod
     def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:
@@ -32,12 +34,18 @@ class StableDiffusionXL(StableDiffusion):
                 "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
                 "modelspec.prediction_type": modelspec_prediction(prediction_type)}
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        pipe = self.pipeline
-        hidden_1, _ = clip_penultimate_and_pooled(pipe.tokenizer, pipe.text_encoder, prompts)
-        hidden_2, pooled = clip_penultimate_and_pooled(pipe.tokenizer_2, pipe.text_encoder_2, prompts)
-        return {"encoder_hidden_states": torch.cat([hidden_1, hidden_2], dim=-1), "text_embeds": pooled}
+    def encode_text(self, prompts: list[str], attrs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        pipe, parts = self.pipeline, {}
+        if "text_encoder" in attrs:
+            parts["text_encoder"], _ = clip_penultimate_and_pooled(pipe.tokenizer, pipe.text_encoder, prompts)
+        if "text_encoder_2" in attrs:
+            parts["text_encoder_2"], parts["text_encoder_2.pooled"] = clip_penultimate_and_pooled(
+                pipe.tokenizer_2, pipe.text_encoder_2, prompts)
+        return parts
+
+    def combine_text(self, parts: dict[str, torch.Tensor]) -> Conditioning:
+        return {"encoder_hidden_states": torch.cat([parts["text_encoder"], parts["text_encoder_2"]], dim=-1),
+                "text_embeds": parts["text_encoder_2.pooled"]}
 
     def predict(self, denoiser: torch.nn.Module, noisy: NoisyBatch, conditioning: Conditioning,
                 batch: dict[str, Any]) -> torch.Tensor:

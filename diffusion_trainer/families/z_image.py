@@ -10,7 +10,7 @@ import torch
 from diffusers import ZImagePipeline
 
 from ..objectives import NoisyBatch
-from .base import DDPM_ONLY, Conditioning, FlowMatchingFamily
+from .base import DDPM_ONLY, LANGUAGE_MODEL_TEXT, Conditioning, FlowMatchingFamily
 
 PROMPT_TOKENS = 512  # the Z-Image pipeline's max_sequence_length
 ATTENTION = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
@@ -33,7 +33,8 @@ class ZImage(FlowMatchingFamily):
     label = "Z-Image"
     # diffusers' train_dreambooth_lora_z_image.py trains to_q/to_k/to_v/to_out.0 unless told otherwise
     lora_presets = {"attention": ATTENTION, "attention+mlp": ATTENTION + MLP}
-    inapplicable_params = DDPM_ONLY
+    inapplicable_params = {**DDPM_ONLY, **LANGUAGE_MODEL_TEXT}
+    trainable_text_attrs = ()
 
     @classmethod
     def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:

@@ -15,8 +15,10 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
+from peft.utils import get_peft_model_state_dict
+
 from .. import atomic
-from ..lora import lora_metadata
+from ..lora import SINGLE_FILE_TYPES, lora_metadata
 from . import export
 from .layout import INFO_NAME, WEIGHTS_NAME, single_file_name
 
@@ -28,11 +30,15 @@ class RunFailed(RuntimeError):
 def adaptor_info(*, architecture: str, base_model: str, rank: int, alpha: int,
                  target_modules: list[str], trigger_word: str, parameters: dict[str, Any],
                  steps_trained: int, epochs_trained: int, final_loss: float | None,
-                 prediction_type: str | None, stopped_early: bool) -> dict[str, Any]:
+                 prediction_type: str | None, stopped_early: bool, lora_type: str = "lora",
+                 text_encoder_targets: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """`rank`/`alpha`: as saved (a PiSSA/OLoRA adapter is saved at twice the trained rank);
+    `text_encoder_targets`: per trained text encoder, the layers its adapter is on."""
     return {
         "model_architecture": architecture,
         "base_model": base_model,
-        "lora_config": {"r": rank, "lora_alpha": alpha, "target_modules": sorted(target_modules)},
+        "lora_config": {"r": rank, "lora_alpha": alpha, "target_modules": sorted(target_modules),
+                        "lora_type": lora_type, "text_encoders": text_encoder_targets or {}},
         "trigger_word": trigger_word,
         "prediction_type": prediction_type,
         "steps_trained": steps_trained,
@@ -54,12 +60,14 @@ def write_model_card(directory: Path, name: str, info: dict[str, Any], pipeline_
     lora = info["lora_config"]
     status = "stopped early at" if info["stopped_early"] else "trained for"
     loss = f"{info['final_loss']:.4f}" if info["final_loss"] is not None else "n/a"
+    kind = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}[lora.get("lora_type", "lora")]
+    text = "".join(f"; {attr} too" for attr in lora.get("text_encoders", {}))
     text = f"""# {name}
 
 A LoRA adapter for `{info['base_model']}` ({info['model_architecture']}), made with Diffusion Trainer.
 
 - Trigger word: {f'`{trigger}`' if trigger else '(none)'}
-- LoRA rank {lora['r']}, alpha {lora['lora_alpha']} (scale {lora['lora_alpha'] / lora['r']:g}) on {', '.join(lora['target_modules'])}
+- {kind} rank {lora['r']}, alpha {lora['lora_alpha']} (scale {lora['lora_alpha'] / lora['r']:g}) on {', '.join(lora['target_modules'])}{text}
 - {status} {info['steps_trained']} optimizer steps ({info['epochs_trained']} epochs); last logged loss {loss}
 
 ```python
@@ -80,18 +88,23 @@ Every training parameter is in `{INFO_NAME}`.
 
 
 def save_adapter(target: Path, family: Any, name: str, info: dict[str, Any], ema: Any = None,
-                 captions: list[str] | None = None) -> Path:
+                 captions: list[str] | None = None, adapters: dict[str, Any] | None = None) -> Path:
     """The adapter folder at `target`: the family's diffusers LoRA file (the EMA weights when an EMA
     is given), the info file, the model card, and the same weights as one file for ComfyUI,
-    A1111/Forge and civitai."""
-    metadata = lora_metadata(family.denoiser)
+    A1111/Forge and civitai (for the types those read). `adapters`: lora.Adapter per component
+    (default: the denoiser's PEFT adapter as it is)."""
 
     def write(directory: Path) -> None:
         with ema.applied() if ema is not None else nullcontext():
-            family.save_adapter(directory, metadata)
+            if adapters is None:
+                layers = {"denoiser": (get_peft_model_state_dict(family.denoiser), lora_metadata(family.denoiser))}
+            else:
+                layers = {component: (a.state_dict(), a.metadata()) for component, a in adapters.items()}
+            family.save_adapter(directory, layers)
         write_info(directory, info)
         write_model_card(directory, name, info, family.pipeline_class.__name__)
-        export.write_single_file(directory, name, type(family), info, dict(family.denoiser.config), captions)
+        if info["lora_config"].get("lora_type", "lora") in SINGLE_FILE_TYPES:
+            export.write_single_file(directory, name, type(family), info, dict(family.denoiser.config), captions)
 
     return atomic.write_folder(target, write)
 

@@ -98,6 +98,72 @@ def to_bfl(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[
 
 FORMS = {"kohya": to_kohya, "folded": to_folded, "bfl": to_bfl}
 
+# The weights of each LyCORIS type, as peft names them and ComfyUI's weight adapters read them.
+LYCORIS_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+                 "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LORA_PARTS = ("lora_A.weight", "lora_B.weight")
+
+
+def split_components(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """component ("unet", "transformer", "text_encoder"…) -> module path -> part -> tensor."""
+    out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, tensor in state_dict.items():
+        component, rest = key.split(".", 1)
+        part = next((p for p in LORA_PARTS + LYCORIS_PARTS if rest.endswith("." + p)), None)
+        if part is None:
+            raise InputError(f"unexpected key '{key}' in the diffusers adapter: not a LoRA, LoKr or LoHa weight.")
+        out.setdefault(component, {}).setdefault(rest[:-len(part) - 1], {})[part] = tensor
+    return out
+
+
+def module_weights(name: str, parts: dict[str, torch.Tensor], config: dict[str, Any], kohya: bool) -> dict[str, torch.Tensor]:
+    """One module's adapter under `name`, at the trained strength: kohya's lora_down/lora_up + alpha
+    (kohya=True) or lora_A/lora_B with the scale folded into lora_B; LoKr with the scale folded into
+    lokr_w1 (ComfyUI then applies 1.0); LoHa with its alpha (ComfyUI applies alpha / rank)."""
+    alpha, use_rslora = float(config.get("lora_alpha", config.get("alpha"))), bool(config.get("use_rslora"))
+    if "lora_A.weight" in parts:
+        down, up = parts["lora_A.weight"], parts["lora_B.weight"]
+        scale = lora_scale(alpha, down.shape[0], use_rslora)
+        if kohya:
+            return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                    f"{name}.alpha": torch.tensor(scale * down.shape[0], dtype=torch.float32)}
+        return {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up * scale}
+    if "hada_w1_a" in parts:
+        rank = parts["hada_w1_b"].shape[0]
+        return {**{f"{name}.{p}": t for p, t in parts.items()},
+                f"{name}.alpha": torch.tensor(lora_scale(alpha, rank) * rank, dtype=torch.float32)}
+    rank = int(config["r"])
+    w1 = parts["lokr_w1"] if "lokr_w1" in parts else parts["lokr_w1_a"] @ parts["lokr_w1_b"]
+    rest = {f"{name}.{p}": t for p, t in parts.items() if not p.startswith("lokr_w1")}
+    return {f"{name}.lokr_w1": w1 * lora_scale(alpha, rank), **rest}
+
+
+def to_single_file(state_dict: dict[str, torch.Tensor], config: dict[str, Any], family_cls: Any) -> dict[str, torch.Tensor]:
+    """Any adapter folder's weights (denoiser and text encoders, LoRA, LoKr or LoHa) in the single
+    file's names: the denoiser as the family's form names it, each text encoder with its kohya prefix."""
+    prefix = family_cls.lora_save_prefix + "."
+    kohya = family_cls.single_file_form == "kohya"
+    denoiser = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not any(".lokr_" in k or ".hada_" in k for k in denoiser):
+        # diffusers' own converters name every UNet module as ComfyUI maps it
+        tensors = FORMS[family_cls.single_file_form](denoiser, config)
+    else:
+        tensors = {}
+        for module, parts in split_components(denoiser).get(prefix[:-1], {}).items():
+            name = f"lora_unet_{module.replace('.', '_')}" if kohya else f"transformer.{module}"
+            tensors.update(module_weights(name, parts, config, kohya))
+    components = split_components({k: v for k, v in state_dict.items() if not k.startswith(prefix)})
+    for component, modules in components.items():
+        prefix = family_cls.single_file_text_prefixes.get(component)
+        if prefix is None:
+            raise InputError(f"the adapter holds weights for '{component}', which {family_cls.label} has no "
+                             "single-file name for.")
+        for module, parts in modules.items():
+            # transformers 5 names CLIP's layers without the checkpoints' "text_model." (ComfyUI keeps it)
+            module = module if module.startswith("text_model.") else f"text_model.{module}"
+            tensors.update(module_weights(f"{prefix}_{module.replace('.', '_')}", parts, config, kohya=True))
+    return {key: tensor.contiguous() for key, tensor in tensors.items()}
+
 
 # --- the header -----------------------------------------------------------------------------
 
@@ -116,8 +182,9 @@ def dataset_label(dataset_name: str) -> str:
 def single_file_metadata(family_cls: Any, info: dict[str, Any], name: str, config: dict[str, Any],
                          denoiser_config: dict[str, Any], captions: list[str] | None) -> dict[str, str]:
     params = info.get("parameters") or {}
+    kind = (info.get("lora_config") or {}).get("lora_type", "lora")
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if kind in ("lokr", "loha") else "networks.lora",
         "ss_network_dim": str(config["r"]),
         "ss_network_alpha": f"{float(config['lora_alpha']):g}",
         "ss_output_name": name,
@@ -127,6 +194,8 @@ def single_file_metadata(family_cls: Any, info: dict[str, Any], name: str, confi
         "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **family_cls.base_model_metadata(denoiser_config, info.get("prediction_type")),
     }
+    if kind in ("lokr", "loha"):  # LyCORIS's record of the algorithm, as its kohya trainers write it
+        meta["ss_network_args"] = json.dumps({"algo": kind})
     if params.get("resolution"):
         size = int(params["resolution"])
         meta["ss_resolution"] = f"({size}, {size})"
@@ -161,7 +230,15 @@ def write_single_file(directory: Path, name: str, family_cls: Any, info: dict[st
     """Convert the folder's diffusers file into the single file; returns its path."""
     state_dict, header = read_safetensors(Path(directory) / WEIGHTS_NAME)
     config = peft_config(header, info)
-    tensors = FORMS[family_cls.single_file_form](state_dict, config)
+    if family_cls.converts_lora_keys and any(not k.startswith(family_cls.lora_save_prefix + ".") for k in state_dict):
+        from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft
+
+        # the text encoders' LoRA keys in diffusers' names back to PEFT's (module path + lora_A/lora_B)
+        text = {k: v for k, v in state_dict.items() if not k.startswith(family_cls.lora_save_prefix + ".")}
+        plain = any(".lora" in k and "lora_A" not in k and "lora_B" not in k for k in text)
+        state_dict = {**{k: v for k, v in state_dict.items() if k not in text},
+                      **(convert_all_state_dict_to_peft(text) if plain else text)}
+    tensors = to_single_file(state_dict, config, family_cls)
     metadata = single_file_metadata(family_cls, info, name, config, denoiser_config, captions)
     return save_atomically(tensors, output or Path(directory) / single_file_name(name), metadata)
 

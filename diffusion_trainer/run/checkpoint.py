@@ -268,9 +268,11 @@ class Checkpoints:
     """Saves and loads checkpoints of one run through its accelerator."""
 
     def __init__(self, folder: Path, accelerator: Any, denoiser: torch.nn.Module, ema: Any, *, every: int, keep: int,
-                 parameters: dict[str, Any], data_fingerprint: str, reporter: Any):
+                 parameters: dict[str, Any], data_fingerprint: str, reporter: Any,
+                 text_encoders: dict[str, torch.nn.Module] | None = None):
         """`every`: checkpointing_steps (0: none); `keep`: checkpoints_total_limit (0: all);
-        `parameters`: the run's, recorded so a resume can tell what changed."""
+        `parameters`: the run's, recorded so a resume can tell what changed; `text_encoders`: those
+        with a trained adapter, by attribute (their weights are saved as "<attr>/<name>")."""
         self.folder = folder
         self.accelerator = accelerator
         self.every = every
@@ -281,6 +283,8 @@ class Checkpoints:
                                           parameters["gradient_accumulation_steps"])}
         self.state = RunState(seed=parameters["seed"])
         self.lora = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
+        for attr, module in (text_encoders or {}).items():
+            self.lora.update({f"{attr}/{name}": p for name, p in module.named_parameters() if p.requires_grad})
         accelerator.register_save_state_pre_hook(self._save_lora)
         accelerator.register_load_state_pre_hook(self._load_lora)
         accelerator.register_for_checkpointing(*([ema] if ema is not None else []), self.state)

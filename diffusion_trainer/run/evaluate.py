@@ -3,10 +3,10 @@ asked while an image is drawn ends it at the next denoising step (the image is n
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -25,6 +25,20 @@ class EvalSettings:
     inference_steps: int
     guidance_scale: float  # 0: the pipeline's own default
     resolution: int
+
+
+@contextmanager
+def inference_mode(family: Any) -> Iterator[None]:
+    """The denoiser and text encoders in eval mode while drawing (no adapter dropout), then as they were."""
+    modules = [family.denoiser, *family.text_encoders]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(modules, modes):
+            m.train(training)
 
 
 class Evaluator:
@@ -80,7 +94,7 @@ class Evaluator:
         device = self.accelerator.device
         # the VAE and text encoders wait on the CPU between evals (see setup.prepare_data)
         parked = offload_models(*self.family.frozen_modules, device=device, offload=device.type != "cpu")
-        with averaged, parked, self.accelerator.autocast():
+        with averaged, parked, self.accelerator.autocast(), inference_mode(self.family):
             pipeline = self.family.eval_pipeline()
             generator = torch.Generator(device="cpu").manual_seed(seed)
             result = pipeline(

@@ -42,6 +42,10 @@ class Training:
     total_steps: int
     start: Any = None  # checkpoint.RunState of a resumed run; None: from the beginning
     checkpoints: Any = None  # checkpoint.Checkpoints, or None
+    # trained besides the denoiser (text encoders): put in train mode, and their gradients averaged
+    # across processes here, since accelerate's DDP wraps only the denoiser
+    also_trained: list[torch.nn.Module] = field(default_factory=list)
+    hand_synced: list[torch.nn.Parameter] = field(default_factory=list)
 
 
 @dataclass
@@ -76,6 +80,20 @@ def epoch_batches(t: Training, epoch: int, skip: int) -> Any:
     return loader
 
 
+def average_gradients(parameters: list[torch.nn.Parameter], processes: int) -> None:
+    """What DDP does for the denoiser: each gradient becomes its mean over the processes."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= processes
+    offset = 0
+    for p, g in zip(parameters, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
 def checkpoint_due(t: Training, step: int) -> bool:
     return t.checkpoints is not None and t.checkpoints.due(step)
 
@@ -85,7 +103,8 @@ def run(t: Training) -> Outcome:
     first_epoch, skip = (t.start.epoch, t.start.batches_done) if t.start else (1, 0)
     out = Outcome(steps=t.start.step if t.start else 0, epochs=first_epoch - 1)
     window_loss, window_batches, last_read = torch.zeros((), device=acc.device), 0, time.monotonic()
-    t.denoiser.train()
+    for module in (t.denoiser, *t.also_trained):
+        module.train()
     t.reporter.begin(t.total_steps)
     out.timing["start"] = time.monotonic()
     try:
@@ -102,6 +121,8 @@ def run(t: Training) -> Outcome:
                 with acc.accumulate(t.denoiser):
                     loss = batch_loss(t, batch)
                     acc.backward(loss)  # accelerate divides by the accumulation steps
+                    if acc.sync_gradients and t.hand_synced and acc.num_processes > 1:
+                        average_gradients(t.hand_synced, acc.num_processes)
                     if acc.sync_gradients and t.max_grad_norm > 0:
                         # What acc.clip_grad_norm_ does for DDP and single devices, without its
                         # per-call version and DTensor checks.

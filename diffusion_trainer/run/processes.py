@@ -75,10 +75,11 @@ def accelerator_kwargs() -> dict[str, Any]:
     return kwargs
 
 
-def refuse_unsupported(accelerator: Any) -> None:
+def refuse_unsupported(accelerator: Any, train_text_encoder: bool = False) -> None:
     """FSDP (from an `accelerate config`) shards the frozen base weights too, which the adapter
     saving and the eval images here read whole: refuse it before anything is loaded. DDP and
-    DeepSpeed (ZeRO-1/2 keep every weight whole on every GPU) are fine."""
+    DeepSpeed (ZeRO-1/2 keep every weight whole on every GPU) are fine, but DeepSpeed's engine
+    holds one model, so text-encoder adapters are refused under it."""
     from accelerate.utils import DistributedType
 
     from ..errors import InputError
@@ -93,6 +94,9 @@ def refuse_unsupported(accelerator: Any) -> None:
         if stage == 3:
             raise InputError("accelerate config: DeepSpeed ZeRO stage 3 shards the weights, which the adapter "
                              "saving and eval images here read whole; use ZeRO stage 1 or 2.")
+        if train_text_encoder:
+            raise InputError("train_text_encoder: not supported under DeepSpeed here (its engine trains one "
+                             "model, the denoiser); turn it off, or launch plain multi-GPU (DDP).")
 
 
 def already_sharded(loader: Any, accelerator: Any) -> Any:

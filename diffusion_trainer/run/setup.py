@@ -183,16 +183,25 @@ def prepare_data(family: Any, records: Any, images_fingerprint: str, params: Tra
     keep_for_eval = bool(params.eval_prompt.strip())
     text_cache = None
     captions_vary = params.shuffle_caption or params.caption_tag_dropout_rate > 0
-    if params.cache_text_embeddings:
-        text_cache = TextCache(family, samples.captions, accelerator.device, stop_asked=reporter.stop_asked_here,
-                               encode_missing=family.encode_prompts if captions_vary else None)
+    trained, frozen = family.trained_text, family.frozen_text_attrs
+    if trained:
+        reporter.info(f"train_text_encoder: {', '.join(trained)} encode every batch's captions at every step "
+                      "(what is trained cannot be cached)"
+                      + (f"; {', '.join(frozen)} stay frozen" if frozen else "") + ".")
+    if params.cache_text_embeddings and trained and not frozen:
+        reporter.info("Text cache: not built, every text encoder is trained.")
+    elif params.cache_text_embeddings:
+        encode = (lambda prompts: family.encode_text(prompts, frozen)) if trained else family.encode_prompts
+        text_cache = TextCache(encode, samples.captions, accelerator.device, stop_asked=reporter.stop_asked_here,
+                               encode_missing=captions_vary)
         if captions_vary:
             reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB), "
                           "unshuffled; captions whose tags shuffle_caption or caption_tag_dropout_rate changed "
                           "are encoded as drawn, so the text encoders stay on the accelerator.")
         else:
-            parked = family.park(family.text_encoder_attrs, keep_for_eval)
-            reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB); "
+            parked = family.park(frozen, keep_for_eval)
+            held = f" of {', '.join(frozen)}" if trained else ""
+            reporter.info(f"Text cache{held}: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB); "
                           f"{', '.join(parked)} {'moved off the accelerator' if keep_for_eval else 'freed'}.")
     if params.cache_latents:
         store = build_latent_cache(family, samples, model_name=params.model_name, variants=params.latent_cache_variants,

@@ -19,7 +19,7 @@ from ..data.check import check_dataset
 from ..data.sources import load_records
 from ..errors import InputError, raise_if_stopped
 from ..families import FAMILIES, family_for
-from ..lora import LoraEMA, attach_lora, lora_metadata
+from ..lora import TEXT_ENCODER_LAYERS, Adapter, AdapterSpec, LoraEMA
 from ..outputs import adapter, guards
 from ..outputs.layout import INFO_NAME, RunPaths
 from ..params import TrainingParams
@@ -108,7 +108,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
 
     # --- model -----------------------------------------------------------------------------
     accelerator = setup.make_accelerator(params, runtime, paths, reporter)
-    processes.refuse_unsupported(accelerator)
+    processes.refuse_unsupported(accelerator, params.train_text_encoder)
     resume_from, resume_notes = processes.decided_on_main(accelerator, (resume_from, resume_notes))
     with accelerator.local_main_process_first():  # another machine: its first process copies the Lab's
         if resume_from is not None and not resume_from.exists():
@@ -121,7 +121,12 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     for note in family.inapplicable_notes(params):
         reporter.info(note)
     denoiser = family.denoiser
-    trainable = attach_lora(denoiser, params.lora_r, params.lora_alpha, family.lora_targets(params.lora_layers))
+    adapters = attach_adapters(family, params)
+    for note in adapter_notes(params):
+        reporter.info(note)
+    text_adapters = {attr: a for attr, a in adapters.items() if attr != "denoiser"}
+    text_trainable = [p for a in text_adapters.values() for p in a.trainable]
+    trainable = adapters["denoiser"].trainable + text_trainable
     setup.speed_up_denoiser(denoiser, params, runtime, reporter)
 
     # --- data: encode once where we can, then park the encoders --------------------------
@@ -132,7 +137,10 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     # --- optimizer: steps are global optimizer steps, whatever the number of processes ------------
     planned = steps.plan_steps(len(dataloader), params.gradient_accumulation_steps, params.num_train_epochs,
                                      params.max_train_steps)
-    optimizer, lr_scheduler = setup.make_optimizer(trainable, params, planned.total_steps, accelerator)
+    groups = [{"params": adapters["denoiser"].trainable}]
+    if text_trainable:
+        groups.append({"params": text_trainable, "lr": params.text_encoder_lr or params.learning_rate})
+    optimizer, lr_scheduler = setup.make_optimizer(groups, params, planned.total_steps, accelerator)
     max_grad_norm, clipping_note = processes.loop_clipping(accelerator, params.max_grad_norm)
     if clipping_note:
         reporter.warn(clipping_note)
@@ -154,7 +162,8 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
         accelerator, lambda: checkpoint.run_folder_for(resume_from, checkpoints_dir))
     checkpoints = checkpoint.Checkpoints(run_folder, accelerator, denoiser, ema, every=params.checkpointing_steps,
                                          keep=params.checkpoints_total_limit, parameters=params.model_dump(),
-                                         data_fingerprint=checked.fingerprint, reporter=reporter)
+                                         data_fingerprint=checked.fingerprint, reporter=reporter,
+                                         text_encoders={attr: a.module for attr, a in text_adapters.items()})
     setup.check_room(paths, trainable, params, reporter)
 
     # --- outputs -----------------------------------------------------------------------------
@@ -191,17 +200,19 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
         optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, samples=samples,
         inputs=inputs, evaluator=evaluator, reporter=reporter, ema=ema, loss_type=params.loss_type,
         huber_c=params.huber_c, max_grad_norm=max_grad_norm, num_epochs=num_epochs,
-        total_steps=total_steps, start=start, checkpoints=checkpoints))
+        total_steps=total_steps, start=start, checkpoints=checkpoints,
+        also_trained=[a.module for a in text_adapters.values()], hand_synced=text_trainable))
 
     # --- the adapter first (a stop has seconds left), then the last checkpoint, then the final eval image ---
     accelerator.wait_for_everyone()
     saved_to, failure = paths.adapter_dir, None
     if accelerator.is_main_process:
         try:
-            info = adapter_info(family, params, outcome, prediction_type)
+            info = adapter_info(family, params, outcome, prediction_type, adapters)
             kept = checkpoint.existing(run_folder)
             saved_to = adapter.save_somewhere(
-                lambda folder: adapter.save_adapter(folder, family, params.adaptor_name, info, ema, samples.captions),
+                lambda folder: adapter.save_adapter(folder, family, params.adaptor_name, info, ema, samples.captions,
+                                                    adapters),
                 paths.adapter_dir, params.adaptor_name, outcome.steps, outcome.stopped, kept[-1] if kept else None,
                 reporter)
         except adapter.RunFailed as exc:  # the weights went to a rescue folder (or nowhere): still try the checkpoint
@@ -243,11 +254,52 @@ def choose_checkpoint(params: TrainingParams, checkpoints_dir: Path, reporter: A
     return None, []
 
 
-def adapter_info(family: Any, params: TrainingParams, outcome: loop.Outcome, prediction_type: str | None) -> dict:
-    """The adapter's info file: what it is, for which model, and how it was trained."""
+def attach_adapters(family: Any, params: TrainingParams) -> dict[str, Adapter]:
+    """The adapter on the denoiser and, with train_text_encoder, on each CLIP text encoder, by
+    component ("denoiser", "text_encoder", "text_encoder_2")."""
+    spec = AdapterSpec(params.lora_type, params.lora_r, params.lora_alpha, params.lora_dropout, params.lora_init)
+    adapters = {"denoiser": Adapter(family.denoiser, spec, family.lora_targets(params.lora_layers))}
+    if params.train_text_encoder:
+        for attr in family.trainable_text_attrs:
+            module = getattr(family.pipeline, attr, None)
+            if module is not None:
+                adapters[attr] = Adapter(module, spec, TEXT_ENCODER_LAYERS[params.text_encoder_lora_layers])
+        family.trained_text = tuple(attr for attr in adapters if attr != "denoiser")
+    return adapters
+
+
+def adapter_notes(params: TrainingParams) -> list[str]:
+    """What the chosen adapter type means for the files it is saved in."""
+    from ..lora import BASE_CHANGING_INITS, DIFFUSERS_LOADS, SINGLE_FILE_TYPES
+
+    notes = []
+    if params.lora_type not in DIFFUSERS_LOADS:
+        notes.append(f"lora_type={params.lora_type}: diffusers' load_lora_weights cannot read it; the adapter folder "
+                     "holds its PEFT weights and config (peft loads them, see the README), and the single file "
+                     "loads in ComfyUI.")
+    if params.lora_type not in SINGLE_FILE_TYPES:
+        notes.append(f"lora_type={params.lora_type}: no ComfyUI/A1111 single file is written (their DoRA scale "
+                     "normalises the weight per input column, peft's per output row); load the diffusers folder.")
+    if params.lora_init in BASE_CHANGING_INITS:
+        notes.append(f"lora_init={params.lora_init} moves part of the base weights into the adapter while training; "
+                     f"the saved adapter is converted to a rank-{2 * params.lora_r} LoRA that loads on the original "
+                     "base model.")
+    return notes
+
+
+def adapter_info(family: Any, params: TrainingParams, outcome: loop.Outcome, prediction_type: str | None,
+                 adapters: dict[str, Adapter] | None = None) -> dict:
+    """The adapter's info file: what it is, for which model, and how it was trained (`adapters`:
+    by component; default: the denoiser's PEFT adapter as it is)."""
+    from ..lora import lora_metadata
+
+    adapters = adapters or {}
+    denoiser = adapters["denoiser"].metadata() if "denoiser" in adapters else lora_metadata(family.denoiser)
+    text = {attr: sorted(a.metadata()["target_modules"]) for attr, a in adapters.items() if attr != "denoiser"}
     return adapter.adaptor_info(
-        architecture=family.pipeline_class.__name__, base_model=params.model_name, rank=params.lora_r,
-        alpha=params.lora_alpha, target_modules=list(lora_metadata(family.denoiser)["target_modules"]),
+        architecture=family.pipeline_class.__name__, base_model=params.model_name,
+        rank=denoiser.get("r", params.lora_r), alpha=denoiser.get("lora_alpha", denoiser.get("alpha", params.lora_alpha)),
+        target_modules=list(denoiser["target_modules"]), lora_type=params.lora_type, text_encoder_targets=text,
         trigger_word=params.trigger_word, parameters=params.model_dump(), steps_trained=outcome.steps,
         epochs_trained=outcome.epochs, final_loss=outcome.final_loss, prediction_type=prediction_type,
         stopped_early=outcome.stopped)
