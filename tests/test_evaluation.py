@@ -93,7 +93,8 @@ def test_validation_loss_is_the_same_number_for_the_same_model_and_draws_no_trai
     family.configure_objective(params, "epsilon")
     records = load_records(str(numbered), "image", "text").select([0, 5])
     held = setup.validation_samples(records, params)
-    accelerator = type("Acc", (), {"device": torch.device("cpu"), "autocast": lambda self: torch.autocast("cpu", enabled=False)})()
+    accelerator = type("Acc", (), {"device": torch.device("cpu"),
+                                   "autocast": lambda self: torch.autocast("cpu", enabled=False)})()
     torch.manual_seed(0)
     state = torch.random.get_rng_state()
     first = Validation(family, held, accelerator, "l2", 0.1).losses()

@@ -1,5 +1,6 @@
-"""Pictures of a run for the job's Artifacts: one eval's grid of prompts x seeds, the eval image before training
-and the last one side by side, and the loss curve. Drawn with PIL (already a dependency) so no plotting library is needed."""
+"""Pictures of a run for the job's Artifacts: one eval's grid of prompts x seeds, the eval image before
+training and the last one side by side, and the loss curve. Drawn with PIL (already a dependency) so no
+plotting library is needed."""
 
 from __future__ import annotations
 

@@ -176,7 +176,8 @@ class Evaluator:
 
     def _log(self, tag: str, grid: Image.Image, step: int) -> None:
         name = "eval/grid" + (NO_EMA if tag.endswith(NO_EMA) else "")
-        caption = f"{tag}: " + " | ".join(self.settings.prompts) + f" (seeds {', '.join(map(str, self.settings.seeds))})"
+        seeds = ", ".join(map(str, self.settings.seeds))
+        caption = f"{tag}: " + " | ".join(self.settings.prompts) + f" (seeds {seeds})"
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image(name, np.asarray(grid), step, dataformats="HWC")
