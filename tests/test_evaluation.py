@@ -111,3 +111,10 @@ def test_a_validation_split_that_leaves_nothing_to_train_on_is_refused(tmp_path,
     assert code == 2
     assert "validation_split: 0.95 of 8 image(s) holds out 8" in capsys.readouterr().err
     assert not (out / "test_lora").exists()
+
+
+def test_eval_steps_keeps_its_name_and_says_it_counts_epochs():
+    from diffusion_trainer.params import FIELDS
+
+    assert FIELDS["eval_steps"].default == 1 and "epochs" in FIELDS["eval_steps"].description
+    assert "Epochs" in FIELDS["eval_steps"].title

@@ -290,7 +290,8 @@ class LabReporter(Reporter):
 def artifacts(result: Any) -> dict[str, Path]:
     """Each eval's grid (the image itself for one prompt at one seed), the before-vs-after grid and the
     loss curve, by artifact name."""
-    out: dict[str, Path] = {f"eval_{p.name}": p for p in [*result.eval_images, *result.extra_grids]}
+    grids = [*result.eval_images, *getattr(result, "extra_grids", [])]  # the EMA grids first, then those without
+    out: dict[str, Path] = {f"eval_{p.name}": p for p in grids}
     figures_dir = result.paths.logs_dir
     if len(result.eval_images) > 1 and result.eval_images[0].stem == BEFORE:
         grid = figures.before_after(result.eval_images[0], result.eval_images[-1], figures_dir / "before_after.png")
