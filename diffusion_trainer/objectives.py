@@ -101,6 +101,11 @@ class DDPMObjective:
         noise = offset_noise(latents, self.noise_offset)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   device=latents.device)
+        return self.noisy_batch_at(latents, noise, timesteps)
+
+    def noisy_batch_at(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisyBatch:
+        """The noisy batch at given timesteps (integers 0..T-1) and noise: the validation loss's."""
+        timesteps = timesteps.to(latents.device).long()
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         if self.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(latents, noise, timesteps)
@@ -168,7 +173,13 @@ class FlowMatchObjective:
     def noisy_batch(self, latents: torch.Tensor) -> NoisyBatch:
         image_tokens = (latents.shape[-2] // self.patch_size) * (latents.shape[-1] // self.patch_size)
         sigmas = self.sample_sigmas(latents.shape[0], image_tokens, latents.device)
-        noise = offset_noise(latents, self.noise_offset)
+        return self._at_sigmas(latents, offset_noise(latents, self.noise_offset), sigmas)
+
+    def noisy_batch_at(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisyBatch:
+        """The noisy batch at given timesteps (sigma x num_train_timesteps) and noise: the validation loss's."""
+        return self._at_sigmas(latents, noise, timesteps.to(latents.device).float() / self.num_train_timesteps)
+
+    def _at_sigmas(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> NoisyBatch:
         s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
         noisy = (1 - s) * latents + s * noise
         weights = None

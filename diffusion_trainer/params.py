@@ -356,12 +356,31 @@ class TrainingParams(BaseModel):
 
     # --- Evaluation ----------------------------------------------------------------------
     eval_prompt: str = _param(
-        "", title="Evaluation Prompt", group="Evaluation",
-        help="Prompt drawn with the adaptor during training and at the end. Empty = no eval "
-             "images.")
+        "", title="Evaluation Prompts", group="Evaluation", widget="textarea",
+        help="Prompts drawn with the adaptor before step 1, during training and at the end: one per line, "
+             "or separated by '|' on one line (with line breaks, each line is one prompt and '|' is kept "
+             "as written). Empty = no eval images.")
+    eval_num_images: int = _param(
+        1, title="Evaluation Images per Prompt", group="Evaluation", ge=1, le=16,
+        help="Each eval prompt is drawn at this many fixed seeds (seed, seed + 1, ...); each eval also "
+             "writes one grid of prompts (rows) x seeds (columns).")
     eval_steps: int = _param(
-        1, title="Evaluation Steps", group="Evaluation", ge=1,
-        help="Draw eval images every this many epochs (and at the end).")
+        1, title="Evaluation Every N Epochs", group="Evaluation", ge=1,
+        help="Evaluate (eval images, validation loss) every this many epochs, before step 1 and at "
+             "the end. Counts epochs, not steps (see eval_every_n_steps).")
+    eval_every_n_steps: int = _param(
+        0, title="Evaluation Every N Steps", group="Evaluation", ge=0,
+        help="Also evaluate every this many optimizer steps. 0 = off (only every eval_steps epochs).")
+    eval_also_without_ema: bool = _param(
+        False, title="Eval Images Also Without EMA", group="Evaluation",
+        help="With use_ema, eval images use the averaged weights; this also draws them with the "
+             "weights as trained (files and grids ending in _no_ema).")
+    validation_split: float = _param(
+        0.0, title="Validation Split", group="Evaluation", ge=0.0, lt=1.0,
+        help="Hold out this fraction of the dataset (at least one image), never trained on: its loss at "
+             "fixed timesteps and fixed noise is computed at every eval, logged as val/loss, written to "
+             "metrics.json and reported as the job's score. The same images are held out whatever the "
+             "seed. 0 = off.")
     eval_num_inference_steps: int = _param(
         50, title="Evaluation Inference Steps", group="Evaluation", ge=1, le=200,
         help="Denoising steps per eval image.")

@@ -366,3 +366,28 @@ def test_a_remote_checkpoint_is_copied_once_per_machine(monkeypatch, tmp_path):
     assert copies == ["s3://bucket/jobs/7/checkpoints/checkpoint-4/"]
     assert found[0] == found[1] and (found[0] / "lora_weights.safetensors").read_bytes() == b"weights"
     assert found[0].name == "checkpoint-4" and [p.name for p in found[0].parent.iterdir()] == ["checkpoint-4"]
+
+
+def test_the_validation_loss_is_the_task_jobs_score_and_the_plugin_sweeps_metric(monkeypatch, lab_job, tiny_sd,
+                                                                                 star_folder, tmp_path):
+    from types import SimpleNamespace
+
+    from diffusion_trainer.lab.reporter import write_sweep_metrics
+
+    experiment, job = lab_job
+    task_job(job, experiment, tiny_sd, star_folder, tmp_path / "output", num_train_epochs=1, eval_prompt="",
+             validation_split=0.25, checkpointing_steps=0)
+    monkeypatch.setenv("_TFL_JOB_ID", job.id)
+    monkeypatch.setenv("_TFL_EXPERIMENT_ID", experiment)
+    assert run_main([]) == 0
+    status, _, data = job_state(job, experiment)
+    assert status == "COMPLETE"
+    job_dir = Path(asyncio.run(asyncio.run(Job.get(job.id, experiment)).get_dir()))
+    (metrics_file,) = (job_dir / "output").rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert data["score"]["val/loss"] == metrics["val/loss"] > 0 and data["score"]["final_loss"] > 0
+    # the plugin Lab's sweeps read <output_dir>/metrics.json
+    result = SimpleNamespace(steps=3, epochs=1, final_loss=0.5,
+                             validation=[(0, {"val/loss": 0.7}), (3, {"val/loss": 0.6})])
+    swept = json.loads(write_sweep_metrics(tmp_path, result).read_text())
+    assert swept["val/loss"] == swept["eval/loss"] == 0.6 and swept["train/loss"] == 0.5

@@ -26,6 +26,7 @@ from typing import Any
 from .. import atomic
 from ..outputs import figures
 from ..outputs.layout import BEFORE, INFO_NAME
+from ..outputs.metrics import run_metrics, write_metrics
 from ..reporting import LAB_STOP, TERMINATE, Reporter
 
 TASK, PLUGIN = "task", "plugin"
@@ -287,8 +288,10 @@ class LabReporter(Reporter):
 
 
 def artifacts(result: Any) -> dict[str, Path]:
-    """The eval images, the before-vs-after grid and the loss curve, by artifact name."""
-    out: dict[str, Path] = {f"eval_{p.name}": p for p in result.eval_images}
+    """Each eval's grid (the image itself for one prompt at one seed), the before-vs-after grid and the
+    loss curve, by artifact name."""
+    grids = [*result.eval_images, *getattr(result, "extra_grids", [])]  # the EMA grids first, then those without
+    out: dict[str, Path] = {f"eval_{p.name}": p for p in grids}
     figures_dir = result.paths.logs_dir
     if len(result.eval_images) > 1 and result.eval_images[0].stem == BEFORE:
         grid = figures.before_after(result.eval_images[0], result.eval_images[-1], figures_dir / "before_after.png")
@@ -299,9 +302,7 @@ def artifacts(result: Any) -> dict[str, Path]:
 
 
 def write_sweep_metrics(output_dir: Path, result: Any) -> Path:
-    """<output_dir>/metrics.json: what the plugin Lab's sweeps rank runs by (set sweep_metric
-    to "train/loss"; lower is better)."""
-    metrics: dict[str, Any] = {"steps": result.steps, "epochs": result.epochs}
-    if result.final_loss is not None:
-        metrics.update({"train/loss": result.final_loss, "loss": result.final_loss})
-    return atomic.write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    """<output_dir>/metrics.json: what the plugin Lab's sweeps rank runs by (sweep_metric "val/loss" with a
+    validation_split, else "train/loss"; lower is better)."""
+    return write_metrics(output_dir / "metrics.json",
+                         run_metrics(result.steps, result.epochs, result.final_loss, result.validation))

@@ -1,5 +1,6 @@
-"""Pictures of a run for the job's Artifacts: the eval image before training and the last one side by side, and
-the loss curve. Drawn with PIL (already a dependency) so no plotting library is needed."""
+"""Pictures of a run for the job's Artifacts: one eval's grid of prompts x seeds, the eval image before
+training and the last one side by side, and the loss curve. Drawn with PIL (already a dependency) so no
+plotting library is needed."""
 
 from __future__ import annotations
 
@@ -19,6 +20,25 @@ def before_after(first: Path, last: Path, out: Path, cell: int = 256) -> Path:
             sheet.paste(image.convert("RGB").resize((cell, cell)), (column * cell, caption))
         pen.text((column * cell + cell // 2, 4), path.stem, fill="black", font=font, anchor="ma")
     return _save(sheet, out)
+
+
+def eval_grid(rows: list[list[Image.Image]], prompts: list[str], seeds: list[int]) -> Image.Image:
+    """One eval's images: a row per prompt (written above it), a column per seed, at the images' own size.
+    A single image is returned as it is."""
+    if len(rows) == 1 and len(rows[0]) == 1:
+        return rows[0][0]
+    width, height = rows[0][0].size
+    font = ImageFont.load_default(size=12)
+    caption = 18
+    sheet = Image.new("RGB", (width * len(seeds), (height + caption) * len(rows)), "white")
+    pen = ImageDraw.Draw(sheet)
+    for r, (prompt, images) in enumerate(zip(prompts, rows)):
+        top = r * (height + caption)
+        pen.text((4, top + 3), f"{prompt}  (seeds {seeds[0]}-{seeds[-1]})" if len(seeds) > 1 else prompt,
+                 fill="black", font=font)
+        for c, image in enumerate(images):
+            sheet.paste(image.convert("RGB").resize((width, height)), (c * width, top + caption))
+    return sheet
 
 
 def loss_curve(losses: list[tuple[int, float]], out: Path, size: tuple[int, int] = (640, 360)) -> Path:

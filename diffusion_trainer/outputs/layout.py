@@ -20,6 +20,7 @@ from pathlib import Path
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights reads
 INFO_NAME = "tlab_adaptor_info.json"  # the adapter's record: the Lab reads this name
 BEFORE = "before"  # the eval image drawn before the first step: before.png
+NO_EMA = "_no_ema"  # the suffix of eval images drawn without the EMA weights (eval_also_without_ema)
 
 # Folders kept beside the adapters in output_dir (the demo's two included): an adapter by one of
 # these names would replace them.

@@ -45,7 +45,7 @@ TEST_SLEEP_ENV = "DIFFUSION_TRAINER_TEST_CHECKPOINT_SLEEP"
 # never what the steps already taken would have been. Any other difference is refused.
 SAFE_TO_CHANGE = frozenset({
     "num_train_epochs", "max_train_steps", "eval_prompt", "eval_steps", "eval_num_inference_steps",
-    "eval_guidance_scale", "log_to_wandb", "checkpointing_steps", "checkpoints_total_limit",
+    "eval_guidance_scale", "eval_num_images", "eval_every_n_steps", "eval_also_without_ema", "log_to_wandb", "checkpointing_steps", "checkpoints_total_limit",
     "resume_from_checkpoint", "output_dir", "dataset_name", "cache_memory_budget_mb", "cache_latents",
     "cache_text_embeddings", "torch_compile", "gradient_checkpointing", "skip_bad_images",
     "enable_xformers_memory_efficient_attention", "allow_files_outside_dataset",

@@ -119,6 +119,9 @@ def execute(params: Any, paths: Any, reporter: Any) -> int:
                 exit_now(reporter.stop_exit_status())
             return reporter.stop_exit_status()
         score = {"final_loss": result.final_loss} if result.final_loss is not None else {}
+        if result.validation:  # the held-out loss: what the job is judged by (lower is better)
+            last = result.validation[-1][1]["val/loss"]
+            score.update({"val/loss": last, "eval/loss": last})
         reporter.completed(f"Adapter saved to {result.paths.adapter_dir}", score)
         return EXIT_OK
 

@@ -159,7 +159,12 @@ def run(t: Training) -> Outcome:
                 if checkpoint_due(t, out.steps):
                     t.checkpoints.save(out.steps, epoch, position)
                     out.checkpointed_step = out.steps
-            if t.evaluator.due(epoch):
+                if t.evaluator.due_at_step(out.steps):
+                    t.evaluator.run(f"step_{out.steps:06d}", out.steps)
+                    if t.reporter.stop_requested():
+                        out.stopped = True
+                        return out
+            if t.evaluator.due(epoch) and not t.evaluator.due_at_step(out.steps):  # not twice for one step
                 t.evaluator.run(f"epoch_{epoch:04d}", out.steps)
                 if t.reporter.stop_requested():  # asked during the eval image: stop before another step
                     out.stopped = True

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,7 @@ def prepare_data(family: Any, records: Any, images_fingerprint: str, params: Tra
     if params.aspect_ratio_bucketing:
         shapes = sorted(set(samples.targets))
         reporter.info(f"Aspect-ratio buckets in use (height x width): {', '.join(f'{h}x{w}' for h, w in shapes)}.")
-    keep_for_eval = bool(params.eval_prompt.strip())
+    keep_for_eval = bool(params.eval_prompt.strip())  # the validation set is encoded before this
     text_cache = None
     captions_vary = params.shuffle_caption or params.caption_tag_dropout_rate > 0
     trained, frozen = family.trained_text, family.frozen_text_attrs
@@ -222,6 +222,15 @@ def prepare_data(family: Any, records: Any, images_fingerprint: str, params: Tra
 def training_samples(records: Any, params: TrainingParams) -> Any:
     return build_samples(records, params.image_column, params.caption_column, params.trigger_word,
                          Augmentation.of(params), params.seed, params.aspect_ratio_bucketing)
+
+
+def validation_samples(records: Any, params: TrainingParams) -> Any:
+    """The held-out images as the training would see them, without anything random: centre crop, no
+    flip, jitter or rotation."""
+    fixed = replace(Augmentation.of(params), center_crop=True, random_flip=False, color_jitter=False,
+                    random_rotation=False)
+    return build_samples(records, params.image_column, params.caption_column, params.trigger_word, fixed,
+                         params.seed, params.aspect_ratio_bucketing)
 
 
 def make_dataloader(samples: Any, params: TrainingParams, accelerator: Any):

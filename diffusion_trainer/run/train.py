@@ -7,6 +7,7 @@ are loaded, and nothing is written until they pass.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -22,9 +23,11 @@ from ..families import FAMILIES, family_for
 from ..lora import TEXT_ENCODER_LAYERS, Adapter, AdapterSpec, LoraEMA
 from ..outputs import adapter, guards
 from ..outputs.layout import INFO_NAME, RunPaths
+from ..outputs.metrics import run_metrics, write_metrics
 from ..params import TrainingParams
 from . import checkpoint, loop, optimizers, processes, setup, steps, trace
-from .evaluate import EvalSettings, Evaluator
+from .evaluate import METRICS_NAME, EvalSettings, Evaluator, parse_prompts
+from .validation import Validation, split_rows
 
 
 def trained_pipeline_classes() -> list[str]:
@@ -40,7 +43,9 @@ class RunResult:
     epochs: int
     final_loss: float | None
     losses: list[tuple[int, float]]
-    eval_images: list[Path] = field(default_factory=list)
+    eval_images: list[Path] = field(default_factory=list)  # one grid per eval
+    validation: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (step, val/loss…) per eval
+    extra_grids: list[Path] = field(default_factory=list)  # the eval grids without EMA
     seconds: float = 0.0
     timing: dict[str, float] = field(default_factory=dict)  # loop timestamps, for the benchmark
     stop_reason: str | None = None  # why a stopped run stopped (reporting.INTERRUPT, TERMINATE, LAB_STOP)
@@ -85,7 +90,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
                             dataset_name=params.dataset_name, skip_bad_images=params.skip_bad_images,
                             resolution=params.resolution, bucketing=params.aspect_ratio_bucketing,
                             load_problems=load_problems, reporter=reporter)
-    records = checked.records
+    records, held_out, images_fingerprint = hold_out(checked, params.validation_split, reporter)
     runtime = setup.decide_runtime(params, reporter)
     optimizers.check_optimizer(params, reporter)
     if params.lr_scheduler == "constant" and params.lr_warmup_steps:
@@ -120,6 +125,10 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     family.configure_objective(params, prediction_type)
     for note in family.inapplicable_notes(params):
         reporter.info(note)
+    validation_set = None
+    if held_out is not None and accelerator.is_main_process:  # encoded now: the encoders are parked below
+        validation_set = Validation(family, setup.validation_samples(held_out, params), accelerator,
+                                    params.loss_type, params.huber_c)
     denoiser = family.denoiser
     adapters = attach_adapters(family, params)
     for note in adapter_notes(params):
@@ -130,8 +139,8 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     setup.speed_up_denoiser(denoiser, params, runtime, reporter)
 
     # --- data: encode once where we can, then park the encoders --------------------------
-    samples, inputs = setup.prepare_data(family, records, checked.images_fingerprint, params, paths.cache_dir, accelerator,
-                                   reporter)
+    samples, inputs = setup.prepare_data(family, records, images_fingerprint, params, paths.cache_dir, accelerator,
+                                         reporter)
     dataloader = setup.make_dataloader(samples, params, accelerator)
 
     # --- optimizer: steps are global optimizer steps, whatever the number of processes ------------
@@ -158,6 +167,8 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     dataloader = trace.traced(dataloader, samples, optimizer, accelerator.process_index)
     processes.seed_this_process(params.seed, accelerator.process_index)
     ema = LoraEMA(trainable, params.ema_decay) if params.use_ema else None
+    if validation_set is not None:
+        validation_set.ema = ema
     run_folder = checkpoints_dir if paths.own_checkpoints_dir else processes.same_on_every_process(
         accelerator, lambda: checkpoint.run_folder_for(resume_from, checkpoints_dir))
     checkpoints = checkpoint.Checkpoints(run_folder, accelerator, denoiser, ema, every=params.checkpointing_steps,
@@ -171,10 +182,13 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     if os.environ.get("WANDB_MODE"):
         wandb_kwargs["mode"] = os.environ["WANDB_MODE"].lower()  # not whatever an earlier import fixed
     accelerator.init_trackers("diffusion_trainer", config=setup.tracker_config(params), init_kwargs={"wandb": wandb_kwargs})
-    settings = EvalSettings(params.eval_prompt, params.seed, params.eval_steps, params.eval_num_inference_steps,
-                            params.eval_guidance_scale, params.resolution)
-    evaluator = Evaluator(family, settings, paths.eval_images_dir if params.eval_prompt.strip() else None,
-                          accelerator, ema, reporter.stop_asked_here)
+    prompts = parse_prompts(params.eval_prompt)
+    settings = EvalSettings(prompts, params.seed, params.eval_steps, params.eval_num_inference_steps,
+                            params.eval_guidance_scale, params.resolution, params.eval_num_images,
+                            params.eval_every_n_steps, params.eval_also_without_ema)
+    evaluator = Evaluator(family, settings, paths.eval_images_dir if prompts else None, accelerator, ema,
+                          reporter.stop_asked_here, validation_set, paths.logs_dir / METRICS_NAME, reporter,
+                          validates=held_out is not None)
     if evaluator.enabled and accelerator.is_main_process:
         paths.eval_images_dir.mkdir(parents=True, exist_ok=True)
     reporter.record_outputs(eval_images_dir=evaluator.out_dir, tensorboard_dir=paths.logs_dir)
@@ -194,7 +208,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
                 reporter.info(f"The learning-rate schedule follows this run's {total_steps} steps from step "
                               f"{start.step + 1} on: learning rate {now:.4g} (the checkpoint's schedule had {before:.4g}).")
     if not reporter.stop_requested():  # before.png, the base model's image (a resume keeps its first run's)
-        evaluator.before(resumed=start is not None)
+        evaluator.before(resumed=start is not None, step=start.step if start else 0)
     outcome = loop.run(loop.Training(
         accelerator=accelerator, family=family, denoiser=prepared, trainable=trainable,
         optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, samples=samples,
@@ -227,10 +241,24 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     stopping = outcome.stopped or reporter.stop_requested()
     if accelerator.is_main_process and not stopping:  # a stop may have seconds left: no extra image
         evaluator.run("final", outcome.steps)
+    if accelerator.is_main_process:
+        write_metrics(paths.logs_dir / METRICS_NAME, run_metrics(outcome.steps, outcome.epochs, outcome.final_loss,
+                                                                 evaluator.validation_history))
     accelerator.end_training()
     return RunResult("stopped" if stopping else "completed", replace(paths, adapter_dir=saved_to), outcome.steps,
-                     outcome.epochs, outcome.final_loss, outcome.losses, evaluator.images, time.monotonic() - started,
-                     outcome.timing)
+                     outcome.epochs, outcome.final_loss, outcome.losses, evaluator.images, evaluator.validation_history,
+                     evaluator.extra_grids, time.monotonic() - started, outcome.timing)
+
+
+def hold_out(checked: Any, fraction: float, reporter: Any) -> tuple[Any, Any, str]:
+    """(training records, held-out records or None, the training images' fingerprint for the latent cache)."""
+    train_rows, held_rows = split_rows(len(checked.records), fraction)
+    if not held_rows:
+        return checked.records, None, checked.images_fingerprint
+    reporter.info(f"validation_split={fraction}: {len(held_rows)} of {len(checked.records)} images held out for the "
+                  f"validation loss (never trained on); training on {len(train_rows)}.")
+    fingerprint = hashlib.sha256(f"{checked.images_fingerprint} without {held_rows}".encode()).hexdigest()[:20]
+    return checked.records.select(train_rows), checked.records.select(held_rows), fingerprint
 
 
 def tidy_outputs(paths: RunPaths, checkpoints_dir: Path) -> list[str]:
