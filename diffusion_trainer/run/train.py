@@ -79,7 +79,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     checked = check_dataset(records, image_column=params.image_column, caption_column=params.caption_column,
                             dataset_name=params.dataset_name, skip_bad_images=params.skip_bad_images,
                             resolution=params.resolution, bucketing=params.aspect_ratio_bucketing,
-                            load_problems=load_problems, reporter=reporter)
+                            load_problems=load_problems, reporter=reporter, masked_loss=params.masked_loss)
     records = checked.records
     runtime = setup.decide_runtime(params, reporter)
     optimizers.check_optimizer(params, reporter)
@@ -121,7 +121,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
 
     # --- data: encode once where we can, then park the encoders --------------------------
     samples, inputs = setup.prepare_data(family, records, checked.images_fingerprint, params, paths.cache_dir, accelerator,
-                                   reporter)
+                                         reporter, checked.masks, checked.masks_fingerprint)
     dataloader = setup.make_dataloader(samples, params, accelerator)
 
     # --- optimizer: steps are global optimizer steps, whatever the number of processes ------------
@@ -165,7 +165,8 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
         paths.eval_images_dir.mkdir(parents=True, exist_ok=True)
     reporter.record_outputs(eval_images_dir=evaluator.out_dir, tensorboard_dir=paths.logs_dir)
     several = f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
-    reporter.info(f"Training {len(samples)} images for {total_steps} optimizer steps ({num_epochs} epochs, "
+    repeated = f" ({len(samples)} samples an epoch with repeats)" if len(samples) != samples.image_count else ""
+    reporter.info(f"Training {samples.image_count} images{repeated} for {total_steps} optimizer steps ({num_epochs} epochs, "
                   f"batch {params.train_batch_size}{several} x {accumulation} accumulation).")
 
     start = None
@@ -196,7 +197,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
             info = adapter_info(family, params, outcome, prediction_type)
             kept = checkpoint.existing(run_folder)
             saved_to = adapter.save_somewhere(
-                lambda folder: adapter.save_adapter(folder, family, params.adaptor_name, info, ema, samples.captions),
+                lambda folder: adapter.save_adapter(folder, family, params.adaptor_name, info, ema, samples.image_captions),
                 paths.adapter_dir, params.adaptor_name, outcome.steps, outcome.stopped, kept[-1] if kept else None,
                 reporter)
         except adapter.RunFailed as exc:  # the weights went to a rescue folder (or nowhere): still try the checkpoint
