@@ -131,3 +131,29 @@ def test_a_training_step_gives_the_masked_out_region_no_gradient(tiny_sd, tiny_f
         grad = seen["prediction"].grad
         assert torch.all(grad[..., 4:] == 0) and torch.all(grad[..., :4].abs().sum(dim=(0, 1)) > 0)
     assert losses[0] == pytest.approx(losses[1])
+
+
+def test_a_masked_run_trains_from_the_disk_cache_and_the_masks_change_its_key(tmp_path, tiny_sd, capsys):
+    from conftest import quick_params, run_main, write_config
+
+    from diffusion_trainer.data.cache import DiskLatents
+
+    for n in range(3):
+        write_image(tmp_path / "data" / f"{n}.png")
+        (tmp_path / "data" / f"{n}.txt").write_text("a sks thing")
+    write_image(tmp_path / "data" / "masks" / "0.png", mode="L")
+    keys = []
+    for masked in (True, False):
+        config = write_config(tmp_path / "run.json", quick_params(
+            tiny_sd, tmp_path / "data", tmp_path / "output", masked_loss=masked, cache_memory_budget_mb=0,
+            random_flip=True, num_train_epochs=1))
+        assert run_main(["--config", str(config)]) == 0
+        caches = sorted((tmp_path / "output" / "cache").rglob("latents-*"))
+        keys.append({c.name for c in caches})
+    assert "masks for 1 of 3 images (1 from masks/ files)" in capsys.readouterr().err
+    assert len(keys[0]) == 1 and len(keys[1]) == 2  # masked_loss off: another cache, without masks
+    masked = next(c for c in caches if c.name in keys[0])
+    store = DiskLatents(masked, torch.float32)
+    variant = store.get(0, 0)
+    assert variant.mask is not None and variant.mask.shape == (1, 8, 8)
+    assert DiskLatents(next(c for c in caches if c.name not in keys[0]), torch.float32).get(0, 0).mask is None
