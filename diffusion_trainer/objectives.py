@@ -46,10 +46,20 @@ def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: 
 
 
 def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, loss_weights: torch.Tensor | None,
-                  loss_type: str = "l2", huber_c: float = 0.1) -> torch.Tensor:
-    """Mean over each sample, times its weight, mean over the batch."""
+                  loss_type: str = "l2", huber_c: float = 0.1, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over each sample, times its weight, mean over the batch.
+
+    With a `mask` (broadcast to the prediction, e.g. B x 1 x h x w, values in [0, 1]) each
+    sample's mean is taken over its masked region alone, weighted by the mask: sum(m * loss) /
+    sum(m * 1), so an element with m = 0 gets no gradient, and a sample masked out entirely counts 0."""
     per_element = elementwise_loss(prediction, target, loss_type, huber_c)
-    per_sample = per_element.mean(dim=tuple(range(1, per_element.ndim)))
+    dims = tuple(range(1, per_element.ndim))
+    if mask is None:
+        per_sample = per_element.mean(dim=dims)
+    else:
+        mask = mask.to(per_element).expand_as(per_element)
+        kept = mask.sum(dim=dims)
+        per_sample = (per_element * mask).sum(dim=dims) / kept.clamp(min=torch.finfo(kept.dtype).tiny)
     if loss_weights is not None:
         per_sample = per_sample * loss_weights.to(per_sample)
     return per_sample.mean()

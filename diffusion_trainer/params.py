@@ -53,7 +53,7 @@ class TrainingParams(BaseModel):
         title="Dataset", group="Run", lab_form=False,
         help="Hub id, a folder saved with datasets' save_to_disk, an imagefolder with "
              "metadata.jsonl, or a folder of images with same-named .txt captions (see caption_extension "
-             "and default_caption).")
+             "and default_caption), with kohya-style subfolders <repeats>_<name> if you like.")
     output_dir: str = _param(
         DEFAULT_OUTPUT_DIR, title="Output Directory", group="Run", lab_form=False,
         help="Where a standalone run writes the adaptor, eval images and logs. Empty = ./output.")
@@ -88,6 +88,11 @@ class TrainingParams(BaseModel):
         help="In a folder of images, the caption of every image without a caption file (the trigger "
              "word still goes in front). Empty = such images get the trigger word alone, or, without "
              "one, the folder is refused.")
+    dataset_repeats: int = _param(
+        1, title="Dataset Repeats", group="Data", ge=1, le=10_000,
+        help="Each image is trained this many times an epoch (each time a new draw of the "
+             "augmentation). In a kohya-style folder (subfolders named <repeats>_<name>, e.g. "
+             "'10_sks dog') it multiplies each subfolder's own repeats.")
     image_column: str = _param(
         "image", title="Image Column", group="Data", min_length=1,
         help="Dataset column holding the images.")
@@ -241,6 +246,11 @@ class TrainingParams(BaseModel):
         "l2", title="Loss Type", group="Loss",
         help="'l2' is the usual mean squared error; 'huber' is the pseudo-Huber loss, "
              "gentler on outliers.")
+    masked_loss: bool = _param(
+        False, title="Masked Loss", group="Loss",
+        help="Train only where each image's mask is white: a same-named image in a masks/ folder "
+             "beside it (dog.jpg -> masks/dog.png), else its alpha channel (opaque trains). Images "
+             "without a mask train on the whole image (they are named); none at all is refused.")
     huber_c: float = _param(
         0.1, title="Huber Loss Beta", group="Loss", gt=0.0, le=10.0,
         help="Pseudo-Huber c: errors much smaller than c are treated as squared, larger as "

@@ -1,5 +1,6 @@
 """What the denoiser is conditioned on and trained to denoise, made from a batch of samples:
-from the caches when the run built them, else by running the VAE and text encoders."""
+from the caches when the run built them, else by running the VAE and text encoders; and, with
+masked_loss, where the loss counts (the batch's masks on the latent grid)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from .cache import latent_grid
 from .captions import drop_captions, shuffled_tags
 
 
@@ -43,6 +45,15 @@ class ModelInputs:
             posterior = DiagonalGaussianDistribution(batch["latent_params"].to(self.device, non_blocking=True))
             return self.family.latents_from_distribution(posterior)
         return self.family.encode_images(batch["pixel_values"].to(self.device, non_blocking=True))
+
+    def loss_mask(self, batch: dict[str, Any], latents: torch.Tensor) -> torch.Tensor | None:
+        """B x 1 x h x w: the batch's masks (pixels, or cached on the latent grid) on the grid of
+        `latents`; None without masked_loss."""
+        if "mask" not in batch:
+            return None
+        size = tuple(latents.shape[-2:])
+        masks = batch["mask"].to(self.device, torch.float32, non_blocking=True)
+        return torch.stack([latent_grid(m, size) for m in masks])
 
     def conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         captions = self.captions(batch)

@@ -1,7 +1,9 @@
 """Encode once. The latent cache holds each training image's VAE posterior (mean and log-variance)
-per augmentation variant, keyed by the sample, never by the step, so shuffling cannot pair a
-latent with another image's caption; a fresh latent is still sampled from it every step, exactly
-as encoding on the fly would. The text cache holds each distinct caption's conditioning.
+per augmentation variant (with masked_loss, the variant's mask on the latent grid beside it),
+keyed by the image, never by the step, so shuffling cannot pair a latent with another image's
+caption; a fresh latent is still sampled from it every step, exactly as encoding on the fly
+would. An image's repeats draw their variants in turn. The text cache holds each distinct
+caption's conditioning.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -33,6 +36,7 @@ class Variant:
     latent_params: torch.Tensor  # 2C x h x w: the VAE posterior's mean and log-variance
     original_size: tuple[int, int]
     crop_top_left: tuple[int, int]
+    mask: torch.Tensor | None = None  # 1 x h x w on the latent grid (masked_loss)
 
 
 # --- which variants each image needs -----------------------------------------------------------
@@ -44,7 +48,7 @@ def variant_plan(samples: TrainingSamples, variants: int) -> tuple[list[list[boo
     plan, random_reasons = [], set()
     sizes = upright_sizes(samples.records, samples.image_column)
     for index, size in enumerate(sizes):
-        reasons = transform.random_augmentations(size, samples.targets[index])
+        reasons = transform.random_augmentations(size, samples.image_targets[index])
         random_reasons.update(reasons)
         if reasons:
             plan.append([None] * variants)
@@ -65,10 +69,10 @@ def variant_plan(samples: TrainingSamples, variants: int) -> tuple[list[list[boo
 
 
 def fingerprint(model: str, vae_config: dict, vae_dtype: torch.dtype, samples: TrainingSamples, bucketing: bool,
-                images: str, plan: list) -> str:
+                images: str, plan: list, masks: str = "") -> str:
     """What a disk cache depends on: model, VAE and the precision it encodes in, the images' bytes
     (`images`: the data check's fingerprint of them, in order), resolution and every augmentation
-    setting."""
+    setting, and with masked_loss the masks (`masks`: the data check's fingerprint of them)."""
     a = samples.transform.augmentation
     model_path = Path(model).expanduser()
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
@@ -84,6 +88,8 @@ def fingerprint(model: str, vae_config: dict, vae_dtype: torch.dtype, samples: T
         "rotation": [a.random_rotation, a.rotation_degrees, a.rotation_prob],
         "seed": samples.seed, "plan": plan,
     }
+    if samples.masks is not None:
+        keys["masks"] = masks
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -116,7 +122,8 @@ class DiskLatents:
     def get(self, index: int, variant: int) -> Variant:
         with safe_open(str(self.folder / f"{index:07d}.safetensors"), "pt") as f:
             meta = f.get_tensor(f"v{variant}_meta").tolist()
-            return Variant(f.get_tensor(f"v{variant}").to(self.dtype), tuple(meta[:2]), tuple(meta[2:]))
+            mask = f.get_tensor(f"v{variant}_mask") if f"v{variant}_mask" in f.keys() else None
+            return Variant(f.get_tensor(f"v{variant}").to(self.dtype), tuple(meta[:2]), tuple(meta[2:]), mask)
 
     @staticmethod
     def write_sample(folder: Path, index: int, variants: list[Variant]) -> None:
@@ -124,6 +131,8 @@ class DiskLatents:
         for k, v in enumerate(variants):
             tensors[f"v{k}"] = v.latent_params.contiguous()
             tensors[f"v{k}_meta"] = torch.tensor([*v.original_size, *v.crop_top_left])
+            if v.mask is not None:
+                tensors[f"v{k}_mask"] = v.mask.contiguous()
         save_file(tensors, str(folder / f"{index:07d}.safetensors"))
 
 
@@ -140,17 +149,18 @@ def encode_variants(family: Any, samples: TrainingSamples, plan: list[list[bool 
         with torch.no_grad():
             params = family.posterior(pixels).parameters.cpu()
         for (index, k, out), p in zip(batch, params):
-            done[index][k] = Variant(p, out.original_size, out.crop_top_left)
+            mask = None if out.mask is None else latent_grid(out.mask, tuple(p.shape[-2:]))
+            done[index][k] = Variant(p, out.original_size, out.crop_top_left, mask)
             if all(v is not None for v in done[index]):
                 on_sample_done(index, done.pop(index))
 
     for index, flips in enumerate(plan):
         raise_if_stopped(stop_asked, "while the latent cache was encoded")
-        image = samples.image(index)
+        image, mask = samples.image_and_mask(index)
         done[index] = [None] * len(flips)
         for k, flip in enumerate(flips):
             seed = derived_seed(samples.seed, VARIANT_NAMESPACE + k, index)
-            out = samples.transform(image, seed, samples.targets[index], flip=flip)
+            out = samples.transform(image, seed, samples.image_targets[index], flip=flip, mask=mask)
             shape = tuple(out.pixels.shape[-2:])
             pending.setdefault(shape, []).append((index, k, out))
             if len(pending[shape]) == ENCODE_BATCH:
@@ -159,9 +169,17 @@ def encode_variants(family: Any, samples: TrainingSamples, plan: list[list[bool 
         flush(shape)
 
 
+def latent_grid(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A 1 x H x W pixel mask averaged down to the latent grid (h, w): a latent trains as much as
+    the pixels it covers do."""
+    if tuple(mask.shape[-2:]) == size:
+        return mask
+    return F.interpolate(mask[None].float(), size=size, mode="area")[0]
+
+
 def build_latent_cache(family: Any, samples: TrainingSamples, *, model_name: str, variants: int, memory_budget_mb: float,
                        bucketing: bool, images: str, cache_root: Path, reporter: Any,
-                       writer_first: Callable[[], Any] = nullcontext) -> MemoryLatents | DiskLatents:
+                       writer_first: Callable[[], Any] = nullcontext, masks: str = "") -> MemoryLatents | DiskLatents:
     """The latent store: in memory within cache_memory_budget_mb (every process encodes its own:
     each needs every sample), else on disk, reused when complete. writer_first() is entered by
     every process around the disk cache: with several processes on a machine, one writes while
@@ -169,13 +187,13 @@ def build_latent_cache(family: Any, samples: TrainingSamples, *, model_name: str
     plan, message = variant_plan(samples, variants)
     reporter.info(message)
     dtype = family.vae.dtype
-    key = fingerprint(model_name, dict(family.vae.config), dtype, samples, bucketing, images, plan)
+    key = fingerprint(model_name, dict(family.vae.config), dtype, samples, bucketing, images, plan, masks)
     folder = cache_root / f"latents-{key}"
-    channels = 2 * family.latent_channels
+    channels = 2 * family.latent_channels + (samples.masks is not None)  # a mask: about one more
     scale = family.vae_downscale
     element = torch.finfo(family.vae.dtype).bits // 8
     size_mb = sum(len(flips) * channels * (h // scale) * (w // scale) * element
-                  for flips, (h, w) in zip(plan, samples.targets)) / 2**20
+                  for flips, (h, w) in zip(plan, samples.image_targets)) / 2**20
     if size_mb <= memory_budget_mb:
         if (folder / "complete.json").is_file():  # an earlier run's (no process writes it in this one)
             reporter.info(f"Reusing the latent cache in {folder}.")
@@ -209,27 +227,36 @@ def write_disk_cache(family: Any, samples: TrainingSamples, plan: list[list[bool
 
 
 class CachedSamples(torch.utils.data.Dataset):
-    """Training items from the latent cache: one variant per sample per epoch, drawn from the seed."""
+    """Training items from the latent cache: one variant per sample per epoch, drawn from the seed;
+    the repeats of an image take the variants after it in turn (all differ while there are enough)."""
 
     def __init__(self, store: MemoryLatents | DiskLatents, samples: TrainingSamples):
         self.store = store
         self.captions = samples.captions
+        self.image_captions = samples.image_captions
         self.targets = samples.targets
+        self.draws = samples.draws
         self.seed = samples.seed
         self.epoch = 0
+
+    @property
+    def image_count(self) -> int:
+        return len(self.image_captions)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.draws)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        count = self.store.variants(index)
-        variant = 0 if count == 1 else derived_seed(self.seed, self.epoch, index) % count
-        cached = self.store.get(index, variant)
+        image, repeat = self.draws[index]
+        count = self.store.variants(image)
+        variant = 0 if count == 1 else (derived_seed(self.seed, self.epoch, image) + repeat) % count
+        cached = self.store.get(image, variant)
+        extra = {} if cached.mask is None else {"mask": cached.mask}
         return training_item(index, self.captions[index], cached.original_size, cached.crop_top_left,
-                             self.targets[index], latent_params=cached.latent_params)
+                             self.targets[index], latent_params=cached.latent_params, **extra)
 
 
 # --- text ----------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Bad data caught before training, by name: every image is opened and fully decoded once (before
 the model loads), so a broken, truncated, non-image or oversized file, or an unreadable caption, is
 named in one report instead of crashing the run when its batch comes up, and an image that training
-will upscale or crop a lot is named in a note. The same pass fingerprints the data (every file's bytes
-and caption, in order) for checkpoints.
+will upscale or crop a lot is named in a note. With masked_loss, each image's mask is found and
+checked in the same pass (masks.py). The same pass fingerprints the data (every file's bytes and
+caption, in order, the folders' repeats and the masks) for checkpoints.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from PIL import Image
 from ..errors import InputError, raise_if_stopped
 from .buckets import bucket_targets
 from .images import MAX_IMAGE_PIXELS, covering_size, to_rgb
+from .masks import ALPHA, MaskFiles, find_mask, mask_report
+from .sources import REPEATS_COLUMN
 
 
 @dataclass
@@ -29,6 +33,8 @@ class CheckedData:
     fingerprint: str  # of every image's bytes and caption, in order
     skipped: list[str]  # what was left out (skip_bad_images)
     images_fingerprint: str = ""  # of every image's bytes, in order (what the latent cache depends on)
+    masks: list[str | None] | None = None  # with masked_loss, each row's mask (a file, masks.ALPHA, or None)
+    masks_fingerprint: str = ""  # of every mask file's bytes (with masked_loss), for the latent cache
 
 
 def _source(item: Any, row: int) -> tuple[str, bytes]:
@@ -93,10 +99,13 @@ def report_resizing(notes: list[str], reporter: Any) -> None:
 
 
 def check_dataset(records: Any, *, image_column: str, caption_column: str, dataset_name: str, skip_bad_images: bool,
-                  resolution: int, bucketing: bool, load_problems: list[str], reporter: Any) -> CheckedData:
+                  resolution: int, bucketing: bool, load_problems: list[str], reporter: Any,
+                  masked_loss: bool = False) -> CheckedData:
     """Decode every image once; refuse the run listing every problem (exit 2), or with
     skip_bad_images leave those rows out and say which. Images resized a lot to their training
-    shape are named in a note."""
+    shape are named in a note. With `masked_loss` each image's mask is found: one that cannot be
+    used (undecodable, not its image's size, two of them) is a problem like a broken image;
+    images without one train on the whole image and are named in a note; none at all is refused."""
     import datasets
 
     column = image_column
@@ -104,12 +113,20 @@ def check_dataset(records: Any, *, image_column: str, caption_column: str, datas
         records.features.get(column), datasets.Image) else records
     items, captions = raw[column], records[caption_column]
 
-    def inspect(row: int) -> tuple[str, bytes | None, tuple[int, int] | None, str | None]:
+    mask_files, listing = MaskFiles(), threading.Lock()
+
+    def inspect(row: int) -> tuple[str, bytes | None, tuple[int, int] | None, str | None, str | None]:
         try:
             name, data = _source(items[row], row)
         except OSError as exc:
-            return f"row {row}", None, None, f"cannot be read ({exc.strerror or exc})"
-        return name, data, *inspect_image(data)
+            return f"row {row}", None, None, f"cannot be read ({exc.strerror or exc})", None
+        size, why = inspect_image(data)
+        mask = None
+        if masked_loss and not why:
+            with listing:  # the masks/ folders are listed once, by whichever thread comes first
+                mask_files.of(Path(name))
+            mask, why = find_mask(name, data, size, mask_files)
+        return name, data, size, why, mask
 
     workers = max(1, min(8, os.cpu_count() or 1))
     pool = ThreadPoolExecutor(workers)  # PIL decodes outside the GIL
@@ -120,8 +137,8 @@ def check_dataset(records: Any, *, image_column: str, caption_column: str, datas
             raise_if_stopped(reporter.stop_asked_here, "during the data check")
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # a stop does not wait for the rest
-    problems = list(load_problems) + [f"{name}: {why}" for name, _, _, why in results if why]
-    good = [row for row, (_, _, _, why) in enumerate(results) if not why]
+    problems = list(load_problems) + [f"{name}: {why}" for name, _, _, why, _ in results if why]
+    good = [row for row, (_, _, _, why, _) in enumerate(results) if not why]
     if problems and not skip_bad_images:
         raise InputError(f"dataset_name: {len(problems)} unusable file(s) or row(s) in '{dataset_name}':\n  "
                          + "\n  ".join(problems) + "\n  Fix or remove them, or set skip_bad_images to train "
@@ -136,13 +153,33 @@ def check_dataset(records: Any, *, image_column: str, caption_column: str, datas
     sizes = [results[row][2] for row in good]
     targets = bucket_targets(sizes, resolution) if bucketing else [(resolution, resolution)] * len(good)
     report_resizing(resize_notes([results[row][0] for row in good], sizes, targets), reporter)
-    digest, images = hashlib.sha256(), hashlib.sha256()
+    masks = [results[row][4] for row in good] if masked_loss else None
+    if masks is not None:
+        check_masks(masks, [results[row][0] for row in good], dataset_name, reporter)
+    digest, images, mask_digest = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
     for row in good:
         image_digest = hashlib.sha256(results[row][1]).digest()
         digest.update(image_digest)
         digest.update(repr(captions[row]).encode())
         images.update(image_digest)
-    return CheckedData(records, digest.hexdigest()[:20], problems, images.hexdigest()[:20])
+    if REPEATS_COLUMN in records.column_names:  # a renamed 10_ folder is another run
+        digest.update(repr(records[REPEATS_COLUMN]).encode())
+    for mask in masks or []:
+        kind = mask in (None, ALPHA)
+        mask_digest.update(str(mask).encode() if kind else hashlib.sha256(Path(mask).read_bytes()).digest())
+    if masks is not None:
+        digest.update(mask_digest.digest())
+    return CheckedData(records, digest.hexdigest()[:20], problems, images.hexdigest()[:20], masks,
+                       mask_digest.hexdigest()[:20] if masks is not None else "")
+
+
+def check_masks(masks: list[str | None], names: list[str], dataset_name: str, reporter: Any) -> None:
+    """Refuse masked_loss when no image has a mask; else say where the masks came from."""
+    if not any(masks):
+        raise InputError(f"masked_loss: none of the {len(masks)} images of '{dataset_name}' has a mask: no "
+                         "same-named file in a masks/ folder beside it (dog.jpg -> masks/dog.png, white trains) "
+                         "and no alpha channel. Add masks, or set masked_loss off.")
+    reporter.info(mask_report(masks, names))
 
 
 def long_captions(pipeline: Any, captions: list[str]) -> list[str]:

@@ -1,6 +1,7 @@
 """Images: decoded upright and in RGB, their sizes read from headers, and each made into the
 training tensor (resize to cover the target shape, crop, augment) with a record of the original
-size and the crop it made (SDXL conditions on both)."""
+size and the crop it made (SDXL conditions on both); a mask goes through the same resize, flip,
+crop and rotation."""
 
 from __future__ import annotations
 
@@ -79,12 +80,17 @@ class Transformed:
     original_size: tuple[int, int]  # (height, width) before resizing
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
     flipped: bool
+    mask: torch.Tensor | None = None  # 1 x H x W in [0, 1] (1 trains), when a mask came in
 
 
 def covering_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
     """(height, width) of `size` scaled so that it just covers `target` (both (height, width))."""
     scale = max(target[0] / size[0], target[1] / size[1])
     return max(target[0], round(size[0] * scale)), max(target[1], round(size[1] * scale))
+
+
+def _on(mask: Image.Image | None, step: Any, *args: Any, **kwargs: Any) -> Image.Image | None:
+    return None if mask is None else step(mask, *args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -139,27 +145,34 @@ class ImageTransform:
         return reasons
 
     def __call__(self, image: Image.Image, seed: int, target: tuple[int, int] | None = None,
-                 flip: bool | None = None) -> Transformed:
-        """`flip` None draws it (when random_flip is on); True/False forces it (cached variants)."""
+                 flip: bool | None = None, mask: Image.Image | None = None) -> Transformed:
+        """`flip` None draws it (when random_flip is on); True/False forces it (cached variants).
+        `mask` (8-bit gray, the image's size) is resized, flipped, cropped and rotated with it;
+        what a rotation brings in from outside the picture does not train."""
         target = target or (self.size, self.size)
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)  # torch.manual_seed would reseed CUDA too
             original_size = (image.height, image.width)
             resized = covering_size(original_size, target)
             image = TF.resize(image, list(resized), interpolation=self.interpolation)
+            mask = _on(mask, TF.resize, list(resized), interpolation=transforms.InterpolationMode.BILINEAR)
             drawn = bool(self.flip and torch.rand(()) < 0.5)
             flipped = drawn if flip is None else flip
             if flipped:
-                image = TF.hflip(image)
+                image, mask = TF.hflip(image), _on(mask, TF.hflip)
             if self.center_crop:
                 top = round((resized[0] - target[0]) / 2)
                 left = round((resized[1] - target[1]) / 2)
             else:
                 top, left, _, _ = transforms.RandomCrop.get_params(image, target)
             image = TF.crop(image, top, left, target[0], target[1])
+            mask = _on(mask, TF.crop, top, left, target[0], target[1])
             if self.jitter is not None:
                 image = self.jitter(image)
             if self.rotation is not None and torch.rand(()) < self.rotation_prob:
-                image = self.rotation(image)
+                r = self.rotation  # RandomRotation's own steps, so that the mask turns by the same angle
+                angle = r.get_params(r.degrees)
+                image = TF.rotate(image, angle, r.interpolation, r.expand, r.center, r.fill)
+                mask = _on(mask, TF.rotate, angle, transforms.InterpolationMode.BILINEAR, r.expand, r.center, 0)
             pixels = TF.normalize(TF.to_tensor(image), [0.5], [0.5])
-        return Transformed(pixels, original_size, (top, left), flipped)
+        return Transformed(pixels, original_size, (top, left), flipped, None if mask is None else TF.to_tensor(mask))

@@ -1,8 +1,9 @@
 """Where image+caption pairs come from: a hub id, a folder saved with `save_to_disk`, an
 imagefolder with metadata.jsonl (or .csv) at the top or under train/ (the Lab's layouts), or a
 folder of images with same-named .txt (or .caption) captions, where an image without one may take
-`default_caption` or the trigger word. Every source becomes a `datasets.Dataset` with
-an image column and a caption column, checked here."""
+`default_caption` or the trigger word, or, in a kohya-style folder (`10_sks dog/`), its folder's
+name (kohya.py). Every source becomes a `datasets.Dataset` with an image column and a caption
+column, checked here, and a folder's repeats in REPEATS_COLUMN when it has kohya-style folders."""
 
 from __future__ import annotations
 
@@ -15,8 +16,18 @@ from pathlib import Path
 from ..errors import InputError
 from ..hub_ids import names_a_path
 from .captions import CAPTION_EXTENSIONS, caption_files
+from .kohya import describe, folder_of, is_mask, kohya_folders
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+REPEATS_COLUMN = "_repeats"  # each row's repeats an epoch, from its kohya-style folder (absent: 1)
+FOLDER_NAMES = "folder names"
+
+
+def row_repeats(records) -> list[int]:
+    """Each row's repeats an epoch as its source says (kohya-style folders), 1 for every other."""
+    if REPEATS_COLUMN in records.column_names:
+        return [int(r) for r in records[REPEATS_COLUMN]]
+    return [1] * len(records)
 
 
 def load_records(dataset_name: str, image_column: str, caption_column: str, problems: list[str] | None = None,
@@ -25,8 +36,10 @@ def load_records(dataset_name: str, image_column: str, caption_column: str, prob
     """The dataset's training split as a `datasets.Dataset`, with both columns checked.
 
     In a folder of images, an image's caption is the `caption_extension` file beside it; an image
-    without one is captioned `default_caption`, else `trigger_word`, else refused. How many
-    captions came from where is one line added to `notes`. Other sources are read as they are.
+    without one is captioned by its kohya-style folder's name, else `default_caption`, else
+    `trigger_word`, else refused. How many captions came from where (and the folders' repeats)
+    are lines added to `notes`. A `masks/` folder is never read as images. Other sources are read
+    as they are.
 
     Rows of a local folder that cannot be used (a caption file that is not UTF-8, a metadata line
     that is not JSON or names no file, a file outside the folder unless `allow_outside`, images
@@ -193,13 +206,14 @@ def _load_captioned_images(path: Path, image_column: str, caption_column: str, p
     import datasets
 
     files = listed_files(path, skip_folders)
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask(p, path)]
     if not images:
         raise InputError(f"dataset_name: folder '{path}' holds no images "
                          f"({', '.join(sorted(IMAGE_SUFFIXES))}), no metadata.jsonl and no saved dataset.")
     extension = fallback.caption_extension
     captions_of, refused = caption_files(images, files, problems, extension)
-    uncaptioned = [p for p in images if p not in captions_of and p not in refused]
+    folders = kohya_folders(path, images)
+    uncaptioned = [p for p in images if p not in captions_of and p not in refused and not folder_of(p, path, folders)]
     default, default_source = fallback.caption()
     if uncaptioned and not default:
         other = next((e for e in CAPTION_EXTENSIONS if e != extension.lower() and
@@ -210,7 +224,7 @@ def _load_captioned_images(path: Path, image_column: str, caption_column: str, p
                          "there is no metadata.jsonl. Add the caption files, or set default_caption (the caption "
                          "of every image without a file) or trigger_word (then the trigger word alone is their "
                          "caption).")
-    kept, captions, sources = [], [], []
+    kept, captions, sources, repeats = [], [], [], []
     for image in images:
         caption_file = captions_of.get(image)
         if caption_file is None and image in refused:
@@ -220,7 +234,11 @@ def _load_captioned_images(path: Path, image_column: str, caption_column: str, p
             problems.extend(f"{f}: leads outside the dataset folder (to {f.resolve()}); set "
                             "allow_files_outside_dataset to use it" for f in outside)
             continue
-        if caption_file is None:
+        folder = folder_of(image, path, folders)
+        if caption_file is None and folder is not None:
+            captions.append(folder.name)
+            sources.append(FOLDER_NAMES)
+        elif caption_file is None:
             captions.append(default)
             sources.append(default_source)
         else:
@@ -231,13 +249,20 @@ def _load_captioned_images(path: Path, image_column: str, caption_column: str, p
                 continue
             sources.append(f"{extension} files")
         kept.append(image)
+        repeats.append(folder.repeats if folder else 1)
     if not kept:
         raise InputError(f"dataset_name: no usable image in '{path}' ({len(problems)} problem(s), "
                          f"e.g. {problems[0]}).")
     counts = Counter(sources)  # the files' count first, then the fallback's
     fallback.notes.append("Captions: " + ", ".join(
-        f"{counts[source]} from {source}" for source in (f"{extension} files", default_source) if counts[source]) + ".")
-    table = datasets.Dataset.from_dict({image_column: [str(p) for p in kept], caption_column: captions})
+        f"{counts[source]} from {source}" for source in (f"{extension} files", FOLDER_NAMES, default_source)
+        if counts[source]) + ".")
+    columns = {image_column: [str(p) for p in kept], caption_column: captions}
+    if folders:
+        in_folder = Counter(path / p.relative_to(path).parts[0] for p in kept if folder_of(p, path, folders))
+        fallback.notes.append(describe(folders, in_folder, sum(not folder_of(p, path, folders) for p in kept)))
+        columns[REPEATS_COLUMN] = repeats
+    table = datasets.Dataset.from_dict(columns)
     return table.cast_column(image_column, datasets.Image())
 
 

@@ -68,7 +68,8 @@ def batch_loss(t: Training, batch: dict[str, Any]) -> torch.Tensor:
     conditioning = t.inputs.conditioning(batch)
     noisy = t.family.noisy_input_and_target(latents)
     prediction = t.family.predict(t.denoiser, noisy, conditioning, batch)
-    return weighted_loss(prediction, noisy.target, noisy.loss_weights, t.loss_type, t.huber_c)
+    mask = t.inputs.loss_mask(batch, latents)  # masked_loss: None, or B x 1 x h x w on the latent grid
+    return weighted_loss(prediction, noisy.target, noisy.loss_weights, t.loss_type, t.huber_c, mask)
 
 
 def epoch_batches(t: Training, epoch: int, skip: int) -> Any:

@@ -170,11 +170,13 @@ def speed_up_denoiser(denoiser: torch.nn.Module, params: TrainingParams, runtime
 
 
 def prepare_data(family: Any, records: Any, images_fingerprint: str, params: TrainingParams, cache_dir: Path,
-                 accelerator: Any, reporter: Any) -> tuple[Any, ModelInputs]:
+                 accelerator: Any, reporter: Any, masks: list[str | None] | None = None,
+                 masks_fingerprint: str = "") -> tuple[Any, ModelInputs]:
     """The training dataset and how batches become model inputs: cached latents and text
     embeddings when asked for, after which the VAE and text encoders leave the accelerator
-    (or are freed when no eval image will need them)."""
-    samples = training_samples(records, params)
+    (or are freed when no eval image will need them). `masks`: each image's mask source with
+    masked_loss (the data check's), cached with the latents."""
+    samples = training_samples(records, params, masks)
     for note in long_captions(family.pipeline, samples.captions):
         reporter.warn(note)
     if params.aspect_ratio_bucketing:
@@ -208,7 +210,7 @@ def prepare_data(family: Any, records: Any, images_fingerprint: str, params: Tra
                                    memory_budget_mb=params.cache_memory_budget_mb,
                                    bucketing=params.aspect_ratio_bucketing, images=images_fingerprint,
                                    cache_root=cache_dir, reporter=reporter,
-                                   writer_first=accelerator.local_main_process_first)
+                                   writer_first=accelerator.local_main_process_first, masks=masks_fingerprint)
         samples = CachedSamples(store, samples)
         family.park(("vae",), keep_for_eval)
     else:
@@ -219,9 +221,10 @@ def prepare_data(family: Any, records: Any, images_fingerprint: str, params: Tra
                                 trigger_word=params.trigger_word)
 
 
-def training_samples(records: Any, params: TrainingParams) -> Any:
+def training_samples(records: Any, params: TrainingParams, masks: list[str | None] | None = None) -> Any:
     return build_samples(records, params.image_column, params.caption_column, params.trigger_word,
-                         Augmentation.of(params), params.seed, params.aspect_ratio_bucketing)
+                         Augmentation.of(params), params.seed, params.aspect_ratio_bucketing,
+                         params.dataset_repeats, masks if params.masked_loss else None)
 
 
 def validation_samples(records: Any, params: TrainingParams) -> Any:

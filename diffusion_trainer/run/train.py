@@ -89,8 +89,8 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     checked = check_dataset(records, image_column=params.image_column, caption_column=params.caption_column,
                             dataset_name=params.dataset_name, skip_bad_images=params.skip_bad_images,
                             resolution=params.resolution, bucketing=params.aspect_ratio_bucketing,
-                            load_problems=load_problems, reporter=reporter)
-    records, held_out, images_fingerprint = hold_out(checked, params.validation_split, reporter)
+                            load_problems=load_problems, reporter=reporter, masked_loss=params.masked_loss)
+    records, held_out, images_fingerprint, masks = hold_out(checked, params.validation_split, reporter)
     runtime = setup.decide_runtime(params, reporter)
     optimizers.check_optimizer(params, reporter)
     if params.lr_scheduler == "constant" and params.lr_warmup_steps:
@@ -140,7 +140,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
 
     # --- data: encode once where we can, then park the encoders --------------------------
     samples, inputs = setup.prepare_data(family, records, images_fingerprint, params, paths.cache_dir, accelerator,
-                                         reporter)
+                                         reporter, masks, checked.masks_fingerprint)
     dataloader = setup.make_dataloader(samples, params, accelerator)
 
     # --- optimizer: steps are global optimizer steps, whatever the number of processes ------------
@@ -193,7 +193,8 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
         paths.eval_images_dir.mkdir(parents=True, exist_ok=True)
     reporter.record_outputs(eval_images_dir=evaluator.out_dir, tensorboard_dir=paths.logs_dir)
     several = f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
-    reporter.info(f"Training {len(samples)} images for {total_steps} optimizer steps ({num_epochs} epochs, "
+    repeated = f" ({len(samples)} samples an epoch with repeats)" if len(samples) != samples.image_count else ""
+    reporter.info(f"Training {samples.image_count} images{repeated} for {total_steps} optimizer steps ({num_epochs} epochs, "
                   f"batch {params.train_batch_size}{several} x {accumulation} accumulation).")
 
     start = None
@@ -225,7 +226,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
             info = adapter_info(family, params, outcome, prediction_type, adapters)
             kept = checkpoint.existing(run_folder)
             saved_to = adapter.save_somewhere(
-                lambda folder: adapter.save_adapter(folder, family, params.adaptor_name, info, ema, samples.captions,
+                lambda folder: adapter.save_adapter(folder, family, params.adaptor_name, info, ema, samples.image_captions,
                                                     adapters),
                 paths.adapter_dir, params.adaptor_name, outcome.steps, outcome.stopped, kept[-1] if kept else None,
                 reporter)
@@ -250,15 +251,17 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
                      evaluator.extra_grids, time.monotonic() - started, outcome.timing)
 
 
-def hold_out(checked: Any, fraction: float, reporter: Any) -> tuple[Any, Any, str]:
-    """(training records, held-out records or None, the training images' fingerprint for the latent cache)."""
+def hold_out(checked: Any, fraction: float, reporter: Any) -> tuple[Any, Any, str, list | None]:
+    """(training records, held-out records or None, the training images' fingerprint for the latent cache,
+    the training rows' masks or None)."""
     train_rows, held_rows = split_rows(len(checked.records), fraction)
     if not held_rows:
-        return checked.records, None, checked.images_fingerprint
+        return checked.records, None, checked.images_fingerprint, checked.masks
     reporter.info(f"validation_split={fraction}: {len(held_rows)} of {len(checked.records)} images held out for the "
                   f"validation loss (never trained on); training on {len(train_rows)}.")
     fingerprint = hashlib.sha256(f"{checked.images_fingerprint} without {held_rows}".encode()).hexdigest()[:20]
-    return checked.records.select(train_rows), checked.records.select(held_rows), fingerprint
+    masks = None if checked.masks is None else [checked.masks[row] for row in train_rows]
+    return checked.records.select(train_rows), checked.records.select(held_rows), fingerprint, masks
 
 
 def tidy_outputs(paths: RunPaths, checkpoints_dir: Path) -> list[str]:
