@@ -66,7 +66,7 @@ def batch_loss(t: Training, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.
     instance rows and their class partners together, the loss split in two (as diffusers' DreamBooth)."""
     batch, instances = merged(batch)
     latents = t.inputs.latents(batch)
-    conditioning = t.inputs.conditioning(batch, instances)
+    conditioning = t.inputs.conditioning(batch) if instances is None else t.inputs.conditioning(batch, instances)
     noisy = t.family.noisy_input_and_target(latents)
     prediction = t.family.predict(t.denoiser, noisy, conditioning, batch)
     if instances is None:
