@@ -134,6 +134,26 @@ class TrainingParams(BaseModel):
         help="Follow symlinks (and metadata paths) that lead out of the dataset folder. Off: such "
              "files are refused.")
 
+    # --- Prior preservation --------------------------------------------------------------
+    class_data_dir: str = _param(
+        "", title="Class Images Folder", group="Prior preservation",
+        help="Prior preservation (DreamBooth): a folder of class images (e.g. other dogs), in any "
+             "layout the dataset folder may have, outside the dataset folder. When it holds fewer "
+             "than num_class_images, the base model draws the missing ones from class_prompt before "
+             "training and keeps them there. Empty = no prior preservation.")
+    class_prompt: str = _param(
+        "", title="Class Prompt", group="Prior preservation",
+        help="The class images' caption (e.g. 'a photo of a dog'), and what the missing ones are drawn "
+             "from; class images with a caption of their own keep it. Required with class_data_dir.")
+    prior_loss_weight: float = _param(
+        1.0, title="Prior Loss Weight", group="Prior preservation", ge=0.0, le=100.0,
+        help="The loss is instance loss + this x class-image loss. 0 = prior preservation off "
+             "(class_data_dir is then not read).")
+    num_class_images: int = _param(
+        100, title="Number of Class Images", group="Prior preservation", ge=1, le=100000,
+        help="How many class images training uses at least; missing ones are drawn with the base model "
+             "(no LoRA) at the run's resolution, seed, eval_num_inference_steps and eval_guidance_scale.")
+
     # --- Augmentation --------------------------------------------------------------------
     random_flip: bool = _param(
         False, title="Random Horizontal Flip", group="Augmentation",
@@ -469,6 +489,27 @@ class TrainingParams(BaseModel):
         if image_column == info.data.get("caption_column"):
             raise ValueError("must differ from caption_column")
         return image_column
+
+    @field_validator("class_prompt")
+    @classmethod
+    def _class_prompt_with_class_images(cls, class_prompt: str, info: ValidationInfo) -> str:
+        if (info.data.get("class_data_dir") or "").strip() and not class_prompt.strip():
+            raise ValueError("required when class_data_dir is set: the caption of the class images, and "
+                             "what missing ones are drawn from (e.g. 'a photo of a dog')")
+        return class_prompt.strip()
+
+    @field_validator("masked_loss")
+    @classmethod
+    def _masks_without_class_images(cls, masked_loss: bool, info: ValidationInfo) -> bool:
+        if masked_loss and (info.data.get("class_data_dir") or "").strip() and (info.data.get("prior_loss_weight") or 0) > 0:
+            raise ValueError("is not supported together with prior preservation (class_data_dir) yet: "
+                             "turn one of them off")
+        return masked_loss
+
+    @property
+    def prior_preservation(self) -> bool:
+        """Whether class images are trained beside the instance images."""
+        return bool(self.class_data_dir.strip()) and self.prior_loss_weight > 0
 
     @field_validator("min_snr_gamma")
     @classmethod

@@ -31,14 +31,17 @@ class ModelInputs:
         """Whether captions are redrawn (tags shuffled or dropped) each time they are used."""
         return self.shuffle_caption or self.caption_tag_dropout_rate > 0
 
-    def captions(self, batch: dict[str, Any]) -> list[str]:
+    def captions(self, batch: dict[str, Any], instances: int | None = None) -> list[str]:
         """The batch's captions as this step trains them: tags shuffled and dropped, then whole
-        captions dropped, all drawn from torch's seeded RNG."""
+        captions dropped, all drawn from torch's seeded RNG. Only the first `instances` (all when
+        None) are; the rest (prior preservation's class captions) are trained as they are."""
         captions = list(batch["caption"])
+        fixed = captions[instances:] if instances is not None else []
+        captions = captions[:instances]
         if self.captions_vary:
             captions = [shuffled_tags(c, self.keep_tokens, self.trigger_word, self.caption_tag_dropout_rate,
                                       self.shuffle_caption) for c in captions]
-        return drop_captions(captions, self.caption_dropout_rate)
+        return drop_captions(captions, self.caption_dropout_rate) + fixed
 
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
         if "latent_params" in batch:  # a fresh sample from the cached posterior, as encoding would draw
@@ -55,8 +58,8 @@ class ModelInputs:
         masks = batch["mask"].to(self.device, torch.float32, non_blocking=True)
         return torch.stack([latent_grid(m, size) for m in masks])
 
-    def conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        captions = self.captions(batch)
+    def conditioning(self, batch: dict[str, Any], instances: int | None = None) -> dict[str, torch.Tensor]:
+        captions = self.captions(batch, instances)
         family, trained = self.family, self.family.trained_text
         if not trained:
             if self.text_cache is not None:

@@ -48,9 +48,9 @@ SAFE_TO_CHANGE = frozenset({
     "eval_guidance_scale", "eval_num_images", "eval_every_n_steps", "eval_also_without_ema", "log_to_wandb", "checkpointing_steps", "checkpoints_total_limit",
     "resume_from_checkpoint", "output_dir", "dataset_name", "cache_memory_budget_mb", "cache_latents",
     "cache_text_embeddings", "torch_compile", "gradient_checkpointing", "skip_bad_images",
-    "enable_xformers_memory_efficient_attention", "allow_files_outside_dataset",
+    "enable_xformers_memory_efficient_attention", "allow_files_outside_dataset", "class_data_dir",
 })
-# cache_latents / cache_text_embeddings / dataset_name: the same data by other means or from another
+# cache_latents / cache_text_embeddings / dataset_name / class_data_dir: the same data by other means or from another
 # place; the data's contents are compared through their fingerprint instead. cache_latents only while
 # nothing is augmented at random: cached variants are other draws than fresh augmentation.
 # num_train_epochs / max_train_steps: the learning-rate schedule then follows the new length from the

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..data.prior import merged
 from ..objectives import weighted_loss
 
 LOG_EVERY_STEPS = 10  # the loss is read (a host sync) this often, or once a second if slower
@@ -46,6 +47,7 @@ class Training:
     # across processes here, since accelerate's DDP wraps only the denoiser
     also_trained: list[torch.nn.Module] = field(default_factory=list)
     hand_synced: list[torch.nn.Parameter] = field(default_factory=list)
+    prior_loss_weight: float = 0.0  # weighs the class half of batches that have one (prior preservation)
 
 
 @dataclass
@@ -63,13 +65,22 @@ class Outcome:
         return self.losses[-1][1] if self.losses else None
 
 
-def batch_loss(t: Training, batch: dict[str, Any]) -> torch.Tensor:
+def batch_loss(t: Training, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the loss, and with prior preservation its [instance, prior] parts): one pass over the
+    instance rows and their class partners together, the loss split in two (as diffusers' DreamBooth)."""
+    batch, instances = merged(batch)
     latents = t.inputs.latents(batch)
-    conditioning = t.inputs.conditioning(batch)
+    conditioning = t.inputs.conditioning(batch) if instances is None else t.inputs.conditioning(batch, instances)
     noisy = t.family.noisy_input_and_target(latents)
     prediction = t.family.predict(t.denoiser, noisy, conditioning, batch)
     mask = t.inputs.loss_mask(batch, latents)  # masked_loss: None, or B x 1 x h x w on the latent grid
-    return weighted_loss(prediction, noisy.target, noisy.loss_weights, t.loss_type, t.huber_c, mask)
+    if instances is None:
+        return weighted_loss(prediction, noisy.target, noisy.loss_weights, t.loss_type, t.huber_c, mask), None
+    weights = noisy.loss_weights  # (masked_loss is refused with prior preservation)
+    parts = torch.stack([weighted_loss(prediction[rows], noisy.target[rows], None if weights is None else weights[rows],
+                                       t.loss_type, t.huber_c)
+                         for rows in (slice(None, instances), slice(instances, None))])
+    return parts[0] + t.prior_loss_weight * parts[1], parts
 
 
 def epoch_batches(t: Training, epoch: int, skip: int) -> Any:
@@ -104,6 +115,7 @@ def run(t: Training) -> Outcome:
     first_epoch, skip = (t.start.epoch, t.start.batches_done) if t.start else (1, 0)
     out = Outcome(steps=t.start.step if t.start else 0, epochs=first_epoch - 1)
     window_loss, window_batches, last_read = torch.zeros((), device=acc.device), 0, time.monotonic()
+    window_parts = torch.zeros(2, device=acc.device)  # instance and prior losses, with prior preservation
     for module in (t.denoiser, *t.also_trained):
         module.train()
     t.reporter.begin(t.total_steps)
@@ -120,7 +132,7 @@ def run(t: Training) -> Outcome:
             skip = 0
             for batch in batches:
                 with acc.accumulate(t.denoiser):
-                    loss = batch_loss(t, batch)
+                    loss, parts = batch_loss(t, batch)
                     acc.backward(loss)  # accelerate divides by the accumulation steps
                     if acc.sync_gradients and t.hand_synced and acc.num_processes > 1:
                         average_gradients(t.hand_synced, acc.num_processes)
@@ -135,6 +147,8 @@ def run(t: Training) -> Outcome:
                 position += 1
                 out.position = position
                 window_loss += loss.detach()
+                if parts is not None:
+                    window_parts += parts.detach()
                 window_batches += 1
                 if not acc.sync_gradients:
                     continue
@@ -147,10 +161,15 @@ def run(t: Training) -> Outcome:
                 done = out.steps >= t.total_steps
                 if done or out.steps % LOG_EVERY_STEPS == 0 or time.monotonic() - last_read >= 1.0:
                     mean_loss = (window_loss / window_batches).item()
+                    metrics = {"loss": mean_loss}
+                    if parts is not None:
+                        instance_loss, prior_loss = (window_parts / window_batches).tolist()
+                        metrics.update({"loss/instance": instance_loss, "loss/prior": prior_loss})
                     window_loss.zero_()
+                    window_parts.zero_()
                     window_batches, last_read = 0, time.monotonic()
                     out.losses.append((out.steps, mean_loss))
-                    metrics = {"loss": mean_loss, "lr": t.lr_scheduler.get_last_lr()[0]}
+                    metrics["lr"] = t.lr_scheduler.get_last_lr()[0]
                     acc.log({**metrics, "epoch": epoch}, step=out.steps)
                     t.reporter.report(out.steps, t.total_steps, metrics)
                 if t.reporter.stop_requested():

@@ -5,6 +5,7 @@ optimizer and schedule, and the checks that the output folders can be written an
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 import os
@@ -19,7 +20,8 @@ from ..data.buckets import BucketBatchSampler
 from ..data.cache import CachedSamples, DiskLatents, TextCache, build_latent_cache
 from ..data.check import long_captions
 from ..data.images import Augmentation
-from ..data.samples import build_samples
+from ..data.prior import PairedSamples, class_pools
+from ..data.samples import TrainingSamples, build_samples
 from ..errors import InputError
 from ..outputs.layout import RunPaths
 from ..params import TrainingParams
@@ -171,13 +173,17 @@ def speed_up_denoiser(denoiser: torch.nn.Module, params: TrainingParams, runtime
 
 def prepare_data(family: Any, records: Any, images_fingerprint: str, params: TrainingParams, cache_dir: Path,
                  accelerator: Any, reporter: Any, masks: list[str | None] | None = None,
-                 masks_fingerprint: str = "") -> tuple[Any, ModelInputs]:
+                 masks_fingerprint: str = "", class_data: Any = None) -> tuple[Any, ModelInputs]:
     """The training dataset and how batches become model inputs: cached latents and text
     embeddings when asked for, after which the VAE and text encoders leave the accelerator
     (or are freed when no eval image will need them). `masks`: each image's mask source with
-    masked_loss (the data check's), cached with the latents."""
+    masked_loss (the data check's), cached with the latents. `class_data` (the data check's CheckedData
+    of the class images): each instance sample is paired with a class sample (data/prior.py)."""
     samples = training_samples(records, params, masks)
-    for note in long_captions(family.pipeline, samples.captions):
+    class_samples, slots, slot_images = (class_training_samples(class_data.records, samples.targets, params)
+                                         if class_data is not None else (None, {}, []))
+    captions = samples.captions + (class_samples.captions if class_samples is not None else [])
+    for note in long_captions(family.pipeline, captions):
         reporter.warn(note)
     if params.aspect_ratio_bucketing:
         shapes = sorted(set(samples.targets))
@@ -194,7 +200,7 @@ def prepare_data(family: Any, records: Any, images_fingerprint: str, params: Tra
         reporter.info("Text cache: not built, every text encoder is trained.")
     elif params.cache_text_embeddings:
         encode = (lambda prompts: family.encode_text(prompts, frozen)) if trained else family.encode_prompts
-        text_cache = TextCache(encode, samples.captions, accelerator.device, stop_asked=reporter.stop_asked_here,
+        text_cache = TextCache(encode, captions, accelerator.device, stop_asked=reporter.stop_asked_here,
                                encode_missing=captions_vary)
         if captions_vary:
             reporter.info(f"Text cache: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB), "
@@ -212,9 +218,23 @@ def prepare_data(family: Any, records: Any, images_fingerprint: str, params: Tra
                                    cache_root=cache_dir, reporter=reporter,
                                    writer_first=accelerator.local_main_process_first, masks=masks_fingerprint)
         samples = CachedSamples(store, samples)
+        if class_samples is not None:
+            slots_key = hashlib.sha256(repr([class_data.images_fingerprint, slot_images,
+                                             class_samples.targets]).encode()).hexdigest()[:20]
+            class_store = build_latent_cache(
+                family, class_samples, model_name=params.model_name, variants=params.latent_cache_variants,
+                memory_budget_mb=params.cache_memory_budget_mb, bucketing=params.aspect_ratio_bucketing,
+                images=slots_key, cache_root=cache_dir, reporter=reporter,
+                writer_first=accelerator.local_main_process_first)
+            class_samples = CachedSamples(class_store, class_samples)
         family.park(("vae",), keep_for_eval)
     else:
         reporter.info("cache_latents is off: the VAE encodes every batch (augmented afresh each time).")
+    if class_samples is not None:
+        samples = PairedSamples(samples, class_samples, slots)
+        reporter.info(f"Prior preservation: each of the {len(samples)} instance samples is paired with one of "
+                      f"{len(class_data.records)} class images ('{params.class_prompt}'); loss = instance loss + "
+                      f"{params.prior_loss_weight:g} x class loss.")
     return samples, ModelInputs(family, params.caption_dropout_rate, accelerator.device, text_cache,
                                 shuffle_caption=params.shuffle_caption, keep_tokens=params.keep_tokens,
                                 caption_tag_dropout_rate=params.caption_tag_dropout_rate,
@@ -236,12 +256,31 @@ def validation_samples(records: Any, params: TrainingParams) -> Any:
                          params.seed, params.aspect_ratio_bucketing)
 
 
+def class_training_samples(records: Any, instance_targets: list[tuple[int, int]], params: TrainingParams):
+    """The class images laid out as slots (data/prior.py): each pool's (class image, shape) pairs
+    end to end, as one TrainingSamples (no trigger word, no augmentation beyond the instance
+    data's), each instance shape's slot indices, and each slot's class image."""
+    own = build_samples(records, params.image_column, params.caption_column, "", Augmentation.of(params),
+                        params.seed, params.aspect_ratio_bucketing)
+    pools = class_pools(instance_targets, own.targets)
+    images = [j for pool in pools.values() for j, _ in pool]
+    targets = [shape for pool in pools.values() for _, shape in pool]
+    slots, start = {}, 0
+    for shape, pool in pools.items():
+        slots[shape] = list(range(start, start + len(pool)))
+        start += len(pool)
+    laid_out = TrainingSamples(records.select(images), own.image_column, [own.captions[j] for j in images],
+                               own.transform, params.seed, targets)
+    return laid_out, slots, images
+
+
 def make_dataloader(samples: Any, params: TrainingParams, accelerator: Any):
     cuda = accelerator.device.type == "cuda"
     batches = math.ceil(len(samples) / params.train_batch_size)
     # Workers pay off only when items are expensive (decoding, augmenting, reading disk) and an
     # epoch is long enough to amortise starting them; cached latents in memory are neither.
-    expensive = not isinstance(samples, CachedSamples) or isinstance(samples.store, DiskLatents)
+    first = getattr(samples, "instance", samples)  # paired with class samples: judged by the instance data
+    expensive = not isinstance(first, CachedSamples) or isinstance(first.store, DiskLatents)
     workers = min(4, (os.cpu_count() or 1) - 1) if expensive and batches >= 8 else 0
     options: dict[str, Any] = {"num_workers": max(0, workers), "pin_memory": cuda}
     if options["num_workers"]:

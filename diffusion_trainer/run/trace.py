@@ -35,6 +35,8 @@ class TracedLoader:
             for batch in self.loader:
                 line = {"epoch": self.samples.epoch, "indices": batch["index"].tolist(),
                         "lr": self.optimizer.param_groups[0]["lr"], "rng": rng_digest()}
+                if "class" in batch:  # prior preservation: the class partners
+                    line["class_indices"] = batch["class"]["index"].tolist()
                 out.write(json.dumps(line) + "\n")
                 out.flush()
                 yield batch

@@ -16,7 +16,8 @@ from typing import Any
 
 
 from .. import atomic
-from ..data.check import check_dataset
+from ..data import prior
+from ..data.check import CheckedData, check_dataset
 from ..data.sources import load_records
 from ..errors import InputError, raise_if_stopped
 from ..families import FAMILIES, family_for
@@ -26,6 +27,7 @@ from ..outputs.layout import INFO_NAME, RunPaths
 from ..outputs.metrics import run_metrics, write_metrics
 from ..params import TrainingParams
 from . import checkpoint, loop, optimizers, processes, setup, steps, trace
+from .class_images import DrawSettings, generate_class_images
 from .evaluate import METRICS_NAME, EvalSettings, Evaluator, parse_prompts
 from .validation import Validation, split_rows
 
@@ -91,6 +93,11 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
                             resolution=params.resolution, bucketing=params.aspect_ratio_bucketing,
                             load_problems=load_problems, reporter=reporter, masked_loss=params.masked_loss)
     records, held_out, images_fingerprint, masks = hold_out(checked, params.validation_split, reporter)
+    class_plan = plan_class_images(params, paths, reporter)
+    # the images already there are checked now (drawn ones are read once drawn)
+    class_checked = (read_class_data(params, class_plan, paths, reporter)
+                     if class_plan and (class_plan.existing or not class_plan.missing) else None)
+    data_fingerprint = combined_fingerprint(checked, class_checked)
     runtime = setup.decide_runtime(params, reporter)
     optimizers.check_optimizer(params, reporter)
     if params.lr_scheduler == "constant" and params.lr_warmup_steps:
@@ -107,7 +114,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     resume_from, resume_notes = (choose_checkpoint(params, checkpoints_dir, reporter)
                                  if processes.is_main_process() else (None, []))
     if resume_from is not None:
-        for note in checkpoint.compatibility_notes(resume_from, params.model_dump(), checked.fingerprint,
+        for note in checkpoint.compatibility_notes(resume_from, params.model_dump(), data_fingerprint,
                                                    processes.num_processes()):
             reporter.info(f"Resuming with a changed setting (allowed): {note}")
 
@@ -121,6 +128,15 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     set_seed(params.seed)
     family = setup.load_family(family_cls, params, runtime, accelerator, reporter)
     raise_if_stopped(reporter.stop_asked_here, "while the model loaded")
+    if class_plan and class_plan.missing:  # the base model as it is: no LoRA, its own scheduler
+        if accelerator.is_local_main_process:
+            settings = DrawSettings(params.class_prompt, params.seed, params.eval_num_inference_steps,
+                                    params.eval_guidance_scale, params.resolution)
+            generate_class_images(family, class_plan.missing, settings, accelerator.device, reporter,
+                                  reporter.stop_asked_here)
+        accelerator.wait_for_everyone()
+        class_checked = read_class_data(params, class_plan, paths, reporter)
+        data_fingerprint = combined_fingerprint(checked, class_checked)
     prediction_type = setup.choose_prediction_type(params, family, reporter)
     family.configure_objective(params, prediction_type)
     for note in family.inapplicable_notes(params):
@@ -140,7 +156,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
 
     # --- data: encode once where we can, then park the encoders --------------------------
     samples, inputs = setup.prepare_data(family, records, images_fingerprint, params, paths.cache_dir, accelerator,
-                                         reporter, masks, checked.masks_fingerprint)
+                                         reporter, masks, checked.masks_fingerprint, class_data=class_checked)
     dataloader = setup.make_dataloader(samples, params, accelerator)
 
     # --- optimizer: steps are global optimizer steps, whatever the number of processes ------------
@@ -173,7 +189,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
         accelerator, lambda: checkpoint.run_folder_for(resume_from, checkpoints_dir))
     checkpoints = checkpoint.Checkpoints(run_folder, accelerator, denoiser, ema, every=params.checkpointing_steps,
                                          keep=params.checkpoints_total_limit, parameters=params.model_dump(),
-                                         data_fingerprint=checked.fingerprint, reporter=reporter,
+                                         data_fingerprint=data_fingerprint, reporter=reporter,
                                          text_encoders={attr: a.module for attr, a in text_adapters.items()})
     setup.check_room(paths, trainable, params, reporter)
 
@@ -216,7 +232,8 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
         inputs=inputs, evaluator=evaluator, reporter=reporter, ema=ema, loss_type=params.loss_type,
         huber_c=params.huber_c, max_grad_norm=max_grad_norm, num_epochs=num_epochs,
         total_steps=total_steps, start=start, checkpoints=checkpoints,
-        also_trained=[a.module for a in text_adapters.values()], hand_synced=text_trainable))
+        also_trained=[a.module for a in text_adapters.values()], hand_synced=text_trainable,
+        prior_loss_weight=params.prior_loss_weight if class_checked is not None else 0.0))
 
     # --- the adapter first (a stop has seconds left), then the last checkpoint, then the final eval image ---
     accelerator.wait_for_everyone()
@@ -262,6 +279,65 @@ def hold_out(checked: Any, fraction: float, reporter: Any) -> tuple[Any, Any, st
     fingerprint = hashlib.sha256(f"{checked.images_fingerprint} without {held_rows}".encode()).hexdigest()[:20]
     masks = None if checked.masks is None else [checked.masks[row] for row in train_rows]
     return checked.records.select(train_rows), checked.records.select(held_rows), fingerprint, masks
+
+
+@dataclass(frozen=True)
+class ClassPlan:
+    folder: Path
+    existing: int  # class images a plain folder holds (0 for a listed one: metadata.jsonl, a saved dataset)
+    missing: list[Path]  # where the images still to draw go (none for a listed folder)
+
+
+def plan_class_images(params: TrainingParams, paths: RunPaths, reporter: Any) -> ClassPlan | None:
+    """Prior preservation's class folder, checked before anything loads: how many images it has
+    and which are still to be drawn. None: no prior preservation."""
+    if not params.class_data_dir.strip():
+        return None
+    if not params.prior_preservation:
+        reporter.info("prior_loss_weight=0: prior preservation is off; class_data_dir is not read.")
+        return None
+    folder = prior.check_class_folder(params.class_data_dir, local_dataset_folder(params.dataset_name),
+                                      (paths.adapter_dir, paths.eval_images_dir, paths.logs_dir,
+                                       paths.checkpoints_dir, paths.cache_dir))
+    if not prior.plain_image_folder(folder):  # its images are listed (metadata.jsonl, a saved dataset)
+        return ClassPlan(folder, 0, [])
+    existing = prior.count_class_images(folder)
+    missing = prior.missing_names(folder, params.num_class_images)
+    if missing:
+        reporter.info(f"class_data_dir holds {existing} class image(s) of the {params.num_class_images} wanted "
+                      f"(num_class_images): {len(missing)} will be drawn with the base model before training.")
+    return ClassPlan(folder, existing, missing)
+
+
+def read_class_data(params: TrainingParams, plan: ClassPlan, paths: RunPaths, reporter: Any) -> CheckedData:
+    """The class images, read and checked as the dataset is (any layout), each without a caption
+    of its own captioned class_prompt, at most num_class_images of them (diffusers' rule)."""
+    problems: list[str] = []
+    try:
+        records = load_records(str(plan.folder), params.image_column, params.caption_column, problems,
+                               params.allow_files_outside_dataset, paths.written(),
+                               caption_extension=params.caption_extension, default_caption=params.class_prompt)
+        checked = check_dataset(records, image_column=params.image_column, caption_column=params.caption_column,
+                                dataset_name=str(plan.folder), skip_bad_images=params.skip_bad_images,
+                                resolution=params.resolution, bucketing=params.aspect_ratio_bucketing,
+                                load_problems=problems, reporter=reporter)
+    except InputError as exc:  # the dataset reader names its own parameter
+        raise InputError(str(exc).replace("dataset_name:", "class_data_dir:", 1)) from None
+    if len(checked.records) < params.num_class_images and not plan.missing:
+        raise InputError(f"class_data_dir: '{plan.folder}' lists {len(checked.records)} usable class image(s), "
+                         f"fewer than num_class_images={params.num_class_images}; drawn images are added only to "
+                         "a plain folder of images (no metadata.jsonl or saved dataset): lower num_class_images, "
+                         "or give such a folder.")
+    if len(checked.records) > params.num_class_images:
+        checked = replace(checked, records=checked.records.select(range(params.num_class_images)))
+    return checked
+
+
+def combined_fingerprint(checked: CheckedData, class_checked: CheckedData | None) -> str:
+    """The data's fingerprint for checkpoints: the instance data's, and the class images' with them."""
+    if class_checked is None:
+        return checked.fingerprint
+    return hashlib.sha256(f"{checked.fingerprint}/{class_checked.fingerprint}".encode()).hexdigest()[:20]
 
 
 def tidy_outputs(paths: RunPaths, checkpoints_dir: Path) -> list[str]:
