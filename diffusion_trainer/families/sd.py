@@ -36,6 +36,7 @@ class StableDiffusion(ModelFamily):
     label = "Stable Diffusion 1.x/2.x"
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
     inapplicable_params = FLOW_ONLY
+    activation_fixed, activation_fixed_checkpointed = 447.0, 104.6  # x (latent pixels x 320 x 2 bytes)
 
     def configure_objective(self, params: Any, prediction_type: str | None) -> None:
         prediction_type = prediction_type or "epsilon"

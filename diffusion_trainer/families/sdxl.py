@@ -24,6 +24,7 @@ class StableDiffusionXL(StableDiffusion):
     label = "Stable Diffusion XL"
     load_kwargs = {}
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
+    activation_fixed, activation_fixed_checkpointed = 744.6, 68.7
 
     @classmethod
     def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:
