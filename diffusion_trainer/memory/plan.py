@@ -150,7 +150,8 @@ class Planner:
         if settings.offload == "blocks":
             streamed = weights.blocks_total * storage_bytes(weights, settings.base_precision) / weights.total
             largest = weights.largest_block * storage_bytes(weights, settings.base_precision) / weights.total
-            on[f"{self.denoiser.name} {settings.base_precision} (2 blocks at a time)"] = (base - streamed + 2 * largest) / GB
+            resident = min(base, base - streamed + 2 * largest)  # the rest, and the running and next block
+            on[f"{self.denoiser.name} {settings.base_precision} (2 blocks at a time)"] = resident / GB
         else:
             on[f"{self.denoiser.name} {settings.base_precision}"] = base / GB
         if settings.base_precision in ("fp8", "int8"):  # weights upcast for compute, kept for backward
