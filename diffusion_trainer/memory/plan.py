@@ -22,6 +22,10 @@ VAE_BYTES_PER_PIXEL = 1.6e9 / 1024**2  # encoding one 1024 px image: about 1.6 G
 TILE = 512  # eval images decode in tiles of this size when a whole image does not fit
 
 
+class DoesNotFit(InputError):
+    """Explicit settings whose plan exceeds the GPU budget; the message names what to change."""
+
+
 @dataclass(frozen=True)
 class Settings:
     base_precision: str
@@ -233,7 +237,7 @@ class Planner:
 def make_plan(family_cls: Any, source: str, run: Run, *, base_precision: str, offload: str,
               gradient_checkpointing: bool, budget_gb: float | None) -> Plan:
     """The plan for these settings; with auto ones, the first that fits (or the last tried).
-    Raises InputError naming what to change when explicit settings do not fit."""
+    Raises DoesNotFit naming what to change when explicit settings do not fit."""
     planner = Planner(family_cls, source, run)
     if budget_gb is None:  # no GPU: today's behaviour, mixed_precision decides the storage
         storage = base_precision if base_precision != "auto" else {"no": "fp32"}.get(run.mixed_precision, run.mixed_precision)
@@ -248,7 +252,7 @@ def make_plan(family_cls: Any, source: str, run: Run, *, base_precision: str, of
                 plan.notes.append(choice_note(plan, tried))
             return plan
     explicit = tried[0] if len(options) == 1 else tried[-1]
-    raise InputError(what_to_change(planner, explicit, budget_gb))
+    raise DoesNotFit(what_to_change(planner, explicit, budget_gb))
 
 
 def choice_note(chosen: Plan, tried: list[Plan]) -> str:

@@ -55,14 +55,14 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any) -> RunR
 
 def planned_settings(params: TrainingParams, reporter: Any) -> TrainingParams:
     """Print the memory plan first; with a GPU budget, train with the settings it chose. Explicit
-    settings that cannot fit stop the run here (InputError, exit 2), before anything loads."""
-    from ..memory.plan import plan_for
+    settings that cannot fit stop the run here (DoesNotFit, an InputError: exit 2), before anything loads."""
+    from ..memory.plan import DoesNotFit, plan_for
 
     try:
         plan = plan_for(params)
-    except InputError:
+    except DoesNotFit:
         raise
-    except Exception as exc:  # a component the meta-device count cannot build: the run goes on as before
+    except Exception as exc:  # a config the meta-device count cannot read or build: the run goes on as before
         reporter.info(f"Memory plan: not made ({type(exc).__name__}: {exc}).")
         return params
     for line in plan.lines():
