@@ -4,6 +4,7 @@
     python main.py --config run.json [--set k=v …]  standalone
     python main.py --input_file plugin_input.json   Transformer Lab's plugin harness
     python main.py export <adapter_dir> [--format kohya|diffusers]   the adapter in another form
+    python main.py plan --config run.json [--gpu-memory-gb 16] [--json]   the memory plan (no GPU, no weights)
     _TFL_JOB_ID=… python main.py                    a Transformer Lab task (the `transformerlab` SDK)
 
 The Lab launches live in lab/launch.py; running one configuration, in run/job.py.
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
         quiet_libraries()
         return export_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        quiet_libraries()
+        return plan_main(argv[1:])
     args = parse_args(argv)
     quiet_libraries()
     if args.input_file is not None:
@@ -79,3 +83,34 @@ def main(argv: list[str] | None = None) -> int:
     from .lab.keys import is_bookkeeping  # a config the Lab wrote (a job's, a plugin input file) works too
 
     return run_standalone(raw, is_bookkeeping)
+
+
+def plan_main(argv: list[str]) -> int:
+    """`main.py plan`: print the run's memory plan; exit 0 when it fits, 2 naming what to change."""
+    import json
+
+    from .errors import InputError
+    from .params import ParamsError, parse_params
+
+    parser = argparse.ArgumentParser(prog="main.py plan", description="Print the memory plan of a run "
+                                     "(from the model's config files; no GPU and no weights needed).")
+    parser.add_argument("--config", type=Path, help="JSON file of parameters")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--gpu-memory-gb", type=float, help="GPU memory to plan for (default: gpu_memory_gb, "
+                        "else this GPU's free memory)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON (peak_gb, settings, stages)")
+    args = parser.parse_args(argv)
+    try:
+        raw = read_config(args.config) if args.config else {}
+        raw.update(parse_overrides(args.set))
+        if args.gpu_memory_gb is not None:
+            raw["gpu_memory_gb"] = args.gpu_memory_gb
+        params, _ = parse_params(raw, lambda key: True)
+        from .memory.plan import plan_for
+
+        plan = plan_for(params)
+    except (ValueError, ParamsError, InputError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(plan.as_json(), indent=2) if args.json else "\n".join(plan.lines()))
+    return 0

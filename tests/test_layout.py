@@ -18,7 +18,8 @@ ALLOWED = {
     "families": {"ground"},
     "data": {"ground"},
     "outputs": {"ground", "data", "families"},
-    "run": {"ground", "families", "data", "outputs"},
+    "memory": {"ground", "families"},
+    "run": {"ground", "families", "data", "outputs", "memory"},
     "lab": {"ground", "outputs", "run"},
     "demo": {"ground", "run"},
 }
@@ -100,6 +101,6 @@ def test_the_checker_reads_relative_and_absolute_imports(tmp_path):
 
 
 def test_every_part_says_what_it_owns_and_may_import():
-    for part in ("data", "run", "outputs", "lab", "demo", "families"):
+    for part in ("data", "run", "outputs", "lab", "demo", "families", "memory"):
         doc = ast.get_docstring(ast.parse((PACKAGE / part / "__init__.py").read_text())) or ""
         assert "Owns:" in doc and "May import:" in doc, part

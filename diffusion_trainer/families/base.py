@@ -109,6 +109,14 @@ class ModelFamily(ABC):
     # The single file's name prefix for each trainable text encoder, as ComfyUI's model_lora_keys_clip
     # maps them: kohya's lora_te_ for one CLIP (SD 1.x/2.x), lora_te1_/lora_te2_ beside another model.
     single_file_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    # --- memory plan (memory/plan.py): what a training step keeps for backward, per sample, in
+    # units of the family's activation_unit bytes; fitted to bench/memory_simulation.py (fake-tensor
+    # simulations of this trainer's step, bf16 compute). Without checkpointing: fixed + each block's
+    # cost; with it: fixed_checkpointed + each block's saved input + the largest block, recomputed.
+    activation_fixed: ClassVar[float] = 0.0
+    activation_per_block: ClassVar[dict[str, float]] = {}  # denoiser config key counting blocks -> units
+    activation_fixed_checkpointed: ClassVar[float] = 0.0
+    activation_saved_per_block: ClassVar[float] = 0.0
 
     def __init__(self, pipeline: DiffusionPipeline, source: str):
         self.pipeline = pipeline
@@ -198,6 +206,37 @@ class ModelFamily(ABC):
     def model_prediction_type(self) -> str | None:
         """The prediction type the base model was trained with, if it has one."""
         return getattr(self.pipeline.scheduler.config, "prediction_type", None)
+
+    @classmethod
+    def prompt_tokens(cls, max_sequence_length: int) -> int:
+        """Length of the text the denoiser attends to."""
+        return 77
+
+    @classmethod
+    def activation_unit(cls, config: dict[str, Any], resolution: int, text_tokens: int) -> float:
+        """Bytes of one bf16 activation map of the denoiser at this resolution, per sample."""
+        latent = (resolution // 8) ** 2
+        return latent * config["block_out_channels"][0] * 2
+
+    @classmethod
+    def block_counts(cls, config: dict[str, Any]) -> dict[str, int]:
+        return {key: len(n) if isinstance(n, (list, tuple)) else int(n)
+                for key, n in ((key, config.get(key, 0)) for key in cls.activation_per_block)}
+
+    @classmethod
+    def activation_bytes(cls, config: dict[str, Any], resolution: int, text_tokens: int,
+                         checkpointing: bool) -> float:
+        """Activation bytes a training step holds at its peak, per sample, in bf16 compute."""
+        unit = cls.activation_unit(config, resolution, text_tokens)
+        counts = cls.block_counts(config)
+        if not checkpointing:
+            return unit * (cls.activation_fixed + sum(n * cls.activation_per_block[k] for k, n in counts.items()))
+        return unit * (cls.activation_fixed_checkpointed + cls.largest_block_units(counts)
+                       + sum(counts.values()) * cls.activation_saved_per_block)
+
+    @classmethod
+    def largest_block_units(cls, counts: dict[str, int]) -> float:
+        return max((cls.activation_per_block[k] for k, n in counts.items() if n), default=0.0)
 
     # --- training --------------------------------------------------------------------------
     @abstractmethod
@@ -295,6 +334,11 @@ class FlowMatchingFamily(ModelFamily):
     single_file_form = "folded"  # ComfyUI reads transformer.* lora_A/lora_B keys, but no alpha
     resolution_multiple = 16  # 8x VAE, then 2x2 patches
     inapplicable_params = DDPM_ONLY
+
+    @classmethod
+    def activation_unit(cls, config: dict[str, Any], resolution: int, text_tokens: int) -> float:
+        tokens = (resolution // cls.resolution_multiple) ** 2 + text_tokens
+        return tokens * config["num_attention_heads"] * config["attention_head_dim"] * 2
 
     def model_prediction_type(self) -> str | None:
         return None

@@ -22,6 +22,14 @@ class Flux(FlowMatchingFamily):
     lora_presets = {"attention": JOINT_ATTENTION, "attention+mlp": JOINT_ATTENTION + JOINT_MLP}
     default_lora_layers = "attention+mlp"  # diffusers' Flux LoRA recipe trains the feed-forward layers too
     inapplicable_params = DDPM_ONLY
+    # x (tokens x width x 2 bytes), per double-stream and single-stream block
+    activation_fixed, activation_fixed_checkpointed, activation_saved_per_block = 13.18, 15.39, 0.837
+    activation_per_block = {"num_layers": 25.21, "num_single_layers": 17.09}
+
+    @classmethod
+    def prompt_tokens(cls, max_sequence_length: int) -> int:
+        return T5_TOKENS
+
     own_params = {"guidance_scale": "only guidance-distilled Flux models take a guidance input while training"}
 
     @classmethod

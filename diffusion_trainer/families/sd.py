@@ -37,6 +37,7 @@ class StableDiffusion(ModelFamily):
     inapplicable_params = FLOW_ONLY
     single_file_text_prefixes = {"text_encoder": "lora_te"}
     converts_lora_keys = True  # PEFT names the LoRA keys its own way; the SD loaders expect diffusers'
+    activation_fixed, activation_fixed_checkpointed = 447.0, 104.6  # x (latent pixels x 320 x 2 bytes)
 
     def configure_objective(self, params: Any, prediction_type: str | None) -> None:
         prediction_type = prediction_type or "epsilon"

@@ -30,6 +30,22 @@ class StableDiffusion3(FlowMatchingFamily):
     inapplicable_params = DDPM_ONLY
     own_params = {"max_sequence_length": "only SD3's T5 prompt length is set by it (Flux uses 512)"}
     max_sequence_length = 77  # T5 tokens; set from the run's parameters
+    # x (tokens x width x 2 bytes); a dual-attention block (3.5 Medium) costs its second attention more
+    activation_fixed, activation_fixed_checkpointed, activation_saved_per_block = 8.48, 8.38, 1.053
+    activation_per_block = {"num_layers": 22.19, "dual_attention_layers": 12.62}
+
+    @classmethod
+    def prompt_tokens(cls, max_sequence_length: int) -> int:
+        return 77 + max_sequence_length  # CLIP's 77, then T5's
+
+    @classmethod
+    def block_counts(cls, config: dict[str, Any]) -> dict[str, int]:
+        return {"num_layers": config.get("num_layers", 24), "dual_attention_layers": len(config.get("dual_attention_layers") or ())}
+
+    @classmethod
+    def largest_block_units(cls, counts: dict[str, int]) -> float:
+        dual = cls.activation_per_block["dual_attention_layers"] if counts["dual_attention_layers"] else 0.0
+        return cls.activation_per_block["num_layers"] + dual
 
     def configure_objective(self, params: Any, prediction_type: str | None) -> None:
         super().configure_objective(params, prediction_type)

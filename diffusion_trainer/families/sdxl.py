@@ -26,6 +26,7 @@ class StableDiffusionXL(StableDiffusion):
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
     trainable_text_attrs = ("text_encoder", "text_encoder_2")
     single_file_text_prefixes = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    activation_fixed, activation_fixed_checkpointed = 744.6, 68.7
 
     @classmethod
     def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:

@@ -80,7 +80,7 @@ def render(index: dict[str, Any]) -> str:
 # --- task.yaml (the current Lab's tasks) ----------------------------------------------------
 
 TASK_NAME = "diffusion-trainer-lora"
-TASK_ACCELERATORS = "A100-80GB:1"  # what Flux needs; SD 1.x/2.x and SDXL fit smaller GPUs
+TASK_ACCELERATORS = "L4:1"  # 24 GB: the memory plan fits FLUX.1-dev at 1024 px (fp8 + checkpointing), and all smaller models
 # setup.sh installs requirements.txt on top of the Lab's torch without replacing it.
 TASK_SETUP = "bash setup.sh"
 TASK_ENVS = {"HF_TOKEN": "{{secret._HF_TOKEN}}", "WANDB_API_KEY": "{{secret._WANDB_API_KEY}}",

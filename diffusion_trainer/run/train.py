@@ -65,6 +65,27 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any) -> RunR
         lock.release()
 
 
+def planned_settings(params: TrainingParams, reporter: Any) -> TrainingParams:
+    """Print the memory plan first; with a GPU budget, train with the settings it chose. Explicit
+    settings that cannot fit stop the run here (DoesNotFit, an InputError: exit 2), before anything loads."""
+    from ..memory.plan import DoesNotFit, plan_for
+
+    try:
+        plan = plan_for(params)
+    except DoesNotFit:
+        raise
+    except Exception as exc:  # a config the meta-device count cannot read or build: the run goes on as before
+        reporter.info(f"Memory plan: not made ({type(exc).__name__}: {exc}).")
+        return params
+    for line in plan.lines():
+        reporter.info(line)
+    if plan.budget_gb is None:
+        return params
+    chosen = plan.settings
+    return params.model_copy(update={"base_precision": chosen.base_precision, "offload": chosen.offload,
+                                     "gradient_checkpointing": chosen.gradient_checkpointing})
+
+
 def local_dataset_folder(dataset_name: str) -> Path | None:
     path = Path(dataset_name).expanduser()
     return path if path.is_dir() else None
@@ -80,6 +101,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     if params.resolution % family_cls.resolution_multiple:
         raise InputError(f"resolution: {family_cls.label} needs a multiple of "
                          f"{family_cls.resolution_multiple} (got {params.resolution}).")
+    params = planned_settings(params, reporter)
     load_problems: list[str] = []
     load_notes: list[str] = []
     records = load_records(params.dataset_name, params.image_column, params.caption_column, load_problems,

@@ -1,0 +1,300 @@
+"""The memory plan: before any weight is read, what each stage of a run puts on the GPU and the
+peak it reaches, against the GPU's free memory; with `auto` settings, the least lossy settings
+that fit. Weights are counted on meta-device models built from the config files; activations
+come from each family's cost (families/base.py), fitted to fake-tensor simulations of this
+trainer's own step (memory/simulate.py, bench/memory_simulation.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import InputError
+from .components import Component, Weights, pipeline_components
+
+GB = 1e9
+# Least lossy first (issue 19): storage of the frozen base, then offloading its blocks.
+STORAGE_ORDER = ("fp32", "bf16", "fp8", "int8", "nf4")
+BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
+LORA_BYTES = 12  # fp32 weight and AdamW's two moments (gradients arrive as activations leave)
+VAE_BYTES_PER_PIXEL = 1.6e9 / 1024**2  # encoding one 1024 px image: about 1.6 GB (bf16)
+TILE = 512  # eval images decode in tiles of this size when a whole image does not fit
+
+
+class DoesNotFit(InputError):
+    """Explicit settings whose plan exceeds the GPU budget; the message names what to change."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    base_precision: str
+    gradient_checkpointing: bool
+    offload: str  # none or blocks
+
+    def describe(self) -> str:
+        return (f"base_precision={self.base_precision}, gradient_checkpointing="
+                f"{'true' if self.gradient_checkpointing else 'false'}, offload={self.offload}")
+
+
+@dataclass
+class Stage:
+    name: str
+    on_device: dict[str, float]  # what, GB
+    peak_gb: float
+
+
+@dataclass
+class Plan:
+    model: str
+    budget_gb: float | None
+    settings: Settings
+    stages: list[Stage]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_gb(self) -> float:
+        return max(stage.peak_gb for stage in self.stages)
+
+    @property
+    def fits(self) -> bool:
+        return self.budget_gb is None or self.peak_gb <= self.budget_gb
+
+    def lines(self) -> list[str]:
+        budget = "no GPU budget" if self.budget_gb is None else f"{self.budget_gb:.1f} GB"
+        out = [f"Memory plan for {self.model} ({budget}):"]
+        for stage in self.stages:
+            parts = ", ".join(f"{what} {gb:.2f}" for what, gb in stage.on_device.items())
+            out.append(f"  {stage.name:<13} peak {stage.peak_gb:6.2f} GB: {parts}")
+        out.append(f"  settings: {self.settings.describe()}")
+        out += [f"  {note}" for note in self.notes]
+        if self.budget_gb is not None:
+            out.append(f"fits: peak {self.peak_gb:.1f} GB of {self.budget_gb:.1f} GB" if self.fits else
+                       f"does not fit: peak {self.peak_gb:.1f} GB of {self.budget_gb:.1f} GB")
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        return {"model": self.model, "peak_gb": round(self.peak_gb, 3), "budget_gb": self.budget_gb,
+                "fits": self.fits, "settings": asdict(self.settings), "notes": self.notes,
+                "stages": [{"name": s.name, "peak_gb": round(s.peak_gb, 3),
+                            "on_device": {k: round(v, 3) for k, v in s.on_device.items()}} for s in self.stages]}
+
+
+@dataclass(frozen=True)
+class Run:
+    """The parameters a plan reads (explicit values, not the whole params object)."""
+
+    resolution: int
+    batch_size: int
+    lora_rank: int
+    lora_layers: str
+    mixed_precision: str
+    max_sequence_length: int = 77
+    cache_text_embeddings: bool = True
+    cache_latents: bool = True
+    eval_images: bool = False
+
+    @classmethod
+    def of(cls, params: Any) -> "Run":
+        return cls(params.resolution, params.train_batch_size, params.lora_r, params.lora_layers, params.mixed_precision,
+                   params.max_sequence_length, params.cache_text_embeddings, params.cache_latents,
+                   bool(params.eval_prompt.strip()))
+
+
+def storage_bytes(weights: Weights, precision: str) -> float:
+    """Bytes of a component's weights stored in `precision`: fp8 keeps norms, embeddings and the
+    layers diffusers' layerwise casting skips in bf16; int8 adds a bf16 scale per output row;
+    nf4 a one-byte absmax (double-quantized) per 64 weights."""
+    if precision in BYTES:
+        return weights.total * BYTES[precision]
+    if precision == "fp8":
+        return weights.castable + (weights.total - weights.castable) * 2
+    if precision == "int8":
+        return weights.linear + weights.linear_rows * 2 + weights.other * 2
+    if precision == "nf4":
+        return weights.linear * (0.5 + 1 / 64) + weights.other * 2
+    raise ValueError(f"unknown storage {precision!r}")
+
+
+def lora_parameters(component: Component, targets: tuple[str, ...], rank: int) -> int:
+    """Parameters of a rank-`rank` LoRA on the linear layers whose names end with a target."""
+    return sum(rank * (fan_in + fan_out) for name, fan_in, fan_out in component.weights.linears
+               if any(name == t or name.endswith("." + t) for t in targets))
+
+
+class Planner:
+    """Everything a plan needs from the model, read once; `plan()` for one choice of settings."""
+
+    def __init__(self, family_cls: Any, source: str, run: Run):
+        self.family, self.run = family_cls, run
+        wanted = (family_cls.denoiser_attr, "vae", *family_cls.text_encoder_attrs)
+        self.components = pipeline_components(source, wanted)
+        self.denoiser = self.components[family_cls.denoiser_attr]
+        self.encoders = [self.components[a] for a in family_cls.text_encoder_attrs if a in self.components]
+        self.vae = self.components["vae"]
+        preset = run.lora_layers if run.lora_layers != "default" else family_cls.default_lora_layers
+        targets = (tuple(name for name, _, _ in self.denoiser.weights.linears) if preset == "all-linear"
+                   else family_cls.lora_presets[preset])
+        self.lora = lora_parameters(self.denoiser, targets, run.lora_rank)
+        self.model = f"{family_cls.label} ({source})"
+
+    def compute(self, settings: Settings) -> str:
+        """Activations' dtype: bf16 (or fp16) unless everything is fp32."""
+        if settings.base_precision == "fp32" and self.run.mixed_precision == "no":
+            return "fp32"
+        return "fp16" if self.run.mixed_precision == "fp16" else "bf16"
+
+    def plan(self, settings: Settings, budget_gb: float | None) -> Plan:
+        run, compute = self.run, self.compute(settings)
+        scale = BYTES[compute] / 2
+        stages = [self.encode_text_stage(compute, budget_gb), self.encode_images_stage(compute)]
+        weights = self.denoiser.weights
+        base = storage_bytes(weights, settings.base_precision)
+        on = {}
+        if settings.offload == "blocks":
+            streamed = weights.blocks_total * storage_bytes(weights, settings.base_precision) / weights.total
+            largest = weights.largest_block * storage_bytes(weights, settings.base_precision) / weights.total
+            resident = min(base, base - streamed + 2 * largest)  # the rest, and the running and next block
+            on[f"{self.denoiser.name} {settings.base_precision} (2 blocks at a time)"] = resident / GB
+        else:
+            on[f"{self.denoiser.name} {settings.base_precision}"] = base / GB
+        if settings.base_precision in ("fp8", "int8"):  # weights upcast for compute, kept for backward
+            copy = weights.largest_block_linear * 2 if settings.gradient_checkpointing else weights.castable * 2
+            on["upcast weight copies"] = copy / GB
+        on["LoRA + AdamW"] = self.lora * LORA_BYTES / GB
+        tokens = self.family.prompt_tokens(run.max_sequence_length)
+        activations = self.family.activation_bytes(self.denoiser.config, run.resolution, tokens,
+                                                   settings.gradient_checkpointing) * run.batch_size * scale
+        on["activations" + (" (checkpointed)" if settings.gradient_checkpointing else "")] = activations / GB
+        if not run.cache_latents:
+            on[f"vae {compute}"] = storage_bytes(self.vae.weights, compute) / GB
+        if not run.cache_text_embeddings:
+            for encoder in self.encoders:
+                on[f"{encoder.name} {compute}"] = storage_bytes(encoder.weights, compute) / GB
+        stages.append(Stage("train step", on, sum(on.values())))
+        if run.eval_images:
+            stages.append(self.eval_stage(settings, on, compute, budget_gb))
+        notes = []
+        if not run.cache_latents or not run.cache_text_embeddings:
+            notes.append("without caches the encoders stay on the GPU during training")
+        return Plan(self.model, budget_gb, settings, stages, notes)
+
+    def encode_text_stage(self, compute: str, budget_gb: float | None) -> Stage:
+        on = {}
+        for encoder in self.encoders:  # one at a time; a large T5 in 8 bits where bf16 does not fit
+            precision = compute
+            if budget_gb is not None and storage_bytes(encoder.weights, compute) / GB > 0.9 * budget_gb:
+                precision = "int8"
+            on[f"{encoder.name} {precision}"] = storage_bytes(encoder.weights, precision) / GB
+        working = 0.1 * GB * self.run.batch_size
+        on["working memory"] = working / GB
+        return Stage("encode text", on, max(on.values()) + working / GB)
+
+    def encode_images_stage(self, compute: str) -> Stage:
+        pixels = self.run.resolution ** 2 * self.run.batch_size
+        on = {f"vae {compute}": storage_bytes(self.vae.weights, compute) / GB,
+              f"{self.run.batch_size} image(s) at {self.run.resolution} px": pixels * VAE_BYTES_PER_PIXEL * BYTES[compute] / 2 / GB}
+        return Stage("encode images", on, sum(on.values()))
+
+    def eval_stage(self, settings: Settings, train: dict[str, float], compute: str, budget_gb: float | None) -> Stage:
+        on = {k: v for k, v in train.items() if not k.startswith(("activations", "LoRA", "upcast"))}
+        on["LoRA"] = self.lora * 4 / GB
+        on[f"vae {compute}"] = storage_bytes(self.vae.weights, compute) / GB
+        # denoising: no gradients, about one block's activations, twice for classifier-free guidance
+        tokens = self.family.prompt_tokens(self.run.max_sequence_length)
+        unit = self.family.activation_unit(self.denoiser.config, self.run.resolution, tokens)
+        counts = self.family.block_counts(self.denoiser.config)
+        one_block = max(self.family.largest_block_units(counts), self.family.activation_fixed_checkpointed)
+        on["denoising"] = 2 * unit * one_block * BYTES[compute] / 2 / GB
+        decode = 2 * self.run.resolution ** 2 * VAE_BYTES_PER_PIXEL * BYTES[compute] / 2 / GB
+        name = "decode"
+        if budget_gb is not None and sum(on.values()) + decode > budget_gb:
+            decode, name = decode * TILE**2 / self.run.resolution**2, f"decode (tiled, {TILE} px)"
+        on[name] = decode
+        return Stage("eval image", on, sum(on.values()))
+
+    def candidates(self, base_precision: str, offload: str, checkpointing: bool) -> list[Settings]:
+        """The settings `auto` may choose, least lossy first."""
+        if base_precision == "auto":
+            start = {"no": "fp32", "fp16": "fp16"}.get(self.run.mixed_precision, "bf16")
+            storages = [start] + [s for s in STORAGE_ORDER[2:] if s != start]
+            if start == "fp32":
+                storages.insert(1, "bf16")
+        else:
+            storages = [base_precision]
+        offloads = ["none", "blocks"] if offload == "auto" else [offload]
+        found = []
+        for off in offloads:
+            for storage in storages:
+                for gc in ([checkpointing] if checkpointing or base_precision != "auto" and offload != "auto"
+                           else [False, True]):
+                    if storage in ("fp8", "int8") and not gc and base_precision == "auto":
+                        continue  # without checkpointing they keep an upcast copy of every weight
+                    found.append(Settings(storage, gc, off))
+        return found
+
+
+def make_plan(family_cls: Any, source: str, run: Run, *, base_precision: str, offload: str,
+              gradient_checkpointing: bool, budget_gb: float | None) -> Plan:
+    """The plan for these settings; with auto ones, the first that fits (or the last tried).
+    Raises DoesNotFit naming what to change when explicit settings do not fit."""
+    planner = Planner(family_cls, source, run)
+    if budget_gb is None:  # no GPU: today's behaviour, mixed_precision decides the storage
+        storage = base_precision if base_precision != "auto" else {"no": "fp32"}.get(run.mixed_precision, run.mixed_precision)
+        plan = planner.plan(Settings(storage, gradient_checkpointing, "none" if offload == "auto" else offload), None)
+        plan.notes.append("no GPU here: no GPU budget; the run keeps mixed_precision's storage")
+        return plan
+    options = planner.candidates(base_precision, offload, gradient_checkpointing)
+    tried = [planner.plan(s, budget_gb) for s in options]
+    for plan in tried:
+        if plan.fits:
+            if len(options) > 1:
+                plan.notes.append(choice_note(plan, tried))
+            return plan
+    explicit = tried[0] if len(options) == 1 else tried[-1]
+    raise DoesNotFit(what_to_change(planner, explicit, budget_gb))
+
+
+def choice_note(chosen: Plan, tried: list[Plan]) -> str:
+    before = [p for p in tried[:tried.index(chosen)]]
+    if not before:
+        return f"chosen: {chosen.settings.describe()} (the least lossy settings; they fit)"
+    refused = ", ".join(f"{p.settings.base_precision}{' + checkpointing' if p.settings.gradient_checkpointing else ''}"
+                        f"{' + offload' if p.settings.offload == 'blocks' else ''} needs {p.peak_gb:.1f} GB"
+                        for p in before)
+    return f"chosen: {chosen.settings.describe()}, the least lossy that fits ({refused})"
+
+
+def what_to_change(planner: Planner, plan: Plan, budget_gb: float) -> str:
+    """`needs 31.2 GB, this GPU has 23.6 GB free: base_precision=fp8 (17.9 GB) or int8 (17.2 GB)`"""
+    s = plan.settings
+    fitting = []
+    for option in planner.candidates("auto", "auto", s.gradient_checkpointing):
+        candidate = planner.plan(option, budget_gb)
+        if candidate.fits:
+            changes = [f"{k}={v if not isinstance(v, bool) else str(v).lower()}"
+                       for k, v in asdict(option).items() if getattr(s, k) != v]
+            fitting.append(f"{', '.join(changes)} ({candidate.peak_gb:.1f} GB)")
+    advice = " or ".join(fitting[:2]) if fitting else "nothing this trainer offers fits: a smaller resolution or a larger GPU"
+    return (f"memory plan: {s.describe()} needs {plan.peak_gb:.1f} GB, this GPU has {budget_gb:.1f} GB free"
+            f" (gpu_memory_gb): {advice}.")
+
+
+def gpu_budget_gb(gpu_memory_gb: float) -> float | None:
+    """gpu_memory_gb when set, else the GPU's free memory now; None without a GPU."""
+    if gpu_memory_gb > 0:
+        return gpu_memory_gb
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.mem_get_info()[0] / GB
+
+
+def plan_for(params: Any) -> Plan:
+    """The plan of a run's parameters (InputError when explicit settings do not fit)."""
+    from ..families import family_for
+
+    return make_plan(family_for(params.model_name), params.model_name, Run.of(params),
+                     base_precision=params.base_precision, offload=params.offload,
+                     gradient_checkpointing=params.gradient_checkpointing, budget_gb=gpu_budget_gb(params.gpu_memory_gb))

@@ -1,0 +1,107 @@
+"""The memory plan (diffusion_trainer/memory/plan.py) against the trainer's own training step
+simulated with fake tensors (memory/simulate.py), and against issue 19's goals.
+
+The simulated cases run the family's `predict`, the trainer's loss, backward and an AdamW step at
+real width and resolution. To keep the suite fast only FLUX.1-dev runs at full depth; the other
+transformer cases have fewer blocks (4, SD3.5 Medium with 2 of them dual-attention) and SDXL runs at 512 px,
+written as a config-only pipeline folder of that depth, and the plan predicts that same reduced
+model. `python bench/memory_simulation.py` prints every model at full depth (the README table).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffusion_trainer.families import family_for
+from diffusion_trainer.memory.plan import Planner, Run, Settings, make_plan
+from diffusion_trainer.memory.simulate import simulate_run
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import run_main, write_config  # noqa: E402
+
+REAL = Path(__file__).parent / "real_configs"
+
+
+def reduced(tmp_path: Path, model: str, **depth) -> Path:
+    """A copy of a real config folder whose denoiser has fewer blocks."""
+    folder = tmp_path / model
+    shutil.copytree(REAL / model, folder)
+    config_file = folder / "transformer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **depth}))
+    return folder
+
+
+CASES = [  # (model, depth overrides, resolution, gradient checkpointing)
+    ("flux1_dev", {}, 1024, True),
+    ("sd35_large", {"num_layers": 4}, 1024, True),
+    ("sd35_medium", {"num_layers": 4, "dual_attention_layers": [0, 1]}, 1024, False),
+    ("sdxl", {}, 512, True),
+    ("sd15", {}, 512, False),
+]
+
+
+@pytest.mark.parametrize("model,depth,resolution,checkpointing", CASES,
+                         ids=[f"{c[0]}-{'full' if not c[1] else 'reduced'}-{'gc' if c[3] else 'nogc'}" for c in CASES])
+def test_the_plan_predicts_the_simulated_training_step_within_10_percent(tmp_path, model, depth, resolution,
+                                                                        checkpointing):
+    source = str(reduced(tmp_path, model, **depth) if depth else REAL / model)
+    lora_layers = "default"
+    run = Run(resolution, 1, 16, lora_layers, "bf16")
+    planned = Planner(family_for(source), source, run).plan(Settings("bf16", checkpointing, "none"), None)
+    predicted = next(s for s in planned.stages if s.name == "train step").peak_gb
+    simulated = simulate_run(source, resolution=resolution, batch_size=1, rank=16, lora_layers=lora_layers,
+                             checkpointing=checkpointing).peak_gb
+    assert abs(predicted - simulated) <= 0.10 * simulated, (predicted, simulated)
+
+
+GOALS = [  # issue 19, item 6: (model, resolution, GPU GB, storages the plan may not use)
+    ("flux1_dev", 1024, 24, {"nf4"}), ("flux1_dev", 1024, 16, set()), ("flux1_dev", 1024, 8, set()),
+    ("sd35_large", 1024, 24, set()), ("sd35_large", 1024, 16, set()), ("sd35_large", 1024, 8, set()),
+    ("sdxl", 1024, 24, set()), ("sdxl", 1024, 16, set()), ("sdxl", 1024, 8, {"fp8", "int8", "nf4"}),
+    ("sd15", 512, 24, set()), ("sd15", 512, 8, set()), ("sd15", 512, 4, set()),
+]
+
+
+@pytest.mark.parametrize("model,resolution,budget,refused", GOALS, ids=[f"{g[0]}-{g[2]}GB" for g in GOALS])
+def test_auto_settings_fit_the_goals_of_issue_19(model, resolution, budget, refused):
+    source = str(REAL / model)
+    plan = make_plan(family_for(source), source, Run(resolution, 1, 16, "default", "bf16", eval_images=True),
+                     base_precision="auto", offload="auto", gradient_checkpointing=False, budget_gb=budget)
+    assert plan.fits and plan.peak_gb <= budget
+    assert plan.settings.base_precision not in refused
+    assert any(note.startswith("chosen:") for note in plan.notes)
+
+
+def test_plan_command_fits_exit_0_and_explicit_settings_that_do_not_fit_exit_2(tmp_path, capsys):
+    config = write_config(tmp_path / "run.json", {"adaptor_name": "a", "model_name": str(REAL / "flux1_dev"),
+                                                  "dataset_name": "./nowhere", "resolution": 1024, "lora_r": 16,
+                                                  "mixed_precision": "bf16"})
+    assert run_main(["plan", "--config", str(config), "--gpu-memory-gb", "16"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("fits: peak ") and out[-1].endswith(" of 16.0 GB")
+    assert any(line.strip().startswith("train step") for line in out)
+    assert run_main(["plan", "--config", str(config), "--gpu-memory-gb", "16", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["peak_gb"] <= 16 and plan["settings"]["base_precision"] in {"int8", "nf4"}
+    assert [s["name"] for s in plan["stages"]][:3] == ["encode text", "encode images", "train step"]
+    code = run_main(["plan", "--config", str(config), "--gpu-memory-gb", "24", "--set", "base_precision=bf16",
+                     "--set", "offload=none"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "needs 56." in err and "24.0 GB free" in err and "base_precision=fp8" in err
+
+
+def test_a_run_whose_explicit_settings_cannot_fit_stops_before_loading(tmp_path, tiny_sd, star_folder, capsys):
+    config = write_config(tmp_path / "run.json", {
+        "adaptor_name": "a", "model_name": str(tiny_sd), "dataset_name": str(star_folder),
+        "output_dir": str(tmp_path / "out"), "resolution": 64, "gpu_memory_gb": 0.001,
+        "base_precision": "fp32", "offload": "none"})
+    assert run_main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "memory plan: base_precision=fp32" in err and "0.0 GB free" in err
+    assert not (tmp_path / "out" / "a").exists()
