@@ -41,6 +41,9 @@ class ToyInputs:
     def conditioning(self, batch):
         return {}
 
+    def loss_mask(self, batch, latents):
+        return None
+
 
 class NoEval:
     def due(self, epoch):

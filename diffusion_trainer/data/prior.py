@@ -110,6 +110,14 @@ class PairedSamples(torch.utils.data.Dataset):
             self._pool_of.append((slots[shape], ranks.get(shape, 0), sizes[shape]))
             ranks[shape] = ranks.get(shape, 0) + 1
 
+    @property
+    def image_captions(self) -> list[str]:  # per image (repeats aside), for the adapter's tags
+        return self.instance.image_captions
+
+    @property
+    def image_count(self) -> int:
+        return self.instance.image_count
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.instance.set_epoch(epoch)
