@@ -177,6 +177,9 @@ class Planner:
         notes = []
         if not run.cache_latents or not run.cache_text_embeddings:
             notes.append("without caches the encoders stay on the GPU during training")
+        if not (self.family.activation_fixed or self.family.activation_per_block):
+            notes.append(f"{self.family.label}: activations are not modelled yet (no simulation fitted): "
+                         "the train step counts weights, LoRA and optimizer only, so its real peak is higher")
         return Plan(self.model, budget_gb, settings, stages, notes)
 
     def encode_text_stage(self, compute: str, budget_gb: float | None) -> Stage:
