@@ -118,3 +118,20 @@ def test_eval_steps_keeps_its_name_and_says_it_counts_epochs():
 
     assert FIELDS["eval_steps"].default == 1 and "epochs" in FIELDS["eval_steps"].description
     assert "Epochs" in FIELDS["eval_steps"].title
+
+
+def test_validation_loss_sees_a_trained_text_encoder(tiny_sd, numbered):
+    """With train_text_encoder, the held-out caption is encoded again by the encoder being trained."""
+    params, _ = parse_params({"adaptor_name": "v", "model_name": str(tiny_sd), "dataset_name": str(numbered),
+                              "resolution": 64})
+    family = family_for(str(tiny_sd)).load(str(tiny_sd), torch.float32)
+    family.configure_objective(params, "epsilon")
+    held = setup.validation_samples(load_records(str(numbered), "image", "text").select([2]), params)
+    accelerator = type("Acc", (), {"device": torch.device("cpu"),
+                                   "autocast": lambda self: torch.autocast("cpu", enabled=False)})()
+    validation = Validation(family, held, accelerator, "l2", 0.1)
+    first = validation.losses()["val/loss"]
+    family.trained_text = ("text_encoder",)  # as attach_adapters marks it
+    with torch.no_grad():
+        family.pipeline.text_encoder.get_input_embeddings().weight.mul_(3.0)
+    assert validation.losses()["val/loss"] != first

@@ -62,8 +62,10 @@ class _Mean:
 class HeldOut:
     latents: torch.Tensor  # (1, C, H, W), on the CPU
     noise: torch.Tensor  # (LEVELS, C, H, W), on the CPU
-    conditioning: dict[str, torch.Tensor]  # batch of one, on the CPU
+    conditioning: dict[str, torch.Tensor]  # batch of one, on the CPU; or each text encoder's part (below)
     batch: dict[str, Any]  # the one-item batch (sizes and crop, for micro-conditioning)
+    caption: str = ""
+    per_encoder: bool = False  # conditioning holds encode_text's parts: a trained encoder's are redone
 
 
 class Validation:
@@ -89,8 +91,20 @@ class Validation:
         posterior = vae.encode(batch.pop("pixel_values").to(vae.device, vae.dtype)).latent_dist
         latents = self.family.latents_from_distribution(_Mean(posterior)).float().cpu()
         noise = torch.randn((LEVELS, *latents.shape[1:]), generator=generator)
-        conditioning = {k: v.cpu() for k, v in self.family.encode_prompts([item["caption"]]).items()}
-        return HeldOut(latents, noise, conditioning, batch)
+        family, caption = self.family, item["caption"]
+        per_encoder = bool(family.trainable_text_attrs)  # train_text_encoder may put an adapter on them later
+        encoded = (family.encode_text([caption], family.text_encoder_attrs) if per_encoder
+                   else family.encode_prompts([caption]))
+        return HeldOut(latents, noise, {k: v.cpu() for k, v in encoded.items()}, batch, caption, per_encoder)
+
+    def conditioning(self, item: HeldOut, device: torch.device) -> dict[str, torch.Tensor]:
+        """The held-out caption's conditioning now: the text encoders being trained encode it again."""
+        cached = {k: v.to(device) for k, v in item.conditioning.items()}
+        if not item.per_encoder:
+            return cached
+        if self.family.trained_text:
+            cached.update(self.family.encode_text([item.caption], self.family.trained_text))
+        return self.family.combine_text(cached)
 
     @torch.no_grad()
     def losses(self) -> dict[str, float]:
@@ -99,14 +113,16 @@ class Validation:
         device = self.accelerator.device
         dtype = denoiser.dtype  # the base weights' (diffusers' ModelMixin)
         per_level = torch.zeros(LEVELS, dtype=torch.float64)
-        was_training = denoiser.training
-        denoiser.eval()  # no dropout: the same model gives the same number
+        modules = [denoiser, *(getattr(self.family.pipeline, a) for a in self.family.trained_text)]
+        was_training = [m.training for m in modules]
+        for module in modules:
+            module.eval()  # no dropout: the same model gives the same number
         averaged = self.ema.applied() if self.ema is not None else nullcontext()
         try:
             with averaged, self.accelerator.autocast():
                 for item in self.items:
                     latents = item.latents.to(device, dtype)
-                    conditioning = {k: v.to(device) for k, v in item.conditioning.items()}
+                    conditioning = self.conditioning(item, device)
                     for k, t in enumerate(self.timesteps):
                         noisy = self.family.objective.noisy_batch_at(
                             latents, item.noise[k:k + 1].to(device, dtype), torch.tensor([t], device=device))
@@ -114,7 +130,8 @@ class Validation:
                         per_level[k] += weighted_loss(prediction, noisy.target, None, self.loss_type,
                                                       self.huber_c).double().item()
         finally:
-            denoiser.train(was_training)
+            for module, training in zip(modules, was_training):
+                module.train(training)
         per_level /= len(self.items)
         out = {"val/loss": float(per_level.mean())}
         for name, low, high in range_names(self.num_train_timesteps):
