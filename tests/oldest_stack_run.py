@@ -8,7 +8,9 @@ with the options that reach the most library code (bucketing, EMA, eval images).
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.metadata
+import importlib.util
 import json
 import pkgutil
 import random
@@ -17,6 +19,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# Optional quantization backends (base_precision int8/nf4) are not among requirements.txt's floors:
+# a user on the oldest libraries has none, and diffusers 0.35 cannot import beside today's torchao.
+HIDDEN = ("torchao", "bitsandbytes")
+
+
+def _hidden(name: str) -> bool:
+    return name.split(".")[0] in HIDDEN
+
+
+class _HideOptional(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if _hidden(name):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden on the oldest stack)", name=name)
+        return None
+
+
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: None if _hidden(name) else _find_spec(name, package)
+sys.meta_path.insert(0, _HideOptional())
 
 
 def main(work: Path) -> int:

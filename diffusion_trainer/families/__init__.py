@@ -20,12 +20,13 @@ from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 from .z_image import ZImage
 
+TRAINED = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Flux2, Flux2Klein, Chroma, ZImage, QwenImage)
 FAMILIES: dict[str, type[ModelFamily]] = {
-    family.pipeline_class.__name__: family
-    for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Flux2, Flux2Klein, Chroma, ZImage,
-                   QwenImage)
-    if family.pipeline_class is not None  # FLUX.2 needs a newer diffusers than the rest
+    family.pipeline_class.__name__: family for family in TRAINED
+    if family.pipeline_class is not None  # the newer families need a newer diffusers than the rest
 }
+# Families this trainer has but the installed diffusers/transformers cannot build.
+NEEDS_NEWER_LIBRARIES = {family.pipeline_class_name: family.label for family in TRAINED if family.pipeline_class is None}
 
 
 def family_for(source: str) -> type[ModelFamily]:
@@ -35,7 +36,9 @@ def family_for(source: str) -> type[ModelFamily]:
         return FAMILIES[class_name]
     except KeyError:
         supported = ", ".join(sorted(FAMILIES))
-        newer = (f" (FLUX.2 needs diffusers >= {MIN_DIFFUSERS})"
-                 if class_name.startswith("Flux2") and Flux2.pipeline_class is None else "")
+        newer = ""
+        if class_name in NEEDS_NEWER_LIBRARIES:
+            needs = f"diffusers >= {MIN_DIFFUSERS}" if class_name.startswith("Flux2") else "a newer diffusers/transformers"
+            newer = f" ({NEEDS_NEWER_LIBRARIES[class_name]} needs {needs}: pip install -U diffusers transformers)"
         raise InputError(f"model_name: '{source}' is a {class_name}; this trainer supports "
                          f"{supported}{newer}.") from None

@@ -79,6 +79,7 @@ def linear_layer_names(module: torch.nn.Module) -> tuple[str, ...]:
 
 class ModelFamily(ABC):
     pipeline_class: ClassVar[type[DiffusionPipeline]]
+    pipeline_class_name: ClassVar[str] = ""  # for families the installed diffusers may lack
     label: ClassVar[str]  # for people: "Stable Diffusion 1.x/2.x"
     denoiser_attr: ClassVar[str] = "unet"
     # The keyword the pipeline's save_lora_weights takes for the denoiser: unet_lora_layers…

@@ -6,7 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import ChromaPipeline, FluxPipeline
+from diffusers import FluxPipeline
+
+try:
+    from diffusers import ChromaPipeline
+except (ImportError, RuntimeError):  # an older diffusers: the registry leaves Chroma out
+    ChromaPipeline = None
 
 from ..objectives import NoisyBatch
 from .base import DDPM_ONLY, LANGUAGE_MODEL_TEXT, JOINT_ATTENTION, JOINT_MLP, Conditioning, FlowMatchingFamily
@@ -17,6 +22,7 @@ APPROXIMATOR = "distilled_guidance_layer."
 
 class Chroma(FlowMatchingFamily):
     pipeline_class = ChromaPipeline
+    pipeline_class_name = "ChromaPipeline"  # also when this diffusers lacks it
     label = "Chroma"
     lora_presets = {"attention": JOINT_ATTENTION, "attention+mlp": JOINT_ATTENTION + JOINT_MLP}
     default_lora_layers = "attention+mlp"  # Flux's recipe: Chroma is a Flux-architecture model

@@ -44,6 +44,7 @@ class Flux2FlowObjective(FlowMatchObjective):
 
 class Flux2(FlowMatchingFamily):
     pipeline_class = Flux2Pipeline
+    pipeline_class_name = "Flux2Pipeline"  # also when this diffusers lacks it
     label = "FLUX.2"
     lora_presets = {"attention": JOINT_ATTENTION + SINGLE_STREAM,
                     "attention+mlp": JOINT_ATTENTION + SINGLE_STREAM + DOUBLE_STREAM_MLP}
@@ -117,5 +118,6 @@ class Flux2(FlowMatchingFamily):
 
 class Flux2Klein(Flux2):
     pipeline_class = Flux2KleinPipeline
+    pipeline_class_name = "Flux2KleinPipeline"
     label = "FLUX.2 [klein]"
     own_params = {}  # no guidance input: guidance_scale is named as not applying

@@ -7,7 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import QwenImagePipeline
+try:
+    from diffusers import QwenImagePipeline
+except (ImportError, RuntimeError):  # older diffusers or transformers (no Qwen2.5-VL): left out
+    QwenImagePipeline = None
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ..objectives import NoisyBatch
@@ -19,6 +22,7 @@ MLP = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net
 
 class QwenImage(FlowMatchingFamily):
     pipeline_class = QwenImagePipeline
+    pipeline_class_name = "QwenImagePipeline"  # also when this diffusers lacks it
     label = "Qwen-Image"
     # diffusers' train_dreambooth_lora_qwen_image.py trains to_k/to_q/to_v/to_out.0 unless told otherwise
     lora_presets = {"attention": ("to_k", "to_q", "to_v", "to_out.0"), "attention+mlp": JOINT_ATTENTION + MLP}

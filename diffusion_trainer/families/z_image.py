@@ -7,7 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import ZImagePipeline
+try:
+    from diffusers import ZImagePipeline
+except (ImportError, RuntimeError):  # an older diffusers: the registry leaves Z-Image out
+    ZImagePipeline = None
 
 from ..objectives import NoisyBatch
 from .base import DDPM_ONLY, LANGUAGE_MODEL_TEXT, Conditioning, FlowMatchingFamily
@@ -30,6 +33,7 @@ def pad_prompts(embeddings: list[torch.Tensor], length: int) -> Conditioning:
 
 class ZImage(FlowMatchingFamily):
     pipeline_class = ZImagePipeline
+    pipeline_class_name = "ZImagePipeline"  # also when this diffusers lacks it
     label = "Z-Image"
     # diffusers' train_dreambooth_lora_z_image.py trains to_q/to_k/to_v/to_out.0 unless told otherwise
     lora_presets = {"attention": ATTENTION, "attention+mlp": ATTENTION + MLP}
