@@ -15,6 +15,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# Under pytest-xdist (README's test command runs one worker per core) each worker is a process of its
+# own: its own Lab workspace, and torch threads shared out so workers do not fight over the cores.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)  # also for the subprocesses tests start
+    os.environ["TFL_HOME_DIR"] = __import__("tempfile").mkdtemp(prefix=f"tfl_home_{_WORKER}_")
+    os.environ.pop("TFL_WORKSPACE_DIR", None)
+
 # The Lab SDK reads these at import time; one workspace serves the whole session.
 _LAB_HOME = Path(os.environ.setdefault("TFL_HOME_DIR", str(Path(__import__("tempfile").mkdtemp(prefix="tfl_home_")))))
 os.environ.setdefault("TFL_WORKSPACE_DIR", str(_LAB_HOME / "workspace"))
@@ -31,6 +40,11 @@ from diffusion_trainer.demo import (
     tiny_models,  # noqa: E402
 )
 from diffusion_trainer.demo.tiny_models import save_pipeline, tiny_sd_pipeline  # noqa: E402
+
+if _WORKER:
+    import torch  # noqa: E402
+
+    torch.set_num_threads(_THREADS)
 
 FAMILY_BUILDERS = {
     "sdxl": tiny_models.tiny_sdxl_pipeline,
@@ -130,8 +144,13 @@ def plugin_lab_sdk(request) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                         "--no-deps", "--target", str(staging), requirement], check=True)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        try:
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+        except OSError:  # another test worker installed it first
+            shutil.rmtree(staging, ignore_errors=True)
+            if not (target / "lab" / "__init__.py").is_file():
+                raise
     return target
 
 
