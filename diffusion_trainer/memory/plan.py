@@ -238,7 +238,7 @@ class Planner:
 
 
 def make_plan(family_cls: Any, source: str, run: Run, *, base_precision: str, offload: str,
-              gradient_checkpointing: bool, budget_gb: float | None) -> Plan:
+              gradient_checkpointing: bool, budget_gb: float | None, applied: tuple[str, ...] | None = None) -> Plan:
     """The plan for these settings; with auto ones, the first that fits (or the last tried).
     Raises DoesNotFit naming what to change when explicit settings do not fit."""
     planner = Planner(family_cls, source, run)
@@ -248,6 +248,8 @@ def make_plan(family_cls: Any, source: str, run: Run, *, base_precision: str, of
         plan.notes.append("no GPU here: no GPU budget; the run keeps mixed_precision's storage")
         return plan
     options = planner.candidates(base_precision, offload, gradient_checkpointing)
+    if applied is not None:  # only the storages the trainer can apply, without offload
+        options = [s for s in options if s.base_precision in applied and s.offload == "none"]
     tried = [planner.plan(s, budget_gb) for s in options]
     for plan in tried:
         if plan.fits:
@@ -294,10 +296,12 @@ def gpu_budget_gb(gpu_memory_gb: float) -> float | None:
     return torch.cuda.mem_get_info()[0] / GB
 
 
-def plan_for(params: Any) -> Plan:
-    """The plan of a run's parameters (InputError when explicit settings do not fit)."""
+def plan_for(params: Any, applied: tuple[str, ...] | None = None) -> Plan:
+    """The plan of a run's parameters (InputError when explicit settings do not fit); `applied`: the
+    only storages `auto` may choose (None: every one the plan knows)."""
     from ..families import family_for
 
     return make_plan(family_for(params.model_name), params.model_name, Run.of(params),
                      base_precision=params.base_precision, offload=params.offload,
-                     gradient_checkpointing=params.gradient_checkpointing, budget_gb=gpu_budget_gb(params.gpu_memory_gb))
+                     gradient_checkpointing=params.gradient_checkpointing, budget_gb=gpu_budget_gb(params.gpu_memory_gb),
+                     applied=applied)

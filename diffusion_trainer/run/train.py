@@ -70,10 +70,20 @@ def planned_settings(params: TrainingParams, reporter: Any) -> TrainingParams:
     settings that cannot fit stop the run here (DoesNotFit, an InputError: exit 2), before anything loads."""
     from ..memory.plan import DoesNotFit, plan_for
 
+    # This version stores the frozen base in mixed_precision's dtype: the plan may choose only that
+    # (and gradient checkpointing); fp8/int8/nf4 storage and block offload are planned, not applied yet.
+    applied = {"no": "fp32"}.get(params.mixed_precision, params.mixed_precision)
+    if params.base_precision not in ("auto", applied) or params.offload == "blocks":
+        setting = (f"base_precision={params.base_precision}" if params.base_precision not in ("auto", applied)
+                   else "offload=blocks")
+        raise InputError(f"{setting}: not applied by this version yet (the frozen base is stored in "
+                         f"mixed_precision's dtype, {applied}); set base_precision to auto or {applied} and "
+                         "offload to auto or none. `python main.py plan` shows what each would need.")
     try:
-        plan = plan_for(params)
-    except DoesNotFit:
-        raise
+        plan = plan_for(params, applied=(applied,))
+    except DoesNotFit as exc:
+        raise DoesNotFit(f"{exc} (this version applies only mixed_precision's storage and gradient "
+                         "checkpointing: fp8, int8, nf4 and offload are planned, not applied yet)") from None
     except Exception as exc:  # a config the meta-device count cannot read or build: the run goes on as before
         reporter.info(f"Memory plan: not made ({type(exc).__name__}: {exc}).")
         return params
