@@ -26,7 +26,8 @@ FAMILIES: dict[str, type[ModelFamily]] = {
     if family.pipeline_class is not None  # the newer families need a newer diffusers than the rest
 }
 # Families this trainer has but the installed diffusers/transformers cannot build.
-NEEDS_NEWER_LIBRARIES = {family.pipeline_class_name: family.label for family in TRAINED if family.pipeline_class is None}
+NEEDS_NEWER_LIBRARIES = {family.pipeline_class_name: family.label
+                         for family in TRAINED if family.pipeline_class is None}
 
 
 def family_for(source: str) -> type[ModelFamily]:
@@ -38,7 +39,8 @@ def family_for(source: str) -> type[ModelFamily]:
         supported = ", ".join(sorted(FAMILIES))
         newer = ""
         if class_name in NEEDS_NEWER_LIBRARIES:
-            needs = f"diffusers >= {MIN_DIFFUSERS}" if class_name.startswith("Flux2") else "a newer diffusers/transformers"
+            needs = (f"diffusers >= {MIN_DIFFUSERS}" if class_name.startswith("Flux2")
+                     else "a newer diffusers/transformers")
             newer = f" ({NEEDS_NEWER_LIBRARIES[class_name]} needs {needs}: pip install -U diffusers transformers)"
         raise InputError(f"model_name: '{source}' is a {class_name}; this trainer supports "
                          f"{supported}{newer}.") from None

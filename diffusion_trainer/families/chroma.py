@@ -14,7 +14,7 @@ except (ImportError, RuntimeError):  # an older diffusers: the registry leaves C
     ChromaPipeline = None
 
 from ..objectives import NoisyBatch
-from .base import DDPM_ONLY, LANGUAGE_MODEL_TEXT, JOINT_ATTENTION, JOINT_MLP, Conditioning, FlowMatchingFamily
+from .base import DDPM_ONLY, JOINT_ATTENTION, JOINT_MLP, LANGUAGE_MODEL_TEXT, Conditioning, FlowMatchingFamily
 
 T5_TOKENS = 512  # the Chroma pipeline's max_sequence_length
 APPROXIMATOR = "distilled_guidance_layer."

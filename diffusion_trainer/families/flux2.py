@@ -24,7 +24,7 @@ except ImportError:  # diffusers before 0.37 has no FLUX.2 [klein]: the registry
     Flux2Pipeline = Flux2KleinPipeline = None
 
 from ..objectives import FlowMatchObjective, NoisyBatch
-from .base import DDPM_ONLY, LANGUAGE_MODEL_TEXT, JOINT_ATTENTION, Conditioning, FlowMatchingFamily
+from .base import DDPM_ONLY, JOINT_ATTENTION, LANGUAGE_MODEL_TEXT, Conditioning, FlowMatchingFamily
 
 # The single-stream blocks fuse attention and MLP: one projection in (q, k, v and the MLP's input)
 # and one out, so any attention LoRA on them trains their MLP too (diffusers' FLUX.2 recipe).

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 try:
     from diffusers import QwenImagePipeline
 except (ImportError, RuntimeError):  # older diffusers or transformers (no Qwen2.5-VL): left out
@@ -14,7 +15,7 @@ except (ImportError, RuntimeError):  # older diffusers or transformers (no Qwen2
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ..objectives import NoisyBatch
-from .base import DDPM_ONLY, LANGUAGE_MODEL_TEXT, JOINT_ATTENTION, Conditioning, FlowMatchingFamily
+from .base import DDPM_ONLY, JOINT_ATTENTION, LANGUAGE_MODEL_TEXT, Conditioning, FlowMatchingFamily
 
 PROMPT_TOKENS = 512  # the Qwen-Image pipeline's max_sequence_length
 MLP = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 try:
     from diffusers import ZImagePipeline
 except (ImportError, RuntimeError):  # an older diffusers: the registry leaves Z-Image out

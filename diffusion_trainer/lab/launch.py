@@ -90,8 +90,8 @@ def connect_lab():
 
 
 def run_in_lab(config: dict[str, Any], lab: Any, launch: str) -> int:
-    from ..run.processes import reporter_for_this_process
     from ..reporting import Reporter
+    from ..run.processes import reporter_for_this_process
 
     hub_id = str(config.get("model_name") or "")
     if str(config.get("model_path") or "").strip():

@@ -14,6 +14,7 @@ import torch
 from ..errors import InputError
 from ..families.base import read_model_index
 
+
 def component_config(source: str, component: str) -> dict:
     """<component>/config.json of a local pipeline folder or a hub repo (only that file is fetched)."""
     path = Path(source).expanduser()

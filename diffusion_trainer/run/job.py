@@ -43,9 +43,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 
 def run_standalone(raw: dict[str, Any], also_accepted: Any = lambda key: False) -> int:
     """A run from a JSON config / --set flags (or the demo): terminal progress, Ctrl-C stops."""
-    from .processes import reporter_for_this_process
     from ..outputs.layout import RunPaths
     from ..reporting import Reporter
+    from .processes import reporter_for_this_process
 
     reporter = reporter_for_this_process(Reporter())
     params = validated(raw, reporter, also_accepted)
@@ -72,9 +72,9 @@ def validated(raw: dict[str, Any], reporter: Any, also_accepted: Any = lambda ke
 
 def execute(params: Any, paths: Any, reporter: Any) -> int:
     """Train, hand the outputs to the reporter, end the job; the process's exit status."""
-    from .processes import is_main_process
     from ..errors import InputError, Stopped
     from ..outputs.adapter import RunFailed
+    from .processes import is_main_process
     from .train import run_training
 
     with reporter.catching_stop_signals():

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-
 from .. import atomic
 from ..data import prior
 from ..data.check import CheckedData, check_dataset
