@@ -243,7 +243,7 @@ def make_plan(family_cls: Any, source: str, run: Run, *, base_precision: str, of
     Raises DoesNotFit naming what to change when explicit settings do not fit."""
     planner = Planner(family_cls, source, run)
     if budget_gb is None:  # no GPU: today's behaviour, mixed_precision decides the storage
-        storage = base_precision if base_precision != "auto" else {"no": "fp32"}.get(run.mixed_precision, run.mixed_precision)
+        storage = base_precision if base_precision != "auto" else applied_storage(run.mixed_precision)
         plan = planner.plan(Settings(storage, gradient_checkpointing, "none" if offload == "auto" else offload), None)
         plan.notes.append("no GPU here: no GPU budget; the run keeps mixed_precision's storage")
         return plan
@@ -294,6 +294,12 @@ def gpu_budget_gb(gpu_memory_gb: float) -> float | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.mem_get_info()[0] / GB
+
+
+def applied_storage(mixed_precision: str) -> str:
+    """The only storage this version's training code gives the frozen base: mixed_precision's dtype
+    (fp8/int8/nf4 storage and offload are planned, not applied yet)."""
+    return {"no": "fp32"}.get(mixed_precision, mixed_precision)
 
 
 def plan_for(params: Any, applied: tuple[str, ...] | None = None) -> Plan:

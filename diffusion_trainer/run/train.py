@@ -67,11 +67,10 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any) -> RunR
 def planned_settings(params: TrainingParams, reporter: Any) -> TrainingParams:
     """Print the memory plan first; with a GPU budget, train with the settings it chose. Explicit
     settings that cannot fit stop the run here (DoesNotFit, an InputError: exit 2), before anything loads."""
-    from ..memory.plan import DoesNotFit, plan_for
+    from ..memory.plan import DoesNotFit, applied_storage, plan_for
 
-    # This version stores the frozen base in mixed_precision's dtype: the plan may choose only that
-    # (and gradient checkpointing); fp8/int8/nf4 storage and block offload are planned, not applied yet.
-    applied = {"no": "fp32"}.get(params.mixed_precision, params.mixed_precision)
+    # The plan may choose only the storage the training code applies (and gradient checkpointing).
+    applied = applied_storage(params.mixed_precision)
     if params.base_precision not in ("auto", applied) or params.offload == "blocks":
         setting = (f"base_precision={params.base_precision}" if params.base_precision not in ("auto", applied)
                    else "offload=blocks")
