@@ -31,8 +31,8 @@ class StableDiffusion3(FlowMatchingFamily):
     own_params = {"max_sequence_length": "only SD3's T5 prompt length is set by it (Flux uses 512)"}
     max_sequence_length = 77  # T5 tokens; set from the run's parameters
     # x (tokens x width x 2 bytes); a dual-attention block (3.5 Medium) costs its second attention more
-    activation_fixed, activation_fixed_checkpointed, activation_saved_per_block = 8.48, 8.38, 1.053
-    activation_per_block = {"num_layers": 22.19, "dual_attention_layers": 12.62}
+    activation_fixed, activation_fixed_checkpointed, activation_saved_per_block = 8.48, 6.0, 1.053
+    activation_per_block = {"num_layers": 22.19, "dual_attention_layers": 3.4}
 
     @classmethod
     def prompt_tokens(cls, max_sequence_length: int) -> int:

@@ -46,14 +46,20 @@ def meta_model(library: str, class_name: str, config: dict) -> torch.nn.Module:
         return cls.from_config(config)
 
 
-# What diffusers' layerwise casting leaves in the compute dtype (its DEFAULT_SKIP_MODULES_PATTERN).
+# What diffusers' layerwise casting leaves in the compute dtype: its DEFAULT_SKIP_MODULES_PATTERN
+# (with the models' own "pos_embed", "norm"), searched in each module's full dotted name.
 CAST_SKIPPED = re.compile(r"pos_embed|patch_embed|norm|^proj_in$|^proj_out$")
 
 
 @dataclass(frozen=True)
 class Weights:
-    """A component's parameter counts (floating-point buffers counted with `other`): in linear layers (what 8/4-bit storage shrinks), in the
-    layers fp8 casting stores in 8 bits, in the repeated blocks (what offloading streams)."""
+    """A component's parameter counts (floating-point buffers counted with `other`): in linear layers
+    (what 8/4-bit storage shrinks), in the layers fp8 casting stores in 8 bits (not a UNet's
+    convolutions: the run skips them, as cast convolutions break gradient checkpointing), in the
+    repeated blocks (what offloading streams; the last one is on the device when backward begins,
+    where a checkpointed step peaks), and the linear (and fp8-cast) weights whose bf16 copy
+    backward keeps under gradient checkpointing: those outside every checkpointed unit, plus the
+    largest unit's, recomputed one unit at a time."""
 
     linear: int
     other: int
@@ -61,7 +67,9 @@ class Weights:
     castable: int
     blocks_total: int
     largest_block: int
-    largest_block_linear: int
+    last_block: int
+    checkpointed_linear: int
+    checkpointed_castable: int
     linears: tuple[tuple[str, int, int], ...]  # (name, in, out)
 
     @property
@@ -72,17 +80,42 @@ class Weights:
     def of(cls, module: torch.nn.Module) -> "Weights":
         linears = [(name, m) for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
         linear = sum(m.weight.numel() for _, m in linears)
-        castable = sum(sum(p.numel() for p in m.parameters()) for name, m in module.named_modules()
-                       if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
-                       and not any(CAST_SKIPPED.search(part) for part in name.split(".")))
+        unet = "UNet" in type(module).__name__
+        cast = (torch.nn.Linear,) if unet else (torch.nn.Linear, torch.nn.Conv2d)
+        cast_layers = {name for name, m in module.named_modules()
+                       if isinstance(m, cast) and not CAST_SKIPPED.search(name)}
+        castable = sum(sum(p.numel() for p in m.parameters())
+                       for name, m in module.named_modules() if name in cast_layers)
         blocks = [b for child in module.children() if isinstance(child, torch.nn.ModuleList) for b in child]
         sizes = [sum(p.numel() for p in b.parameters()) for b in blocks] or [0]
-        block_linear = [sum(m.weight.numel() for m in b.modules() if isinstance(m, torch.nn.Linear))
-                        for b in blocks] or [0]
         buffers = sum(b.numel() for b in module.buffers() if b.is_floating_point())  # SD3's position table
+        units = checkpointed_units(module, unet)
+
+        def copies(counted) -> int:  # weights of the counted linear layers kept with checkpointing
+            per_unit = [sum(m.weight.numel() for name, m in linears if counted(name) and in_unit(name, unit))
+                        for unit in units] or [0]
+            outside = sum(m.weight.numel() for name, m in linears
+                          if counted(name) and not any(in_unit(name, unit) for unit in units))
+            return outside + max(per_unit)
+
         return cls(linear, sum(p.numel() for p in module.parameters()) - linear + buffers,
-                   sum(m.out_features for _, m in linears), castable, sum(sizes), max(sizes), max(block_linear),
+                   sum(m.out_features for _, m in linears), castable, sum(sizes), max(sizes), sizes[-1],
+                   copies(lambda name: True), copies(lambda name: name in cast_layers),
                    tuple((name, m.in_features, m.out_features) for name, m in linears))
+
+
+def checkpointed_units(module: torch.nn.Module, unet: bool) -> list[str]:
+    """Names of the modules diffusers' gradient checkpointing recomputes one at a time: a
+    transformer's blocks; a UNet's resnets and its attentions' transformer blocks."""
+    if not unet:
+        return [f"{name}.{i}" for name, child in module.named_children()
+                if isinstance(child, torch.nn.ModuleList) for i in range(len(child))]
+    return [f"{name}.{i}" for name, child in module.named_modules() if isinstance(child, torch.nn.ModuleList)
+            and name.rsplit(".", 1)[-1] in ("resnets", "transformer_blocks") for i in range(len(child))]
+
+
+def in_unit(name: str, unit: str) -> bool:
+    return name.startswith(unit + ".")
 
 
 @dataclass

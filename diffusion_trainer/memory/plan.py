@@ -17,9 +17,16 @@ GB = 1e9
 # Least lossy first (issue 19): storage of the frozen base, then offloading its blocks.
 STORAGE_ORDER = ("fp32", "bf16", "fp8", "int8", "nf4")
 BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
+# torchao's int8 and bitsandbytes' nf4 linears return their input's dtype, which after CUDA's fp32
+# norms is fp32 where autocast's bf16 linears return bf16: a block's activations and its residual
+# stream grow by about this factor (fitted to memory/simulate.py's steps of the five real-size models)
+WEIGHT_ONLY_ACTIVATIONS = {"int8": 1.4, "nf4": 1.5}
 LORA_BYTES = 12  # fp32 weight and AdamW's two moments (gradients arrive as activations leave)
 VAE_BYTES_PER_PIXEL = 1.6e9 / 1024**2  # encoding one 1024 px image: about 1.6 GB (bf16)
 TILE = 512  # eval images decode in tiles of this size when a whole image does not fit
+# Host RAM beside the weights: the Python process with torch, diffusers and CUDA's libraries, the
+# data loader and small latent/text caches (an estimate, not measured on a GPU machine).
+HOST_OVERHEAD_GB = 3.0
 
 
 class DoesNotFit(InputError):
@@ -42,6 +49,7 @@ class Stage:
     name: str
     on_device: dict[str, float]  # what, GB
     peak_gb: float
+    host_gb: float = HOST_OVERHEAD_GB  # host RAM: the one component loading or held there, and the overhead
 
 
 @dataclass
@@ -57,6 +65,10 @@ class Plan:
         return max(stage.peak_gb for stage in self.stages)
 
     @property
+    def host_ram_gb(self) -> float:
+        return max(stage.host_gb for stage in self.stages)
+
+    @property
     def fits(self) -> bool:
         return self.budget_gb is None or self.peak_gb <= self.budget_gb
 
@@ -65,8 +77,10 @@ class Plan:
         out = [f"Memory plan for {self.model} ({budget}):"]
         for stage in self.stages:
             parts = ", ".join(f"{what} {gb:.2f}" for what, gb in stage.on_device.items())
-            out.append(f"  {stage.name:<13} peak {stage.peak_gb:6.2f} GB: {parts}")
+            out.append(f"  {stage.name:<13} peak {stage.peak_gb:6.2f} GB: {parts} (host RAM {stage.host_gb:.1f} GB)")
         out.append(f"  settings: {self.settings.describe()}")
+        out.append(f"  host RAM: peak {self.host_ram_gb:.1f} GB (one component at a time, "
+                   f"{HOST_OVERHEAD_GB:.0f} GB for the process)")
         out += [f"  {note}" for note in self.notes]
         if self.budget_gb is not None:
             out.append(f"fits: peak {self.peak_gb:.1f} GB of {self.budget_gb:.1f} GB" if self.fits else
@@ -76,7 +90,8 @@ class Plan:
     def as_json(self) -> dict[str, Any]:
         return {"model": self.model, "peak_gb": round(self.peak_gb, 3), "budget_gb": self.budget_gb,
                 "fits": self.fits, "settings": asdict(self.settings), "notes": self.notes,
-                "stages": [{"name": s.name, "peak_gb": round(s.peak_gb, 3),
+                "host_ram_gb": round(self.host_ram_gb, 3),
+                "stages": [{"name": s.name, "peak_gb": round(s.peak_gb, 3), "host_ram_gb": round(s.host_gb, 3),
                             "on_device": {k: round(v, 3) for k, v in s.on_device.items()}} for s in self.stages]}
 
 
@@ -104,7 +119,7 @@ class Run:
 def storage_bytes(weights: Weights, precision: str) -> float:
     """Bytes of a component's weights stored in `precision`: fp8 keeps norms, embeddings and the
     layers diffusers' layerwise casting skips in bf16; int8 adds a bf16 scale per output row;
-    nf4 a one-byte absmax (double-quantized) per 64 weights."""
+    nf4 an fp32 absmax per 64 weights (bitsandbytes without double quantization, diffusers' default)."""
     if precision in BYTES:
         return weights.total * BYTES[precision]
     if precision == "fp8":
@@ -112,7 +127,7 @@ def storage_bytes(weights: Weights, precision: str) -> float:
     if precision == "int8":
         return weights.linear + weights.linear_rows * 2 + weights.other * 2
     if precision == "nf4":
-        return weights.linear * (0.5 + 1 / 64) + weights.other * 2
+        return weights.linear * (0.5 + 4 / 64) + weights.other * 2
     raise ValueError(f"unknown storage {precision!r}")
 
 
@@ -151,29 +166,39 @@ class Planner:
         weights = self.denoiser.weights
         base = storage_bytes(weights, settings.base_precision)
         on = {}
-        if settings.offload == "blocks":
+        if settings.offload == "blocks" and settings.gradient_checkpointing:
             streamed = weights.blocks_total * storage_bytes(weights, settings.base_precision) / weights.total
-            largest = weights.largest_block * storage_bytes(weights, settings.base_precision) / weights.total
-            resident = min(base, base - streamed + 2 * largest)  # the rest, and the running and next block
-            on[f"{self.denoiser.name} {settings.base_precision} (2 blocks at a time)"] = resident / GB
+            last = weights.last_block * storage_bytes(weights, settings.base_precision) / weights.total
+            resident = min(base, base - streamed + last)  # the rest, and the block backward starts with
+            on[f"{self.denoiser.name} {settings.base_precision} (1 block at a time)"] = resident / GB
+        elif settings.offload == "blocks":  # backward needs every block's weights, which autograd keeps
+            name = f"{self.denoiser.name} {settings.base_precision} (offload saves nothing without checkpointing)"
+            on[name] = base / GB
         else:
             on[f"{self.denoiser.name} {settings.base_precision}"] = base / GB
         if settings.base_precision in ("fp8", "int8"):  # weights upcast for compute, kept for backward
-            copy = weights.largest_block_linear * 2 if settings.gradient_checkpointing else weights.castable * 2
+            if settings.base_precision == "fp8":  # the cast layers; int8: every linear layer
+                copy = weights.checkpointed_castable if settings.gradient_checkpointing else weights.castable
+            else:
+                copy = weights.checkpointed_linear if settings.gradient_checkpointing else weights.linear
+            copy *= 2
             on["upcast weight copies"] = copy / GB
         on["LoRA + AdamW"] = self.lora * LORA_BYTES / GB
         tokens = self.family.prompt_tokens(run.max_sequence_length)
         activations = self.family.activation_bytes(self.denoiser.config, run.resolution, tokens,
                                                    settings.gradient_checkpointing) * run.batch_size * scale
+        activations *= WEIGHT_ONLY_ACTIVATIONS.get(settings.base_precision, 1.0)
         on["activations" + (" (checkpointed)" if settings.gradient_checkpointing else "")] = activations / GB
         if not run.cache_latents:
             on[f"vae {compute}"] = storage_bytes(self.vae.weights, compute) / GB
         if not run.cache_text_embeddings:
             for encoder in self.encoders:
                 on[f"{encoder.name} {compute}"] = storage_bytes(encoder.weights, compute) / GB
-        stages.append(Stage("train step", on, sum(on.values())))
+        host = self.denoiser_host_bytes(settings, base) / GB + HOST_OVERHEAD_GB
+        stages.append(Stage("train step", on, sum(on.values()), host))
         if run.eval_images:
             stages.append(self.eval_stage(settings, on, compute, budget_gb))
+            stages[-1].host_gb = host
         notes = []
         if not run.cache_latents or not run.cache_text_embeddings:
             notes.append("without caches the encoders stay on the GPU during training")
@@ -191,13 +216,24 @@ class Planner:
             on[f"{encoder.name} {precision}"] = storage_bytes(encoder.weights, precision) / GB
         working = 0.1 * GB * self.run.batch_size
         on["working memory"] = working / GB
-        return Stage("encode text", on, max(on.values()) + working / GB)
+        largest = max(v for k, v in on.items() if k != "working memory")  # loaded one at a time, in that form
+        return Stage("encode text", on, max(on.values()) + working / GB, largest + HOST_OVERHEAD_GB)
 
     def encode_images_stage(self, compute: str) -> Stage:
         pixels = self.run.resolution ** 2 * self.run.batch_size
         on = {f"vae {compute}": storage_bytes(self.vae.weights, compute) / GB,
               f"{self.run.batch_size} image(s) at {self.run.resolution} px": pixels * VAE_BYTES_PER_PIXEL * BYTES[compute] / 2 / GB}
-        return Stage("encode images", on, sum(on.values()))
+        host = storage_bytes(self.vae.weights, compute) / GB + HOST_OVERHEAD_GB
+        return Stage("encode images", on, sum(on.values()), host)
+
+    def denoiser_host_bytes(self, settings: Settings, stored: float) -> float:
+        """Host RAM the denoiser takes: while it loads, its load form (int8 and nf4 quantize layer by
+        layer while loading; fp8 casting loads bf16 first); with offload, all of it, pinned, as stored."""
+        if settings.offload == "blocks":
+            return stored
+        if settings.base_precision == "fp8":
+            return storage_bytes(self.denoiser.weights, "bf16")
+        return stored
 
     def eval_stage(self, settings: Settings, train: dict[str, float], compute: str, budget_gb: float | None) -> Stage:
         on = {k: v for k, v in train.items() if not k.startswith(("activations", "LoRA", "upcast"))}
@@ -225,7 +261,10 @@ class Planner:
                 storages.insert(1, "bf16")
         else:
             storages = [base_precision]
-        offloads = ["none", "blocks"] if offload == "auto" else [offload]
+        # a UNet checkpoints its resnets and attention blocks, not the blocks offload streams: backward
+        # would recompute them with weights in host memory, so auto offloads only transformers' blocks
+        unet = "UNet" in self.denoiser.class_name
+        offloads = (["none"] if unet else ["none", "blocks"]) if offload == "auto" else [offload]
         found = []
         for off in offloads:
             for storage in storages:
@@ -233,6 +272,8 @@ class Planner:
                            else [False, True]):
                     if storage in ("fp8", "int8") and not gc and base_precision == "auto":
                         continue  # without checkpointing they keep an upcast copy of every weight
+                    if off == "blocks" and not gc and offload == "auto":
+                        continue
                     found.append(Settings(storage, gc, off))
         return found
 

@@ -19,8 +19,9 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 from ..lora import attach_lora
 from ..objectives import NoisyBatch, weighted_loss
@@ -56,31 +57,50 @@ class CudaFp32Functions(TorchFunctionMode):
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of every storage alive, and the highest value seen since `reset_peak`."""
+    """Bytes of every storage alive, and the highest value seen since `reset_peak`. A tensor
+    subclass's wrapper (torchao's) holds no memory of its own: the plain tensors inside it are counted."""
 
     def __init__(self):
         super().__init__()
         self.live = 0
         self.peak = 0
-        self.seen: dict[int, Any] = {}
+        self.seen: dict[int, tuple[Any, int]] = {}
+        self.host: set[int] = set()  # storages kept in host memory (offloaded): not counted
 
     def reset_peak(self) -> None:
         self.peak = self.live
 
+    def add(self, size: int) -> None:
+        self.live += size
+        self.peak = max(self.peak, self.live)
+
     def count(self, tensor: torch.Tensor) -> None:
+        if is_traceable_wrapper_subclass(tensor):
+            return
         storage = tensor.untyped_storage()
         key = storage._cdata
-        if key in self.seen:
+        if key in self.seen or key in self.host:
             return
         size = -(-storage.nbytes() // BLOCK) * BLOCK
 
         def freed(_ref, key=key, size=size):
-            self.seen.pop(key, None)
-            self.live -= size
+            if self.seen.pop(key, None) is not None:
+                self.live -= size
 
-        self.seen[key] = weakref.ref(storage, freed)
-        self.live += size
-        self.peak = max(self.peak, self.live)
+        self.seen[key] = (weakref.ref(storage, freed), size)
+        self.add(size)
+
+    def offload(self, tensors: list[torch.Tensor]) -> int:
+        """Stop counting these tensors' storages (they live in host memory); their bytes."""
+        total = 0
+        for tensor in tensors:
+            key = tensor.untyped_storage()._cdata
+            entry = self.seen.pop(key, None)
+            if entry is not None:
+                self.live -= entry[1]
+                total += entry[1]
+            self.host.add(key)
+        return total
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -116,6 +136,16 @@ def assigned_not_swapped() -> Iterator[None]:
         torch.utils.swap_tensors = original
 
 
+def cast_saved_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Floating buffers saved in the checkpoint (SD3's position table) load in the model's dtype;
+    from_config builds them in fp32. Replaced, not `.data`-assigned: a view's base would stay alive."""
+    saved = set(model.state_dict())
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_floating_point() and buffer.dtype != dtype and name in saved:
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = buffer.to(dtype)
+
+
 @dataclass(frozen=True)
 class SimulatedStep:
     weights_gb: float  # the base, the LoRA and its AdamW moments, before the step
@@ -138,9 +168,15 @@ def fake_family(family_cls: type, denoiser: torch.nn.Module, vae_scale_factor: i
 
 def simulate_step(family_cls: type, class_name: str, denoiser_config: dict, *, latent_channels: int,
                   resolution: int, batch_size: int, text: dict[str, tuple[int, ...]], rank: int, alpha: int,
-                  lora_layers: str, base_dtype: torch.dtype, checkpointing: bool, autocast: bool) -> SimulatedStep:
-    """Peak bytes of one step. `text` gives each conditioning tensor's shape without the batch."""
+                  lora_layers: str, base_dtype: torch.dtype, checkpointing: bool, autocast: bool,
+                  storage: str | None = None, offload: str = "none") -> SimulatedStep:
+    """Peak bytes of one step. `text` gives each conditioning tensor's shape without the batch;
+    `storage` (fp8, int8, nf4) the frozen base's form, applied to a `base_dtype` model
+    (memory/storage_sim.py); `offload` counts its blocks as diffusers' group offload holds them:
+    `stream` as enabled with streams, `sync` without streams and with checkpointing's early stop off."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .storage_sim import BlockOffload, apply_storage
 
     gb = 1e9
     tracker = LiveBytes()
@@ -151,12 +187,19 @@ def simulate_step(family_cls: type, class_name: str, denoiser_config: dict, *, l
         stack.enter_context(CudaFp32Functions())  # also while backward recomputes checkpointed blocks
         with default_dtype(base_dtype):
             denoiser = denoiser_class(class_name).from_config(denoiser_config)
+        cast_saved_buffers(denoiser, base_dtype)
+        if storage is not None:
+            apply_storage(denoiser, storage)
         denoiser.train()
         family = fake_family(family_cls, denoiser, 8, 1.0 if denoiser_config.get("guidance_embeds") else None)
         targets = family_cls.lora_presets.get(lora_layers if lora_layers != "default" else family_cls.default_lora_layers)
         trainable = attach_lora(denoiser, rank, alpha, targets)
         if checkpointing:
             denoiser.enable_gradient_checkpointing()
+        if offload != "none":
+            BlockOffload(tracker, denoiser, stream=offload == "stream")
+        if offload == "sync":  # recompute whole blocks, so that each block's post-forward hook runs in backward
+            stack.enter_context(torch.utils.checkpoint.set_checkpoint_early_stop(False))
         optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)  # as CUDA's fused AdamW: no temporaries
         side = resolution // 8
         latents = torch.randn(batch_size, latent_channels, side, side, dtype=torch.float32)
@@ -198,8 +241,11 @@ def conditioning_shapes(family_cls: type, components: dict, prompt_tokens: int) 
 
 
 def simulate_run(source: str, *, resolution: int, batch_size: int, rank: int, lora_layers: str,
-                 checkpointing: bool, max_sequence_length: int = 77) -> SimulatedStep:
-    """One bf16 training step of the pipeline whose configs lie in `source` (a folder)."""
+                 checkpointing: bool, max_sequence_length: int = 77, base_precision: str = "bf16",
+                 offload: str = "none") -> SimulatedStep:
+    """One training step, bf16 compute, of the pipeline whose configs lie in `source` (a folder),
+    its frozen base stored as `base_precision` (bf16, fp8, int8, nf4), its blocks offloaded
+    (`offload`: none, sync, stream) or not."""
     from ..families import family_for
     from .components import pipeline_components
 
@@ -211,4 +257,4 @@ def simulate_run(source: str, *, resolution: int, batch_size: int, rank: int, lo
                          latent_channels=components["vae"].config["latent_channels"], resolution=resolution,
                          batch_size=batch_size, text=conditioning_shapes(family_cls, components, tokens), rank=rank,
                          alpha=rank, lora_layers=lora_layers, base_dtype=torch.bfloat16, checkpointing=checkpointing,
-                         autocast=True)
+                         autocast=True, storage=None if base_precision == "bf16" else base_precision, offload=offload)
