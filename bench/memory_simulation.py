@@ -32,7 +32,7 @@ from diffusion_trainer.memory.storage_sim import missing_library  # noqa: E402
 
 MODELS = {"flux1_dev": ("FLUX.1-dev", 1024), "sd35_large": ("SD3.5 Large", 1024),
           "sd35_medium": ("SD3.5 Medium", 1024), "sdxl": ("SDXL", 1024), "sd15": ("SD 1.5", 512)}
-MODES = "bf16,bf16+gc,fp8+gc,int8+gc,nf4+gc,bf16+gc+offload,bf16+gc+offload-stream"
+MODES = "bf16,bf16+gc,fp8,fp8+gc,int8,int8+gc,nf4,nf4+gc,bf16+gc+offload,bf16+gc+offload-stream"
 BUDGETS = {"sd15": (24, 16, 8, 4)}
 # Not simulated with offload: a UNet's checkpointing recomputes resnets and attention blocks, not the
 # blocks offload streams, so the hooks this accounting follows do not run in its backward.
@@ -104,9 +104,9 @@ def main() -> None:
         cells = [cell(train_peak(planner, settings_of(m)), simulations.peak(key, m)) for m in modes]
         print(f"| {label} {resolution} px | " + " | ".join(cells) + " |", flush=True)
     print("\nGoals (issue 19, item 6): what `auto` chooses, the plan's peak over all stages (eval image included),"
-          " its train-step peak / the simulated train step\n")
-    print("| model | GPU | chosen | plan peak | train step: plan / simulated |")
-    print("|---|---|---|---|---|")
+          " its train-step peak / the simulated train step, the plan's host RAM peak\n")
+    print("| model | GPU | chosen | plan peak | train step: plan / simulated | host RAM (plan) |")
+    print("|---|---|---|---|---|---|")
     for key in models:
         label, resolution = MODELS[key]
         source = str(ROOT / "tests" / "real_configs" / key)
@@ -118,11 +118,12 @@ def main() -> None:
                 plan = make_plan(family, source, run, base_precision="auto", offload="auto",
                                  gradient_checkpointing=False, budget_gb=budget)
             except DoesNotFit:
-                print(f"| {label} {resolution} px | {budget} GB | does not fit | | |", flush=True)
+                print(f"| {label} {resolution} px | {budget} GB | does not fit | | | |", flush=True)
                 continue
             train = cell(train_peak(planner, plan.settings), simulations.peak(key, mode_of(plan.settings)))
             chosen = mode_of(plan.settings)
-            print(f"| {label} {resolution} px | {budget} GB | {chosen} | {plan.peak_gb:.1f} | {train} |", flush=True)
+            print(f"| {label} {resolution} px | {budget} GB | {chosen} | {plan.peak_gb:.1f} | {train} "
+                  f"| {plan.host_ram_gb:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

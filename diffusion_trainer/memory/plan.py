@@ -20,7 +20,8 @@ BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
 # torchao's int8 and bitsandbytes' nf4 linears return their input's dtype, which after CUDA's fp32
 # norms is fp32 where autocast's bf16 linears return bf16: a block's activations and its residual
 # stream grow by about this factor (fitted to memory/simulate.py's steps of the five real-size models)
-WEIGHT_ONLY_ACTIVATIONS = {"int8": 1.4, "nf4": 1.5}
+WEIGHT_ONLY_ACTIVATIONS = {"int8": 1.4, "nf4": 1.5}  # with gradient checkpointing
+WEIGHT_ONLY_ACTIVATIONS_UNCHECKPOINTED = {"int8": 1.0, "nf4": 1.2}
 LORA_BYTES = 12  # fp32 weight and AdamW's two moments (gradients arrive as activations leave)
 VAE_BYTES_PER_PIXEL = 1.6e9 / 1024**2  # encoding one 1024 px image: about 1.6 GB (bf16)
 TILE = 512  # eval images decode in tiles of this size when a whole image does not fit
@@ -187,7 +188,8 @@ class Planner:
         tokens = self.family.prompt_tokens(run.max_sequence_length)
         activations = self.family.activation_bytes(self.denoiser.config, run.resolution, tokens,
                                                    settings.gradient_checkpointing) * run.batch_size * scale
-        activations *= WEIGHT_ONLY_ACTIVATIONS.get(settings.base_precision, 1.0)
+        growth = WEIGHT_ONLY_ACTIVATIONS if settings.gradient_checkpointing else WEIGHT_ONLY_ACTIVATIONS_UNCHECKPOINTED
+        activations *= growth.get(settings.base_precision, 1.0)
         on["activations" + (" (checkpointed)" if settings.gradient_checkpointing else "")] = activations / GB
         if not run.cache_latents:
             on[f"vae {compute}"] = storage_bytes(self.vae.weights, compute) / GB
