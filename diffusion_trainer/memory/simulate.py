@@ -3,9 +3,10 @@
 
 What it counts: every tensor storage alive on the (simulated) accelerator, each rounded up to
 512 bytes as CUDA's caching allocator does, from the LoRA's creation to the end of the optimizer
-step. The base weights are built in their storage dtype and counted too. On a CPU, autocast would
-run layer norms, softmax, exp and pow in bf16; CUDA runs them in fp32 (and keeps those fp32 copies
-for backward), so those functions are upcast here as CUDA's autocast does. Not counted: the CUDA
+step. The base weights are built in bf16 (or fp32), then stored as a run stores them (fp8, int8,
+nf4: memory/storage_sim.py), and counted too; offloaded blocks only while on the device. On a
+CPU, autocast would run layer norms, softmax, exp and pow in bf16; CUDA runs them in fp32 (and
+keeps those fp32 copies for backward), so those functions are upcast here as CUDA's autocast does. Not counted: the CUDA
 context, allocator fragmentation, EMA's copy of the LoRA.
 """
 
