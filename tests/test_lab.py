@@ -391,3 +391,24 @@ def test_the_validation_loss_is_the_task_jobs_score_and_the_plugin_sweeps_metric
                              validation=[(0, {"val/loss": 0.7}), (3, {"val/loss": 0.6})])
     swept = json.loads(write_sweep_metrics(tmp_path, result).read_text())
     assert swept["val/loss"] == swept["eval/loss"] == 0.6 and swept["train/loss"] == 0.5
+
+
+class JobFileBeingRewritten:
+    """The SDK's get_config while the main process rewrites the job's file: empty, then the parameters."""
+
+    def __init__(self, empty_reads: int):
+        self.reads, self.empty_reads = 0, empty_reads
+
+    def get_config(self):
+        self.reads += 1
+        return {} if self.reads <= self.empty_reads else {"num_train_epochs": 3}
+
+
+def test_another_process_reads_the_job_parameters_again_while_the_main_one_rewrites_the_file(monkeypatch):
+    from diffusion_trainer.lab.launch import job_parameters
+
+    monkeypatch.setenv("RANK", "1")
+    assert job_parameters(JobFileBeingRewritten(empty_reads=3)) == {"num_train_epochs": 3}
+    monkeypatch.setenv("RANK", "0")  # the main process has nothing to wait for: it wrote the file itself
+    lab = JobFileBeingRewritten(empty_reads=3)
+    assert job_parameters(lab) == {} and lab.reads == 1
