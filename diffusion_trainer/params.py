@@ -270,7 +270,8 @@ class TrainingParams(BaseModel):
         False, title="Masked Loss", group="Loss",
         help="Train only where each image's mask is white: a same-named image in a masks/ folder "
              "beside it (dog.jpg -> masks/dog.png), else its alpha channel (opaque trains). Images "
-             "without a mask train on the whole image (they are named); none at all is refused.")
+             "without a mask train on the whole image (they are named); none at all is refused. Class "
+             "images (prior preservation) train on the whole image.")
     huber_c: float = _param(
         0.1, title="Huber Loss Beta", group="Loss", gt=0.0, le=10.0,
         help="Pseudo-Huber c: errors much smaller than c are treated as squared, larger as "
@@ -500,14 +501,6 @@ class TrainingParams(BaseModel):
             raise ValueError("required when class_data_dir is set: the caption of the class images, and "
                              "what missing ones are drawn from (e.g. 'a photo of a dog')")
         return class_prompt.strip()
-
-    @field_validator("masked_loss")
-    @classmethod
-    def _masks_without_class_images(cls, masked_loss: bool, info: ValidationInfo) -> bool:
-        if masked_loss and (info.data.get("class_data_dir") or "").strip() and (info.data.get("prior_loss_weight") or 0) > 0:
-            raise ValueError("is not supported together with prior preservation (class_data_dir) yet: "
-                             "turn one of them off")
-        return masked_loss
 
     @property
     def prior_preservation(self) -> bool:
