@@ -201,8 +201,9 @@ class TrainingParams(BaseModel):
         "lora", title="Adapter Type", group="LoRA",
         help="'lora' (plain LoRA); 'dora' (weight-decomposed LoRA: a learned magnitude per output row); "
              "'lokr' (LyCORIS LoKr, a Kronecker product); 'loha' (LyCORIS LoHa, a Hadamard product), all "
-             "through peft. diffusers' load_lora_weights reads lora and dora; the ComfyUI/A1111 file holds "
-             "lora, lokr and loha (see the README's table).")
+             "through peft. diffusers' load_lora_weights reads lora and dora; ComfyUI reads all four from the "
+             "single file (dora with a dora_scale computed from the base weights); AUTOMATIC1111 misreads dora "
+             "(see the README's table).")
     lora_dropout: float = _param(
         0.0, title="LoRA Dropout", group="LoRA", ge=0.0, lt=1.0,
         help="Dropout on the adapter's input while training (lora, dora), or on its rank (lokr, loha). "

@@ -306,8 +306,10 @@ class ModelFamily(ABC):
         for component, (state, metadata) in layers.items():
             prefix = self.lora_save_prefix if component == "denoiser" else component
             plain = any(".lora_A." in key for key in state)  # LoKr/LoHa keys have no diffusers names
-            keywords[f"{prefix}_lora_layers"] = (convert_state_dict_to_diffusers(state)
-                                                 if self.converts_lora_keys and plain else state)
+            state = convert_state_dict_to_diffusers(state) if self.converts_lora_keys and plain else state
+            if component != "denoiser":  # diffusers hands text encoders to transformers, which wants DoRA's ".weight"
+                state = {k + ".weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in state.items()}
+            keywords[f"{prefix}_lora_layers"] = state
             keywords[f"{prefix}_lora_adapter_metadata"] = metadata
         self.pipeline_class.save_lora_weights(str(directory), **keywords, safe_serialization=True)
 

@@ -407,16 +407,12 @@ def attach_adapters(family: Any, params: TrainingParams) -> dict[str, Adapter]:
 
 def adapter_notes(params: TrainingParams) -> list[str]:
     """What the chosen adapter type means for the files it is saved in."""
-    from ..lora import BASE_CHANGING_INITS, DIFFUSERS_LOADS, SINGLE_FILE_TYPES
+    from ..lora import BASE_CHANGING_INITS, loaders
 
     notes = []
-    if params.lora_type not in DIFFUSERS_LOADS:
-        notes.append(f"lora_type={params.lora_type}: diffusers' load_lora_weights cannot read it; the adapter folder "
-                     "holds its PEFT weights and config (peft loads them, see the README), and the single file "
-                     "loads in ComfyUI.")
-    if params.lora_type not in SINGLE_FILE_TYPES:
-        notes.append(f"lora_type={params.lora_type}: no ComfyUI/A1111 single file is written (their DoRA scale "
-                     "normalises the weight per input column, peft's per output row); load the diffusers folder.")
+    refused = {loader: why for loader, why in loaders(params.lora_type).items() if why.startswith("no")}
+    for loader, why in refused.items():
+        notes.append(f"lora_type={params.lora_type}: {loader}: {why}.")
     if params.lora_init in BASE_CHANGING_INITS:
         notes.append(f"lora_init={params.lora_init} moves part of the base weights into the adapter while training; "
                      f"the saved adapter is converted to a rank-{2 * params.lora_r} LoRA that loads on the original "
