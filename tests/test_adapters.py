@@ -10,8 +10,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from comfyui_rules import (accepted_clip_names, accepted_lora_names, dora_weight, load_dora, load_lora, load_lycoris,
-                           lycoris_delta)
+from comfyui_rules import (
+    accepted_clip_names,
+    accepted_lora_names,
+    dora_weight,
+    load_dora,
+    load_lora,
+    load_lycoris,
+    lycoris_delta,
+)
 from conftest import quick_params, run_main, train, write_config
 from PIL import Image
 from safetensors.torch import load_file
