@@ -366,15 +366,14 @@ class TrainingParams(BaseModel):
     base_precision: Literal["auto", "fp32", "bf16", "fp16", "fp8", "int8", "nf4"] = _param(
         "auto", title="Base Model Storage", group="Memory",
         help="How the frozen base model is stored on the GPU (the LoRA and its optimizer stay fp32): "
-             "fp8 is stored in 8 bits and computed in bf16, int8 and nf4 are quantized. auto = the "
-             "memory plan picks the least lossy storage that fits the GPU (as mixed_precision on a CPU). "
-             "This version trains with mixed_precision's dtype only: fp8/int8/nf4 are shown by "
-             "`main.py plan` and refused by a run.")
+             "fp8 is stored in 8 bits and computed in bf16 (diffusers' layerwise casting), int8 "
+             "(torchao) and nf4 (bitsandbytes) are quantized while loading. auto = the memory plan "
+             "picks the least lossy storage that fits the GPU (as mixed_precision without a GPU).")
     offload: Literal["auto", "none", "blocks"] = _param(
         "auto", title="Offload the Denoiser", group="Memory",
-        help="blocks = keep the denoiser's blocks in host memory and stream them to the GPU as each "
-             "runs (slower steps, far less GPU memory). auto = only when nothing else fits. Planned, not "
-             "applied by this version: a run refuses blocks.")
+        help="blocks = keep the frozen weights of the denoiser's blocks in host memory and copy each "
+             "block to the GPU as it runs (slower steps, far less GPU memory; turns gradient "
+             "checkpointing on). auto = only when nothing else fits.")
     gpu_memory_gb: float = _param(
         0.0, title="GPU Memory Budget (GB)", group="Memory", ge=0.0,
         help="The GPU memory the memory plan must fit in. 0 = the GPU's free memory when the run starts.")

@@ -93,12 +93,19 @@ class Run:
     cache_text_embeddings: bool = True
     cache_latents: bool = True
     eval_images: bool = False
+    train_text_encoder: bool = False  # the CLIP encoders train: they stay for the train step
+    class_images: bool = False  # prior preservation draws class images: the whole base model at once
 
     @classmethod
-    def of(cls, params: Any) -> "Run":
+    def of(cls, params: Any, class_images: bool | None = None) -> "Run":
+        """`class_images`: whether class images will be drawn (None: whenever prior preservation has a
+        class folder, as the plan command cannot know how many it lacks)."""
+        if class_images is None:
+            class_images = bool(params.class_data_dir.strip()) and params.prior_preservation
+        captions_vary = params.shuffle_caption or params.caption_tag_dropout_rate > 0  # encoded as drawn
         return cls(params.resolution, params.train_batch_size, params.lora_r, params.lora_layers, params.mixed_precision,
-                   params.max_sequence_length, params.cache_text_embeddings, params.cache_latents,
-                   bool(params.eval_prompt.strip()))
+                   params.max_sequence_length, params.cache_text_embeddings and not captions_vary,
+                   params.cache_latents, bool(params.eval_prompt.strip()), params.train_text_encoder, class_images)
 
 
 def storage_bytes(weights: Weights, precision: str) -> float:
@@ -168,19 +175,46 @@ class Planner:
         on["activations" + (" (checkpointed)" if settings.gradient_checkpointing else "")] = activations / GB
         if not run.cache_latents:
             on[f"vae {compute}"] = storage_bytes(self.vae.weights, compute) / GB
-        if not run.cache_text_embeddings:
-            for encoder in self.encoders:
-                on[f"{encoder.name} {compute}"] = storage_bytes(encoder.weights, compute) / GB
+        for encoder in self.staying_encoders():
+            on[f"{encoder.name} {compute}"] = storage_bytes(encoder.weights, compute) / GB
         stages.append(Stage("train step", on, sum(on.values())))
         if run.eval_images:
             stages.append(self.eval_stage(settings, on, compute, budget_gb))
+        if run.class_images:
+            stages.insert(1, self.class_images_stage(settings, on, compute))
         notes = []
         if not run.cache_latents or not run.cache_text_embeddings:
             notes.append("without caches the encoders stay on the GPU during training")
+        elif self.staying_encoders():
+            notes.append(f"train_text_encoder: {', '.join(e.name for e in self.staying_encoders())} stay on the GPU "
+                         "during training (trained, they encode every step)")
+        if run.class_images:
+            notes.append("prior preservation draws the class images class_data_dir lacks with the whole base "
+                         "model: the denoiser loads before the text encoders are freed")
         if not (self.family.activation_fixed or self.family.activation_per_block):
             notes.append(f"{self.family.label}: activations are not modelled yet (no simulation fitted): "
                          "the train step counts weights, LoRA and optimizer only, so its real peak is higher")
         return Plan(self.model, budget_gb, settings, stages, notes)
+
+    def staying_encoders(self) -> list[Component]:
+        """The text encoders on the GPU during training: all without a text cache, else the trained ones."""
+        if not self.run.cache_text_embeddings:
+            return self.encoders
+        if self.run.train_text_encoder:
+            trained = set(self.family.trainable_text_attrs)
+            return [e for e in self.encoders if e.name in trained]
+        return []
+
+    def class_images_stage(self, settings: Settings, train: dict[str, float], compute: str) -> Stage:
+        """Drawing class images: the base model whole (no LoRA), denoising and decoding one batch."""
+        on = {k: v for k, v in train.items() if not k.startswith(("activations", "LoRA", "upcast"))}
+        for encoder in self.encoders:
+            on[f"{encoder.name} {compute}"] = storage_bytes(encoder.weights, compute) / GB
+        on[f"vae {compute}"] = storage_bytes(self.vae.weights, compute) / GB
+        eval_like = self.eval_stage(settings, train, compute, None).on_device
+        on["denoising"] = eval_like["denoising"]
+        on["decode"] = eval_like["decode"]
+        return Stage("class images", on, sum(on.values()))
 
     def encode_text_stage(self, compute: str, budget_gb: float | None) -> Stage:
         on = {}
@@ -229,8 +263,9 @@ class Planner:
         found = []
         for off in offloads:
             for storage in storages:
-                for gc in ([checkpointing] if checkpointing or base_precision != "auto" and offload != "auto"
-                           else [False, True]):
+                fixed = checkpointing or base_precision != "auto" and offload != "auto"
+                gcs = [checkpointing] if fixed else [False, True]
+                for gc in gcs if off == "none" else [True]:  # offload needs checkpointing (memory/offload.py)
                     if storage in ("fp8", "int8") and not gc and base_precision == "auto":
                         continue  # without checkpointing they keep an upcast copy of every weight
                     found.append(Settings(storage, gc, off))
@@ -238,18 +273,16 @@ class Planner:
 
 
 def make_plan(family_cls: Any, source: str, run: Run, *, base_precision: str, offload: str,
-              gradient_checkpointing: bool, budget_gb: float | None, applied: tuple[str, ...] | None = None) -> Plan:
+              gradient_checkpointing: bool, budget_gb: float | None) -> Plan:
     """The plan for these settings; with auto ones, the first that fits (or the last tried).
     Raises DoesNotFit naming what to change when explicit settings do not fit."""
     planner = Planner(family_cls, source, run)
     if budget_gb is None:  # no GPU: today's behaviour, mixed_precision decides the storage
-        storage = base_precision if base_precision != "auto" else applied_storage(run.mixed_precision)
+        storage = base_precision if base_precision != "auto" else default_storage(run.mixed_precision)
         plan = planner.plan(Settings(storage, gradient_checkpointing, "none" if offload == "auto" else offload), None)
         plan.notes.append("no GPU here: no GPU budget; the run keeps mixed_precision's storage")
         return plan
     options = planner.candidates(base_precision, offload, gradient_checkpointing)
-    if applied is not None:  # only the storages the trainer can apply, without offload
-        options = [s for s in options if s.base_precision in applied and s.offload == "none"]
     tried = [planner.plan(s, budget_gb) for s in options]
     for plan in tried:
         if plan.fits:
@@ -296,18 +329,17 @@ def gpu_budget_gb(gpu_memory_gb: float) -> float | None:
     return torch.cuda.mem_get_info()[0] / GB
 
 
-def applied_storage(mixed_precision: str) -> str:
-    """The only storage this version's training code gives the frozen base: mixed_precision's dtype
-    (fp8/int8/nf4 storage and offload are planned, not applied yet)."""
+def default_storage(mixed_precision: str) -> str:
+    """`auto` without a GPU budget: mixed_precision's dtype, as the rest of the pipeline loads."""
     return {"no": "fp32"}.get(mixed_precision, mixed_precision)
 
 
-def plan_for(params: Any, applied: tuple[str, ...] | None = None) -> Plan:
-    """The plan of a run's parameters (InputError when explicit settings do not fit); `applied`: the
-    only storages `auto` may choose (None: every one the plan knows)."""
+def plan_for(params: Any, class_images: bool | None = None) -> Plan:
+    """The plan of a run's parameters (InputError when explicit settings do not fit); `class_images`:
+    whether the run draws class images (None: whenever prior preservation has a class folder)."""
     from ..families import family_for
 
-    return make_plan(family_for(params.model_name), params.model_name, Run.of(params),
+    return make_plan(family_for(params.model_name), params.model_name, Run.of(params, class_images),
                      base_precision=params.base_precision, offload=params.offload,
-                     gradient_checkpointing=params.gradient_checkpointing, budget_gb=gpu_budget_gb(params.gpu_memory_gb),
-                     applied=applied)
+                     gradient_checkpointing=params.gradient_checkpointing or params.offload == "blocks",
+                     budget_gb=gpu_budget_gb(params.gpu_memory_gb))
