@@ -231,7 +231,7 @@ class TrainingParams(BaseModel):
     # --- Optimizer -----------------------------------------------------------------------
     optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = _param(
         "adamw", title="Optimizer", group="Optimizer",
-        help="'adamw' (torch's); 'adamw8bit' (bitsandbytes, CUDA only, less memory); 'prodigy' "
+        help="'adamw' (torch's); 'adamw8bit' (bitsandbytes' 8-bit states, less memory; CUDA or CPU); 'prodigy' "
              "(finds its own step size: set learning_rate to 1.0); 'adafactor' (transformers', "
              "little memory). All take adam_weight_decay; the Adam settings apply to the AdamW "
              "kinds and prodigy.")

@@ -280,7 +280,8 @@ def make_plan(family_cls: Any, source: str, run: Run, *, base_precision: str, of
     if budget_gb is None:  # no GPU: today's behaviour, mixed_precision decides the storage
         storage = base_precision if base_precision != "auto" else default_storage(run.mixed_precision)
         plan = planner.plan(Settings(storage, gradient_checkpointing, "none" if offload == "auto" else offload), None)
-        plan.notes.append("no GPU here: no GPU budget; the run keeps mixed_precision's storage")
+        plan.notes.append("no GPU here: no GPU budget; base_precision auto keeps mixed_precision's storage"
+                          if base_precision == "auto" else "no GPU here: no GPU budget to check against")
         return plan
     options = planner.candidates(base_precision, offload, gradient_checkpointing)
     tried = [planner.plan(s, budget_gb) for s in options]
