@@ -51,6 +51,7 @@ class Plan:
     settings: Settings
     stages: list[Stage]
     notes: list[str] = field(default_factory=list)
+    int8_text_encoders: tuple[str, ...] = ()  # stored in int8 by the run to encode (encode_text_stage)
 
     @property
     def peak_gb(self) -> float:
@@ -76,6 +77,7 @@ class Plan:
     def as_json(self) -> dict[str, Any]:
         return {"model": self.model, "peak_gb": round(self.peak_gb, 3), "budget_gb": self.budget_gb,
                 "fits": self.fits, "settings": asdict(self.settings), "notes": self.notes,
+                "int8_text_encoders": list(self.int8_text_encoders),
                 "stages": [{"name": s.name, "peak_gb": round(s.peak_gb, 3),
                             "on_device": {k: round(v, 3) for k, v in s.on_device.items()}} for s in self.stages]}
 
@@ -154,7 +156,8 @@ class Planner:
     def plan(self, settings: Settings, budget_gb: float | None) -> Plan:
         run, compute = self.run, self.compute(settings)
         scale = BYTES[compute] / 2
-        stages = [self.encode_text_stage(compute, budget_gb), self.encode_images_stage(compute)]
+        text_stage, int8_text = self.encode_text_stage(compute, budget_gb)
+        stages = [text_stage, self.encode_images_stage(compute)]
         weights = self.denoiser.weights
         base = storage_bytes(weights, settings.base_precision)
         on = {}
@@ -176,7 +179,8 @@ class Planner:
         if not run.cache_latents:
             on[f"vae {compute}"] = storage_bytes(self.vae.weights, compute) / GB
         for encoder in self.staying_encoders():
-            on[f"{encoder.name} {compute}"] = storage_bytes(encoder.weights, compute) / GB
+            kept = "int8" if encoder.name in int8_text else compute
+            on[f"{encoder.name} {kept}"] = storage_bytes(encoder.weights, kept) / GB
         stages.append(Stage("train step", on, sum(on.values())))
         if run.eval_images:
             stages.append(self.eval_stage(settings, on, compute, budget_gb))
@@ -194,7 +198,9 @@ class Planner:
         if not (self.family.activation_fixed or self.family.activation_per_block):
             notes.append(f"{self.family.label}: activations are not modelled yet (no simulation fitted): "
                          "the train step counts weights, LoRA and optimizer only, so its real peak is higher")
-        return Plan(self.model, budget_gb, settings, stages, notes)
+        if int8_text:
+            notes.append(f"{', '.join(int8_text)} stored in int8 (torchao) to encode: bf16 would not fit beside the rest")
+        return Plan(self.model, budget_gb, settings, stages, notes, int8_text)
 
     def staying_encoders(self) -> list[Component]:
         """The text encoders on the GPU during training: all without a text cache, else the trained ones."""
@@ -216,16 +222,28 @@ class Planner:
         on["decode"] = eval_like["decode"]
         return Stage("class images", on, sum(on.values()))
 
-    def encode_text_stage(self, compute: str, budget_gb: float | None) -> Stage:
-        on = {}
-        for encoder in self.encoders:  # one at a time; a large T5 in 8 bits where bf16 does not fit
-            precision = compute
-            if budget_gb is not None and storage_bytes(encoder.weights, compute) / GB > 0.9 * budget_gb:
-                precision = "int8"
-            on[f"{encoder.name} {precision}"] = storage_bytes(encoder.weights, precision) / GB
+    def encode_text_stage(self, compute: str, budget_gb: float | None) -> tuple[Stage, tuple[str, ...]]:
+        """Every text encoder and the VAE are on the GPU together (the run loads them at once, encodes
+        the captions, eval prompts and held-out images, then frees the encoders); the largest encoders
+        are stored in 8 bits (torchao, as the run then stores them) while that does not fit. Returns
+        the stage and the encoders in int8."""
+        precision = {e.name: compute for e in self.encoders}
+        vae = storage_bytes(self.vae.weights, compute)
         working = 0.1 * GB * self.run.batch_size
+
+        def total() -> float:
+            return sum(storage_bytes(e.weights, precision[e.name]) for e in self.encoders) + vae + working
+
+        trained = set(self.family.trainable_text_attrs) if self.run.train_text_encoder else set()
+        for encoder in sorted(self.encoders, key=lambda e: -e.weights.total):
+            if budget_gb is None or total() / GB <= 0.9 * budget_gb:
+                break
+            if encoder.name not in trained:  # a trained encoder keeps its dtype
+                precision[encoder.name] = "int8"
+        on = {f"{e.name} {precision[e.name]}": storage_bytes(e.weights, precision[e.name]) / GB for e in self.encoders}
+        on[f"vae {compute}"] = vae / GB
         on["working memory"] = working / GB
-        return Stage("encode text", on, max(on.values()) + working / GB)
+        return Stage("encode text", on, total() / GB), tuple(n for n, p in precision.items() if p == "int8")
 
     def encode_images_stage(self, compute: str) -> Stage:
         pixels = self.run.resolution ** 2 * self.run.batch_size

@@ -87,8 +87,9 @@ def fp8_available() -> bool:
     return hasattr(torch, "float8_e4m3fn")
 
 
-def check_storage(base_precision: str) -> None:
-    """Refuse, before anything loads, a storage whose library is missing; say what works instead."""
+def check_storage(base_precision: str, what: str = "") -> None:
+    """Refuse, before anything loads, a storage whose library is missing; say what works instead.
+    `what`: the storage's user when not base_precision (the plan's int8 text encoders)."""
     import importlib.util
 
     if base_precision == "fp8" and not fp8_available():
@@ -97,6 +98,9 @@ def check_storage(base_precision: str) -> None:
     needs = {"int8": "torchao", "nf4": "bitsandbytes"}
     if base_precision in needs and importlib.util.find_spec(needs[base_precision]) is None:
         package = needs[base_precision]
+        if what:
+            raise InputError(f"gpu_memory_gb: {what} needs the {package} package, which is not installed "
+                             f"(pip install {package}); or plan for a larger GPU.")
         raise InputError(f"base_precision: {base_precision} needs the {package} package, which is not "
                          f"installed (pip install {package}); or choose fp8, bf16 or auto.")
 
@@ -161,6 +165,13 @@ def quantize_linears_nf4(model: torch.nn.Module, compute_dtype: torch.dtype) -> 
             setattr(parent, name, layer.to(child.weight.device))
             count += 1
     return count
+
+
+def quantize_int8(module: torch.nn.Module) -> None:
+    """torchao int8 weight-only, in place, on a loaded model (the memory plan's int8 text encoders)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(module, Int8WeightOnlyConfig())
 
 
 def stored_bytes(module: torch.nn.Module) -> int:

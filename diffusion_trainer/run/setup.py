@@ -150,16 +150,22 @@ def check_room(paths: RunPaths, trainable: list[torch.nn.Parameter], params: Tra
                       f"{adapter_bytes / mb:.1f} MB and each checkpoint about {checkpoint_bytes / mb:.1f} MB.")
 
 
-def load_family(family_cls: Any, params: TrainingParams, runtime: Runtime, accelerator: Any, reporter: Any):
+def load_family(family_cls: Any, params: TrainingParams, runtime: Runtime, accelerator: Any, reporter: Any,
+                int8_text: tuple[str, ...] = ()):
     """Staged loading, first stage: the text encoders and the VAE, on the accelerator; the denoiser
-    loads once they have done their work (load_denoiser), straight into its storage."""
+    loads once they have done their work (load_denoiser), straight into its storage. `int8_text`: the
+    text encoders the memory plan stores in int8 to fit."""
     weight_dtype = WEIGHT_DTYPES[runtime.mixed_precision]
+    int8 = f"; {', '.join(int8_text)} in int8 (torchao)" if int8_text else ""
     reporter.info(f"Loading {family_cls.label} from {params.model_name}: text encoders and VAE "
-                  f"({str(weight_dtype).removeprefix('torch.')}) on {accelerator.device}; the denoiser once "
+                  f"({str(weight_dtype).removeprefix('torch.')}{int8}) on {accelerator.device}; the denoiser once "
                   "what they encode is encoded.")
     family = family_cls.load(params.model_name, weight_dtype, without_denoiser=True)
     for module in family.frozen_modules:
         module.requires_grad_(False)
+    for attr in int8_text:
+        storage.quantize_int8(getattr(family.pipeline, attr))
+    for module in family.frozen_modules:
         module.to(accelerator.device)
     return family
 

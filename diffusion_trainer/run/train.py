@@ -22,6 +22,7 @@ from ..data.sources import load_records
 from ..errors import InputError, raise_if_stopped
 from ..families import FAMILIES, family_for
 from ..lora import TEXT_ENCODER_LAYERS, Adapter, AdapterSpec, LoraEMA
+from ..memory import storage
 from ..outputs import adapter, guards
 from ..outputs.layout import INFO_NAME, RunPaths
 from ..outputs.metrics import run_metrics, write_metrics
@@ -65,9 +66,10 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any) -> RunR
         lock.release()
 
 
-def planned_settings(params: TrainingParams, reporter: Any) -> TrainingParams:
-    """Print the memory plan first; with a GPU budget, train with the settings it chose. Explicit
-    settings that cannot fit stop the run here (DoesNotFit, an InputError: exit 2), before anything loads."""
+def planned_settings(params: TrainingParams, reporter: Any) -> tuple[TrainingParams, tuple[str, ...]]:
+    """Print the memory plan first; with a GPU budget, train with the settings it chose (and the text
+    encoders it stores in int8). Explicit settings that cannot fit stop the run here (DoesNotFit, an
+    InputError: exit 2), before anything loads."""
     from ..memory.plan import DoesNotFit, plan_for
 
     if params.offload == "blocks" and not params.gradient_checkpointing:
@@ -80,14 +82,16 @@ def planned_settings(params: TrainingParams, reporter: Any) -> TrainingParams:
         raise
     except Exception as exc:  # a config the meta-device count cannot read or build: the run goes on as before
         reporter.info(f"Memory plan: not made ({type(exc).__name__}: {exc}).")
-        return params
+        return params, ()
     for line in plan.lines():
         reporter.info(line)
     if plan.budget_gb is None:
-        return params
+        return params, ()
+    if plan.int8_text_encoders:
+        storage.check_storage("int8", what=f"the memory plan's int8 {', '.join(plan.int8_text_encoders)}")
     chosen = plan.settings
     return params.model_copy(update={"base_precision": chosen.base_precision, "offload": chosen.offload,
-                                     "gradient_checkpointing": chosen.gradient_checkpointing})
+                                     "gradient_checkpointing": chosen.gradient_checkpointing}), plan.int8_text_encoders
 
 
 def local_dataset_folder(dataset_name: str) -> Path | None:
@@ -105,7 +109,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     if params.resolution % family_cls.resolution_multiple:
         raise InputError(f"resolution: {family_cls.label} needs a multiple of "
                          f"{family_cls.resolution_multiple} (got {params.resolution}).")
-    params = planned_settings(params, reporter)
+    params, int8_text = planned_settings(params, reporter)
     load_problems: list[str] = []
     load_notes: list[str] = []
     records = load_records(params.dataset_name, params.image_column, params.caption_column, load_problems,
@@ -153,7 +157,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
             resume_from = reporter.checkpoint_to_resume() or resume_from
     set_seed(params.seed)
     # staged loading: text encoders and VAE first; they encode what they can and leave, then the denoiser
-    family = setup.load_family(family_cls, params, runtime, accelerator, reporter)
+    family = setup.load_family(family_cls, params, runtime, accelerator, reporter, int8_text)
     raise_if_stopped(reporter.stop_asked_here, "while the model loaded")
     prompts = parse_prompts(params.eval_prompt)
     settings = EvalSettings(prompts, params.seed, params.eval_steps, params.eval_num_inference_steps,
