@@ -157,9 +157,9 @@ def load_family(family_cls: Any, params: TrainingParams, runtime: Runtime, accel
     text encoders the memory plan stores in int8 to fit."""
     weight_dtype = WEIGHT_DTYPES[runtime.mixed_precision]
     int8 = f"; {', '.join(int8_text)} in int8 (torchao)" if int8_text else ""
-    reporter.info(f"Loading {family_cls.label} from {params.model_name}: text encoders and VAE "
-                  f"({str(weight_dtype).removeprefix('torch.')}{int8}) on {accelerator.device}; the denoiser once "
-                  "what they encode is encoded.")
+    reporter.info(f"Loading {family_cls.label} from {params.model_name} (base weights "
+                  f"{str(weight_dtype).removeprefix('torch.')}{int8}) on {accelerator.device}: the text encoders and "
+                  "VAE first, the denoiser once what they encode is encoded.")
     family = family_cls.load(params.model_name, weight_dtype, without_denoiser=True)
     for module in family.frozen_modules:
         module.requires_grad_(False)
