@@ -199,7 +199,8 @@ class Planner:
             notes.append(f"{self.family.label}: activations are not modelled yet (no simulation fitted): "
                          "the train step counts weights, LoRA and optimizer only, so its real peak is higher")
         if int8_text:
-            notes.append(f"{', '.join(int8_text)} stored in int8 (torchao) to encode: bf16 would not fit beside the rest")
+            notes.append(f"{', '.join(int8_text)} stored in int8 (torchao) to encode: {compute} would not fit "
+                         "beside the rest")
         return Plan(self.model, budget_gb, settings, stages, notes, int8_text)
 
     def staying_encoders(self) -> list[Component]:
