@@ -7,11 +7,10 @@ its predicted peak and the simulated peak of that choice. Takes 10-20 minutes on
     python bench/memory_simulation.py [--models flux1_dev,sdxl] [--modes bf16,int8+gc] [--no-simulation]
                                       [--cache simulated.json]
 
-A mode is a storage, `+gc` for gradient checkpointing, `+offload` for block offload as the plan
-means it (diffusers' group offload without streams, checkpointing's early stop off: one block at a
-time), `+offload-stream` for diffusers' group offload with streams as enabled by default (the plan's
-figure is that of `+offload`). `--cache` keeps the simulated peaks in a JSON file and reuses them,
-so that the plan can be compared again without simulating again.
+A mode is a storage, `+gc` for gradient checkpointing, `+offload` for this trainer's block offload
+(memory/offload.py), `+offload-diffusers` for diffusers' group offload with streams, simulated to
+show why the trainer does not use it (the plan's figure is that of `+offload`). `--cache` keeps
+the simulated peaks in a JSON file and reuses them, so that the plan can be compared again without simulating again.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from diffusion_trainer.memory.storage_sim import missing_library  # noqa: E402
 
 MODELS = {"flux1_dev": ("FLUX.1-dev", 1024), "sd35_large": ("SD3.5 Large", 1024),
           "sd35_medium": ("SD3.5 Medium", 1024), "sdxl": ("SDXL", 1024), "sd15": ("SD 1.5", 512)}
-MODES = "bf16,bf16+gc,fp8,fp8+gc,int8,int8+gc,nf4,nf4+gc,bf16+gc+offload,bf16+gc+offload-stream"
+MODES = "bf16,bf16+gc,fp8,fp8+gc,int8,int8+gc,nf4,nf4+gc,bf16+gc+offload,bf16+gc+offload-diffusers"
 BUDGETS = {"sd15": (24, 16, 8, 4)}
 # Not simulated with offload: a UNet's checkpointing recomputes resnets and attention blocks, not the
 # blocks offload streams, so the hooks this accounting follows do not run in its backward.
@@ -68,7 +67,7 @@ class Simulations:
         if name not in self.done:
             label, resolution = MODELS[key]
             started = time.monotonic()
-            offload = "none" if settings.offload == "none" else "stream" if "offload-stream" in mode else "sync"
+            offload = "none" if settings.offload == "none" else "diffusers" if "offload-diffusers" in mode else "swap"
             self.done[name] = simulate_run(
                 str(ROOT / "tests" / "real_configs" / key), resolution=resolution, batch_size=1, rank=16,
                 lora_layers="default", checkpointing=settings.gradient_checkpointing,

@@ -106,14 +106,9 @@ def plan_main(argv: list[str]) -> int:
         if args.gpu_memory_gb is not None:
             raw["gpu_memory_gb"] = args.gpu_memory_gb
         params, _ = parse_params(raw, lambda key: True)
-        from .memory.plan import applied_storage, plan_for
+        from .memory.plan import plan_for
 
         plan = plan_for(params)
-        applied = applied_storage(params.mixed_precision)
-        if plan.settings.base_precision != applied or plan.settings.offload != "none":
-            plan.notes.append(f"this version's training runs apply only mixed_precision's storage ({applied}) and "
-                              "gradient checkpointing: a run with these settings stops before loading (fp8, int8, "
-                              "nf4 and offload are planned, not applied yet)")
     except (ValueError, ParamsError, InputError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

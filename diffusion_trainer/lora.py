@@ -20,8 +20,27 @@ TEXT_ENCODER_LAYERS = {
 }
 # Which loaders read each adapter type from the files this trainer writes (README: "Adapter types").
 DIFFUSERS_LOADS = frozenset({"lora", "dora"})  # load_lora_weights builds LoRA configs only
-SINGLE_FILE_TYPES = frozenset({"lora", "lokr", "loha"})  # ComfyUI's dora_scale normalises the other axis
+SINGLE_FILE_TYPES = frozenset({"lora", "dora", "lokr", "loha"})  # ComfyUI reads each (DoRA: dora_scale)
 BASE_CHANGING_INITS = frozenset({"pissa", "olora"})
+
+
+def loaders(kind: str) -> dict[str, str]:
+    """Which loader reads which file of an adapter type, for the log, the model card and the info file."""
+    lycoris = "reads the same keys through its LyCORIS support (not tested here)"
+    comfy = "yes, in versions whose weight_decompose takes a dora_scale on the output axis" if kind == "dora" else "yes"
+    return {
+        "diffusers load_lora_weights (the folder)": "yes" if kind in DIFFUSERS_LOADS else
+        "no (it builds LoRA configs only): load the folder with peft, as the README shows",
+        "diffusers load_lora_weights (the single file)": {
+            "lora": "yes",
+            "dora": "no: it takes dora_scale for peft's magnitude, which this one is not; load the folder",
+            "lokr": "no: load the folder with peft", "loha": "no: load the folder with peft"}[kind],
+        "ComfyUI (the single file)": comfy if kind in SINGLE_FILE_TYPES else "no",
+        "AUTOMATIC1111 (the single file)": {
+            "lora": "yes", "lokr": lycoris, "loha": lycoris,
+            "dora": "no: its Lora extension normalises dora_scale per input column where peft's DoRA (and this "
+                    "file) normalises per output row, so the weights come out wrong; use ComfyUI or the folder"}[kind],
+    }
 
 
 @dataclass(frozen=True)

@@ -201,8 +201,9 @@ class TrainingParams(BaseModel):
         "lora", title="Adapter Type", group="LoRA",
         help="'lora' (plain LoRA); 'dora' (weight-decomposed LoRA: a learned magnitude per output row); "
              "'lokr' (LyCORIS LoKr, a Kronecker product); 'loha' (LyCORIS LoHa, a Hadamard product), all "
-             "through peft. diffusers' load_lora_weights reads lora and dora; the ComfyUI/A1111 file holds "
-             "lora, lokr and loha (see the README's table).")
+             "through peft. diffusers' load_lora_weights reads lora and dora; ComfyUI reads all four from the "
+             "single file (dora with a dora_scale computed from the base weights); AUTOMATIC1111 misreads dora "
+             "(see the README's table).")
     lora_dropout: float = _param(
         0.0, title="LoRA Dropout", group="LoRA", ge=0.0, lt=1.0,
         help="Dropout on the adapter's input while training (lora, dora), or on its rank (lokr, loha). "
@@ -230,7 +231,7 @@ class TrainingParams(BaseModel):
     # --- Optimizer -----------------------------------------------------------------------
     optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = _param(
         "adamw", title="Optimizer", group="Optimizer",
-        help="'adamw' (torch's); 'adamw8bit' (bitsandbytes, CUDA only, less memory); 'prodigy' "
+        help="'adamw' (torch's); 'adamw8bit' (bitsandbytes' 8-bit states, less memory; CUDA or CPU); 'prodigy' "
              "(finds its own step size: set learning_rate to 1.0); 'adafactor' (transformers', "
              "little memory). All take adam_weight_decay; the Adam settings apply to the AdamW "
              "kinds and prodigy.")
@@ -270,7 +271,8 @@ class TrainingParams(BaseModel):
         False, title="Masked Loss", group="Loss",
         help="Train only where each image's mask is white: a same-named image in a masks/ folder "
              "beside it (dog.jpg -> masks/dog.png), else its alpha channel (opaque trains). Images "
-             "without a mask train on the whole image (they are named); none at all is refused.")
+             "without a mask train on the whole image (they are named); none at all is refused. Class "
+             "images (prior preservation) train on the whole image.")
     huber_c: float = _param(
         0.1, title="Huber Loss Beta", group="Loss", gt=0.0, le=10.0,
         help="Pseudo-Huber c: errors much smaller than c are treated as squared, larger as "
@@ -364,15 +366,14 @@ class TrainingParams(BaseModel):
     base_precision: Literal["auto", "fp32", "bf16", "fp16", "fp8", "int8", "nf4"] = _param(
         "auto", title="Base Model Storage", group="Memory",
         help="How the frozen base model is stored on the GPU (the LoRA and its optimizer stay fp32): "
-             "fp8 is stored in 8 bits and computed in bf16, int8 and nf4 are quantized. auto = the "
-             "memory plan picks the least lossy storage that fits the GPU (as mixed_precision on a CPU). "
-             "This version trains with mixed_precision's dtype only: fp8/int8/nf4 are shown by "
-             "`main.py plan` and refused by a run.")
+             "fp8 is stored in 8 bits and computed in bf16 (diffusers' layerwise casting), int8 "
+             "(torchao) and nf4 (bitsandbytes) are quantized while loading. auto = the memory plan "
+             "picks the least lossy storage that fits the GPU (as mixed_precision without a GPU).")
     offload: Literal["auto", "none", "blocks"] = _param(
         "auto", title="Offload the Denoiser", group="Memory",
-        help="blocks = keep the denoiser's blocks in host memory and stream them to the GPU as each "
-             "runs (slower steps, far less GPU memory). auto = only when nothing else fits. Planned, not "
-             "applied by this version: a run refuses blocks.")
+        help="blocks = keep the frozen weights of the denoiser's blocks in host memory and copy each "
+             "block to the GPU as it runs (slower steps, far less GPU memory; turns gradient "
+             "checkpointing on). auto = only when nothing else fits.")
     gpu_memory_gb: float = _param(
         0.0, title="GPU Memory Budget (GB)", group="Memory", ge=0.0,
         help="The GPU memory the memory plan must fit in. 0 = the GPU's free memory when the run starts.")
@@ -500,14 +501,6 @@ class TrainingParams(BaseModel):
             raise ValueError("required when class_data_dir is set: the caption of the class images, and "
                              "what missing ones are drawn from (e.g. 'a photo of a dog')")
         return class_prompt.strip()
-
-    @field_validator("masked_loss")
-    @classmethod
-    def _masks_without_class_images(cls, masked_loss: bool, info: ValidationInfo) -> bool:
-        if masked_loss and (info.data.get("class_data_dir") or "").strip() and (info.data.get("prior_loss_weight") or 0) > 0:
-            raise ValueError("is not supported together with prior preservation (class_data_dir) yet: "
-                             "turn one of them off")
-        return masked_loss
 
     @property
     def prior_preservation(self) -> bool:

@@ -150,9 +150,13 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
 def quiet_libraries() -> None:
     """Library chatter (load bars, deprecation notes) buries our own messages."""
+    import logging
     import os
     import warnings
 
+    # Said on import by torchao and bitsandbytes (base_precision int8/nf4), whatever the run's settings.
+    for name in ("torch.utils._pytree", "bitsandbytes.backends.cpu.ops", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:

@@ -13,6 +13,12 @@ Written from reading ComfyUI's comfy/lora.py and comfy/utils.py (GPL; nothing is
   applied only when a factor is decomposed) and `hada_w1_a…` (alpha / rank).
 - `calculate_weight` for a plain LoRA: delta = (alpha / rank if `.alpha` exists else 1.0)
   * up.flatten(1) @ down.flatten(1), reshaped to the weight.
+- DoRA (comfy/lora.py `load_lora` reads `<name>.dora_scale` beside any adapter;
+  comfy/weight_adapter/lora.py hands it to comfy/weight_adapter/base.py `weight_decompose`):
+  weight_calc = W + scale * delta; a dora_scale whose first axis is the weight's output axis
+  (`wd_on_output_axis`) divides by the norm of the base W's rows, any other by the norm of
+  weight_calc's input columns; eps of the weight's dtype is added; weight_calc *= dora_scale / norm;
+  at strength s != 1 the result is W + s (weight_calc - W).
 
 Coverage of the UNet map: what `unet_to_diffusers` lists for each down/mid/up block (resnets:
 conv1, conv2, time_emb_proj, conv_shortcut; attentions: proj_in, proj_out and, per transformer
@@ -163,13 +169,19 @@ def accepted_lora_names(family_form: str, denoiser_config: dict[str, Any], is_fl
 
 def load_lora(lora: dict[str, torch.Tensor], accepted: dict[str, str]):
     """(patches: module -> (up, down, alpha or None), keys ComfyUI would leave unloaded)."""
+    patches, unloaded = load_dora(lora, accepted)
+    return {module: patch[:3] for module, patch in patches.items()}, unloaded
+
+
+def load_dora(lora: dict[str, torch.Tensor], accepted: dict[str, str]):
+    """As load_lora, with each module's `.dora_scale` (or None): module -> (up, down, alpha, dora_scale)."""
     patches, loaded = {}, set()
     for name, module in accepted.items():
         for up, down in ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight")):
             if name + up in lora:
                 alpha = lora[name + ".alpha"].item() if name + ".alpha" in lora else None
-                patches[module] = (lora[name + up], lora[name + down], alpha)
-                loaded |= {name + up, name + down} | ({name + ".alpha"} if alpha is not None else set())
+                patches[module] = (lora[name + up], lora[name + down], alpha, lora.get(name + ".dora_scale"))
+                loaded |= {name + up, name + down} | {name + k for k in (".alpha", ".dora_scale") if name + k in lora}
                 break
     return patches, sorted(set(lora) - loaded)
 
@@ -300,3 +312,19 @@ def lycoris_delta(kind: str, parts: dict[str, torch.Tensor], alpha: float | None
         dim, w2 = p["lokr_w2_b"].shape[0], p["lokr_w2_a"] @ p["lokr_w2_b"]
     scale = alpha / dim if alpha is not None and dim is not None else 1.0
     return (scale * torch.kron(w1, w2)).reshape(shape)
+
+
+def dora_weight(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, alpha: float | None,
+                dora_scale: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """The patched weight of LoRAAdapter.calculate_weight with a dora_scale (weight_decompose), in float64."""
+    base = weight.double()
+    scale = alpha / down.shape[0] if alpha is not None else 1.0
+    calc = base + scale * (up.flatten(1).double() @ down.flatten(1).double()).reshape(base.shape)
+    ones = [1] * (base.dim() - 1)
+    if dora_scale.shape[0] == base.shape[0]:
+        norm = base.reshape(base.shape[0], -1).norm(dim=1, keepdim=True).reshape(base.shape[0], *ones)
+    else:
+        norm = calc.transpose(0, 1).reshape(base.shape[1], -1).norm(dim=1, keepdim=True).reshape(
+            base.shape[1], *ones).transpose(0, 1)
+    calc = calc * (dora_scale.double() / (norm + torch.finfo(weight.dtype).eps))
+    return calc if strength == 1.0 else base + strength * (calc - base)

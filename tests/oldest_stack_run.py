@@ -7,10 +7,12 @@ with the options that reach the most library code (bucketing, EMA, eval images).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.abc
 import importlib.metadata
 import importlib.util
+import io
 import json
 import pkgutil
 import random
@@ -71,6 +73,18 @@ def main(work: Path) -> int:
         if code or not (work / "out" / f"{name}_lora" / "pytorch_lora_weights.safetensors").is_file():
             failed.append(name)
         print(f"{name}: exit {code}", flush=True)
+    for precision, package in (("int8", "torchao"), ("nf4", "bitsandbytes")):  # hidden: named, before loading
+        config = work / f"{precision}.json"
+        config.write_text(json.dumps({"adaptor_name": f"{precision}_lora", "model_name": str(work / "models" / "sd"),
+                                      "dataset_name": str(data), "output_dir": str(work / "out"), "resolution": 64,
+                                      "max_train_steps": 1, "base_precision": precision}))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = run(["--config", str(config)])
+        named = f"needs the {package} package, which is not installed" in err.getvalue()
+        if code != 2 or not named:
+            failed.append(precision)
+        print(f"base_precision={precision} without {package}: exit {code}, package named: {named}", flush=True)
     return 1 if failed else 0
 
 

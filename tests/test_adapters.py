@@ -10,7 +10,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from comfyui_rules import accepted_clip_names, accepted_lora_names, load_lora, load_lycoris, lycoris_delta
+from comfyui_rules import (
+    accepted_clip_names,
+    accepted_lora_names,
+    dora_weight,
+    load_dora,
+    load_lora,
+    load_lycoris,
+    lycoris_delta,
+)
 from conftest import quick_params, run_main, train, write_config
 from PIL import Image
 from safetensors.torch import load_file
@@ -84,29 +92,34 @@ def test_lycoris_types_train_and_match_comfyuis_weights(kind, tiny_family, star_
     model = tiny_family("sdxl")
     out = run(tmp_path, model, star_folder, lora_type=kind, train_text_encoder=True)
     lora = single_file(out)
-    family = family_for(str(model)).load(str(model), torch.float32)
-    accepted = {**accepted_lora_names("kohya", dict(family.denoiser.config)),
+    modules = peft_loaded(model, kind, out, ("text_encoder", "text_encoder_2"))
+    accepted = {**accepted_lora_names("kohya", dict(modules["unet"].config)),
                 **accepted_clip_names("StableDiffusionXLPipeline")}
     patches, unloaded = load_lycoris(lora, accepted)
     assert unloaded == [] and {kind} == {p[0] for p in patches.values()}
     assert any(m.startswith("text_encoder_2.") for m in patches)
-    # peft's own weight change of each module, with the saved weights loaded back into peft's layers
-    from peft.utils import set_peft_model_state_dict
-
-    from diffusion_trainer.lora import TEXT_ENCODER_LAYERS, AdapterSpec, attach
-
-    saved = load_file(str(out / "test_lora" / WEIGHTS_NAME))
-    spec = AdapterSpec(kind, 4, 8)
-    modules = {"unet": family.denoiser, "text_encoder": family.pipeline.text_encoder,
-               "text_encoder_2": family.pipeline.text_encoder_2}
-    for component, module in modules.items():
-        attach(module, spec, family.lora_targets("default") if component == "unet" else TEXT_ENCODER_LAYERS["attention"])
-        state = {k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".", 1)[0] == component}
-        assert not set_peft_model_state_dict(module, state).unexpected_keys
     for module, (_, parts, alpha) in patches.items():
         component, path = ("unet", module) if not module.startswith("text_encoder") else module.split(".", 1)
         expected = layer(modules[component], path).get_delta_weight("default").double()
         assert torch.allclose(lycoris_delta(kind, parts, alpha, expected.shape), expected, atol=1e-6), module
+
+
+def peft_loaded(model, kind, out, text_encoders):
+    """The base model's denoiser and `text_encoders`, by their prefix in the diffusers file, with the
+    saved adapter put back into peft's layers (as peft names them: LoKr, LoHa, and Flux's DoRA)."""
+    from peft.utils import set_peft_model_state_dict
+
+    from diffusion_trainer.lora import TEXT_ENCODER_LAYERS, AdapterSpec, attach
+
+    family = family_for(str(model)).load(str(model), torch.float32)
+    saved = load_file(str(out / "test_lora" / WEIGHTS_NAME))
+    modules = {family.lora_save_prefix: family.denoiser, **{a: getattr(family.pipeline, a) for a in text_encoders}}
+    for component, module in modules.items():
+        targets = family.lora_targets("default") if module is family.denoiser else TEXT_ENCODER_LAYERS["attention"]
+        attach(module, AdapterSpec(kind, 4, 8), targets)
+        state = {k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".", 1)[0] == component}
+        assert not set_peft_model_state_dict(module, state).unexpected_keys
+    return modules
 
 
 def layer(module, path):
@@ -117,20 +130,102 @@ def layer(module, path):
         return module.get_submodule(path.removeprefix("text_model."))
 
 
+def peft_merged(module, path):
+    """(the base weight, peft's merged DoRA weight m (W + dW) / ||W + dW|| of that layer)."""
+    dora = layer(module, path)
+    before = dora.get_base_layer().weight.detach().clone()
+    dora.merge()
+    return before, dora.get_base_layer().weight.detach().double()
+
+
+def assert_dora_is_comfyuis(lora, accepted, components):
+    """Every key is one ComfyUI maps, and ComfyUI's DoRA patch of each base weight with the file's
+    lora_up/lora_down/alpha/dora_scale is peft's merged weight. `components`: the loaded modules by
+    the first part of the module name ("text_encoder"), the denoiser under ""."""
+    patches, unloaded = load_dora(lora, accepted)
+    assert unloaded == [] and patches
+    for module, (up, down, alpha, dora_scale) in patches.items():
+        component, path = module.split(".", 1) if module.split(".", 1)[0] in components else ("", module)
+        assert dora_scale is not None and dora_scale.shape == (up.shape[0], 1), module
+        base, merged = peft_merged(components[component], path)
+        assert torch.allclose(dora_weight(base, up, down, alpha, dora_scale), merged, rtol=0, atol=2e-7), module
+    return patches
+
+
+def test_dora_scale_gives_peft_weight_on_conv_square_and_fused_layers():
+    """No preset puts DoRA on a conv, but its maths must hold there too (peft's conv magnitude is
+    [1, out, 1, 1], ComfyUI's dora_scale [out, 1, 1, 1]); on a square linear the scale must still be
+    on the output axis; FLUX.2's fused qkv takes its parts' dora_scale stacked, the final modulation's
+    swapped like its ups."""
+    from peft.utils import get_peft_model_state_dict
+
+    from diffusion_trainer.lora import AdapterSpec, attach
+    from diffusion_trainer.outputs.bfl_keys import to_bfl_lora
+    from diffusion_trainer.outputs.dora import base_weight
+    from diffusion_trainer.outputs.export import module_weights
+
+    torch.manual_seed(0)
+    attn = torch.nn.ModuleDict({p: torch.nn.Linear(6, 4) for p in ("to_q", "to_k", "to_v")})
+    model = torch.nn.ModuleDict({"conv": torch.nn.Conv2d(3, 5, 3), "square": torch.nn.Linear(5, 5),
+                                 "norm_out": torch.nn.ModuleDict({"linear": torch.nn.Linear(3, 4)}),
+                                 "transformer_blocks": torch.nn.ModuleList([torch.nn.ModuleDict({"attn": attn})])})
+    paths = ("conv", "square", "norm_out.linear", *(f"transformer_blocks.0.attn.{p}" for p in attn))
+    attach(model, AdapterSpec("dora", 2, 4), paths)
+    for name, weight in model.named_parameters():  # a trained-looking adapter: B and the magnitude moved
+        if "lora_B" in name or "magnitude" in name:
+            weight.data += 0.3 * torch.randn_like(weight)
+    state = get_peft_model_state_dict(model)
+    files = {p: module_weights("x", {k.removeprefix(p + "."): v for k, v in state.items() if k.startswith(p + ".")},
+                               {"lora_alpha": 4, "r": 2}, False, base_weight(model, p)) for p in paths}
+    bases = {p: base_weight(model, p).detach().clone() for p in paths}
+    merged = {p: peft_merged(model, p)[1] for p in paths}
+    for path in ("conv", "square"):
+        w = files[path]
+        assert w["x.dora_scale"].shape == (merged[path].shape[0],) + (1,) * (merged[path].dim() - 1)
+        comfy = dora_weight(bases[path], w["x.lora_B.weight"], w["x.lora_A.weight"], None, w["x.dora_scale"])
+        assert torch.allclose(comfy, merged[path], rtol=0, atol=2e-7), path
+    fused = to_bfl_lora({p: (w["x.lora_A.weight"], w["x.lora_B.weight"]) for p, w in files.items() if "blocks" in p
+                         or p == "norm_out.linear"}, {p: w["x.dora_scale"] for p, w in files.items()})
+    qkv = "diffusion_model.double_blocks.0.img_attn.qkv"
+    expected = torch.cat([merged[f"transformer_blocks.0.attn.{p}"] for p in attn])
+    comfy = dora_weight(torch.cat([bases[f"transformer_blocks.0.attn.{p}"] for p in attn]),
+                        fused[qkv + ".lora_B.weight"], fused[qkv + ".lora_A.weight"], None, fused[qkv + ".dora_scale"])
+    assert torch.allclose(comfy, expected, rtol=0, atol=2e-7)
+    final = "diffusion_model.final_layer.adaLN_modulation.1"
+    swapped = lambda t: torch.cat(t.chunk(2)[::-1])  # noqa: E731
+    comfy = dora_weight(swapped(bases["norm_out.linear"]), fused[final + ".lora_B.weight"],
+                        fused[final + ".lora_A.weight"], None, fused[final + ".dora_scale"])
+    assert torch.allclose(comfy, swapped(merged["norm_out.linear"]), rtol=0, atol=2e-7)
+
+
 @pytest.mark.parametrize("kind, init", [("dora", "gaussian"), ("lora", "pissa")])
-def test_dora_and_pissa_reload_in_diffusers_on_the_original_base(kind, init, tiny_sd, star_folder, tmp_path):
-    """DoRA through diffusers' loader; PiSSA's adapter (the base changed while training) converted so
-    the original base model plus the adapter draws what the trained run drew."""
+def test_dora_and_pissa_reload_in_diffusers_on_the_original_base(kind, init, tiny_sd, star_folder, tmp_path, capfd):
+    """DoRA through diffusers' loader, and its single file as ComfyUI reads it, written by the run and
+    by `export` (which loads the base model); PiSSA's adapter (the base changed while training)
+    converted so the original base model plus the adapter draws what the trained run drew."""
     out = run(tmp_path, tiny_sd, star_folder, lora_type=kind, lora_init=init, lora_dropout=0.1)
     saved = load_file(str(out / "test_lora" / WEIGHTS_NAME))
     assert (kind == "dora") == any("lora_magnitude_vector" in k for k in saved)
-    has_single_file = (out / "test_lora" / single_file_name("test_lora")).is_file()
-    assert has_single_file == (kind != "dora")
     if init == "pissa":
         assert {t.shape[0] for k, t in saved.items() if "lora.down" in k or "lora_A" in k} == {8}  # rank 2 x 4
     pipe = base_pipeline(tiny_sd)
     pipe.load_lora_weights(str(out / "test_lora"), weight_name=WEIGHTS_NAME)
     assert np.abs(redraw(pipe).astype(int) - final_image(out).astype(int)).max() <= 1
+    if kind == "dora":  # the single file, written by the run and by `export` (which loads the base model)
+        import json
+
+        from diffusion_trainer.outputs.export import export_adapter
+
+        a1111 = "AUTOMATIC1111 (the single file): no: its Lora extension normalises dora_scale per input column"
+        assert a1111 in capfd.readouterr().err  # the run says which loader misreads it, and so does the info file
+        assert json.loads((out / "test_lora" / "tlab_adaptor_info.json").read_text())["loaders"][
+            "AUTOMATIC1111 (the single file)"].startswith("no:")
+
+        lora = single_file(out)
+        exported, _ = export_adapter(out / "test_lora", output=tmp_path / "exported.safetensors")
+        again = load_file(str(exported))
+        assert again.keys() == lora.keys() and all(torch.equal(again[k], lora[k]) for k in lora)
+        assert_dora_is_comfyuis(lora, accepted_lora_names("kohya", dict(pipe.unet.config)), {"": pipe.unet})
 
 
 def test_lokr_with_text_encoder_resumes_exactly(tiny_sd, star_folder, tmp_path, capfd):
@@ -173,20 +268,30 @@ def test_sd3_text_encoder_lora_keeps_t5_cached(tiny_family, star_folder, tmp_pat
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "lokr", "loha"])
 def test_each_type_trains_flux_with_its_clip_encoder(kind, tiny_family, star_folder, tmp_path):
-    """Flux, every type, CLIP-L trained beside the frozen T5: the run ends, and the single file (for the
-    types ComfyUI reads) holds only names ComfyUI maps for Flux: transformer.* and lora_te1_ (clip_l)."""
+    """Flux, every type, CLIP-L trained beside the frozen T5: the run ends, and the single file holds
+    only names ComfyUI maps for Flux: transformer.* and lora_te1_ (clip_l); DoRA's gives peft's weights,
+    and diffusers reloads its text encoder's magnitudes."""
     model = tiny_family("flux")
     out = run(tmp_path, model, star_folder, lora_type=kind, train_text_encoder=True, eval_prompt="")
     saved = load_file(str(out / "test_lora" / WEIGHTS_NAME))
     assert any(k.startswith("text_encoder.") for k in saved) and not any(k.startswith("text_encoder_2.") for k in saved)
-    path = out / "test_lora" / single_file_name("test_lora")
-    assert path.is_file() == (kind != "dora")
-    if kind != "dora":
-        lora = load_file(str(path))
-        config = family_for(str(model)).load(str(model), torch.float32).denoiser.config
-        accepted = {**accepted_lora_names("folded", dict(config), is_flux=True), **accepted_clip_names("FluxPipeline")}
+    lora = single_file(out)
+    modules = peft_loaded(model, kind, out, ("text_encoder",)) if kind == "dora" else {}
+    denoiser = modules["transformer"] if modules else family_for(str(model)).load(str(model), torch.float32).denoiser
+    config = denoiser.config
+    accepted = {**accepted_lora_names("folded", dict(config), is_flux=True), **accepted_clip_names("FluxPipeline")}
+    if kind == "dora":
+        patches = assert_dora_is_comfyuis(lora, accepted,
+                                          {"": modules["transformer"], "text_encoder": modules["text_encoder"]})
+        pipe = base_pipeline(model)  # diffusers puts the text encoder's magnitudes back (transformers wants ".weight")
+        pipe.load_lora_weights(str(out / "test_lora"), weight_name=WEIGHTS_NAME)
+        magnitudes = {"text_encoder." + n.removesuffix(".default_0.weight"): p
+                      for n, p in pipe.text_encoder.named_parameters() if "lora_magnitude_vector" in n}
+        assert magnitudes and all(torch.equal(p, saved.get(n + ".weight", saved.get(n))) for n, p in magnitudes.items())
+    else:
         patches, unloaded = (load_lora if kind == "lora" else load_lycoris)(lora, accepted)
-        assert unloaded == [] and any(m.startswith("text_encoder.") for m in patches)
+        assert unloaded == []
+    assert any(m.startswith("text_encoder.") for m in patches)
 
 
 @pytest.mark.parametrize("kind", ["dora", "lokr", "loha"])

@@ -224,9 +224,11 @@ def test_bucketed_batches_never_mix_shapes(tmp_path, tiny_family, mixed_shapes, 
 
 @pytest.mark.parametrize("eval_prompt", ["", "a sks star"])
 def test_encoders_leave_the_accelerator_after_caching(tmp_path, tiny_sd, numbered, monkeypatch, eval_prompt):
-    """With no eval prompt the VAE and text encoder are freed; with one each is moved to the CPU
-    once its cache is built (recorded here, since on this machine the accelerator is the CPU too),
-    is not moved again while training, and still draws the eval images."""
+    """Staged loading: the text encoder is freed once the captions (and the eval prompt) are encoded,
+    before the denoiser loads; with no eval prompt the VAE is freed too, with one it is moved to the
+    CPU once its cache is built (recorded here, since on this machine the accelerator is the CPU too),
+    is not moved again while training, and still draws the eval images, from the eval prompt as the
+    pipeline encoded it beforehand."""
     from diffusion_trainer.run import setup as train_module
 
     events, modules = [], {}
@@ -251,21 +253,27 @@ def test_encoders_leave_the_accelerator_after_caching(tmp_path, tiny_sd, numbere
         events.append(("step", None))
         return predict(self, denoiser, noisy, conditioning, batch)
 
-    build_latent_cache = train_module.build_latent_cache
+    def recording_denoiser(family, *args, **kwargs):
+        events.append(("denoiser loads", family.pipeline.text_encoder))
+        return load_denoiser(family, *args, **kwargs)
+
+    build_latent_cache, load_denoiser = train_module.build_latent_cache, train_module.load_denoiser
     monkeypatch.setattr(torch.nn.Module, "to", recording_to)
     monkeypatch.setattr(train_module, "TextCache", RecordingTextCache)
     monkeypatch.setattr(train_module, "build_latent_cache", recording_latent_cache)
+    monkeypatch.setattr(train_module, "load_denoiser", recording_denoiser)
     monkeypatch.setattr(StableDiffusion, "predict", recording_predict)
     code, out = train(tmp_path, tiny_sd, numbered, num_train_epochs=2, eval_prompt=eval_prompt, eval_steps=1)
     assert code == 0 and ("step", None) in events
+    assert ("denoiser loads", None) in events  # the text encoder was freed before
     vae, text_encoder = modules["present"]
+    assert text_encoder is None
     if not eval_prompt:
-        assert vae is None and text_encoder is None  # freed: no longer in the pipeline
+        assert vae is None  # freed: no longer in the pipeline
     else:
         first_step = events.index(("step", None))
-        for module, cache in ((text_encoder, "text cache built"), (vae, "latent cache built")):
-            after_cache = events[events.index((cache, None)):first_step]
-            assert [device for m, device in after_cache if m is module] == ["cpu"]
+        after_cache = events[events.index(("latent cache built", None)):first_step]
+        assert [device for m, device in after_cache if m is vae] == ["cpu"]
         first_eval = next((i for i, (m, _) in enumerate(events) if m is vae and i > first_step), len(events))
         assert ("step", None) in events[first_step:first_eval]  # trained before anything moved them back
     assert len(list((out / "eval_images" / "test_lora").glob("*.png"))) == (3 if eval_prompt else 0)  # before, epoch 1, epoch 2

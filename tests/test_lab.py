@@ -119,14 +119,25 @@ def test_bad_lab_values_fail_the_job_listing_each(monkeypatch, lab_job, tiny_sd,
 def test_the_stop_button_saves_the_adapter_and_ends_stopped(monkeypatch, lab_job, tiny_sd, star_folder):
     experiment, job = lab_job
     config = lab_config(job, experiment, tiny_sd, star_folder, num_train_epochs="500", eval_prompt="")
-    finished = threading.Event()
+    finished, seen = threading.Event(), threading.Event()
+    read_stop_flag = LabReporter._stop_flag
+
+    def stop_flag(reporter):
+        if read_stop_flag(reporter):
+            seen.set()
+            return True
+        return False
+
+    monkeypatch.setattr(LabReporter, "_stop_flag", stop_flag)
 
     def press_stop():
         other = asyncio.run(Job.get(job.id, experiment))
         while not finished.is_set() and not asyncio.run(other.get_progress()):
             time.sleep(0.05)
-        # the Lab writes the flag once; our 1 Hz progress writes race the same file, so press until seen
-        while not finished.wait(0.3):
+        # The Lab writes the flag once; our 1 Hz progress writes race the same file (the SDK reads, then
+        # rewrites it whole), so press until the run has seen it, and no more: a press racing the run's
+        # final writes would put back the state it read before them.
+        while not seen.is_set() and not finished.wait(0.3):
             asyncio.run(other.update_job_data_field("stop", True))
 
     presser = threading.Thread(target=press_stop, daemon=True)
@@ -136,7 +147,7 @@ def test_the_stop_button_saves_the_adapter_and_ends_stopped(monkeypatch, lab_job
     finally:
         finished.set()
         presser.join()
-    assert code == 0
+    assert code == 0 and seen.is_set()
     status, progress, data = job_state(job, experiment)
     assert status == "STOPPED" and data["completion_status"] == "stopped"
     info = json.loads((Path(config["adaptor_output_dir"]) / "tlab_adaptor_info.json").read_text())
@@ -391,3 +402,24 @@ def test_the_validation_loss_is_the_task_jobs_score_and_the_plugin_sweeps_metric
                              validation=[(0, {"val/loss": 0.7}), (3, {"val/loss": 0.6})])
     swept = json.loads(write_sweep_metrics(tmp_path, result).read_text())
     assert swept["val/loss"] == swept["eval/loss"] == 0.6 and swept["train/loss"] == 0.5
+
+
+class JobFileBeingRewritten:
+    """The SDK's get_config while the main process rewrites the job's file: empty, then the parameters."""
+
+    def __init__(self, empty_reads: int):
+        self.reads, self.empty_reads = 0, empty_reads
+
+    def get_config(self):
+        self.reads += 1
+        return {} if self.reads <= self.empty_reads else {"num_train_epochs": 3}
+
+
+def test_another_process_reads_the_job_parameters_again_while_the_main_one_rewrites_the_file(monkeypatch):
+    from diffusion_trainer.lab.launch import job_parameters
+
+    monkeypatch.setenv("RANK", "1")
+    assert job_parameters(JobFileBeingRewritten(empty_reads=3)) == {"num_train_epochs": 3}
+    monkeypatch.setenv("RANK", "0")  # the main process has nothing to wait for: it wrote the file itself
+    lab = JobFileBeingRewritten(empty_reads=3)
+    assert job_parameters(lab) == {} and lab.reads == 1

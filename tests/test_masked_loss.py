@@ -86,10 +86,11 @@ def test_a_mask_of_another_size_and_no_mask_at_all_are_refused_by_name(tmp_path)
         checked(tmp_path / "two")
 
 
-@pytest.mark.parametrize("name", ["sd", "flux"])
-def test_a_training_step_gives_the_masked_out_region_no_gradient(tiny_sd, tiny_family, name):
+@pytest.mark.parametrize("name, prior", [("sd", False), ("flux", False), ("sd", True)])
+def test_a_training_step_gives_the_masked_out_region_no_gradient(tiny_sd, tiny_family, name, prior):
     """Through the loop's own batch_loss (Flux packs its latents 2x2 and unpacks the prediction):
-    the prediction's gradient is zero where the mask is, and a target changed there changes nothing."""
+    the prediction's gradient is zero where the mask is, and a target changed there changes nothing.
+    With prior preservation, the class rows (no masks) train on the whole image."""
     from types import SimpleNamespace
 
     from diffusion_trainer.data.batch import ModelInputs
@@ -105,6 +106,8 @@ def test_a_training_step_gives_the_masked_out_region_no_gradient(tiny_sd, tiny_f
     batch = {"pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1, "caption": ["a", "b"], "mask": mask,
              "original_size": torch.tensor([[64, 64]] * 2), "crop_top_left": torch.tensor([[0, 0]] * 2),
              "target_size": torch.tensor([[64, 64]] * 2)}
+    if prior:
+        batch["class"] = {key: value for key, value in batch.items() if key != "mask"} | {"caption": ["c", "c"]}
     seen = {}
     predict, noisy_batch = family.predict, family.noisy_input_and_target
 
@@ -120,7 +123,7 @@ def test_a_training_step_gives_the_masked_out_region_no_gradient(tiny_sd, tiny_f
 
     family.predict, family.noisy_input_and_target = keep_prediction, shifted_target
     t = SimpleNamespace(inputs=ModelInputs(family, 0.0, torch.device("cpu")), family=family,
-                        denoiser=family.denoiser, loss_type="l2", huber_c=0.1)
+                        denoiser=family.denoiser, loss_type="l2", huber_c=0.1, prior_loss_weight=1.0)
     losses = []
     for shift in (0.0, 5.0):
         seen["shift"] = shift
@@ -129,8 +132,13 @@ def test_a_training_step_gives_the_masked_out_region_no_gradient(tiny_sd, tiny_f
         loss.backward()
         losses.append(loss.item())
         grad = seen["prediction"].grad
-        assert torch.all(grad[..., 4:] == 0) and torch.all(grad[..., :4].abs().sum(dim=(0, 1)) > 0)
-    assert losses[0] == pytest.approx(losses[1])
+        assert torch.all(grad[:2, ..., 4:] == 0) and torch.all(grad[:2, ..., :4].abs().sum(dim=(0, 1)) > 0)
+        if prior:
+            assert grad.shape[0] == 4 and torch.all(grad[2:].abs().sum(dim=(0, 1)) > 0)
+    if prior:
+        assert losses[1] > losses[0]  # the class rows' whole-image loss sees the shifted target
+    else:
+        assert losses[0] == pytest.approx(losses[1])
 
 
 def test_a_masked_run_trains_from_the_disk_cache_and_the_masks_change_its_key(tmp_path, tiny_sd, capsys):

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import quick_params, run_main, write_config
+from conftest import quick_params, run_folder, run_main, write_config
 from PIL import Image
+from safetensors.torch import load_file
 
 from diffusion_trainer.data.buckets import BucketBatchSampler
 from diffusion_trainer.data.cache import CachedSamples, MemoryLatents, Variant
@@ -128,3 +130,26 @@ def test_bad_folders_and_repeats_exit_2_naming_them(tmp_path, tiny_sd, capsys):
     config = write_config(tmp_path / "run.json", quick_params(tiny_sd, data, tmp_path / "output", dataset_repeats=0))
     assert run_main(["--config", str(config)]) == 2
     assert "dataset_repeats: must be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_a_resume_mid_epoch_with_repeats_ends_with_the_same_adapter(tmp_path, tiny_sd, capsys):
+    # 7 samples (2 images x 3 + 1 x 1), batch 2: 4 steps an epoch; checkpoint-6 is mid-epoch 2, and each
+    # repeat is its own flip draw, so a resume that miscounted samples would train other batches
+    data = kohya_folder(tmp_path / "data", {"3_sks star": [((64, 64), None), ((64, 64), "sks star, red")],
+                                            "1_star": [((64, 64), None)]})
+    settings = dict(num_train_epochs=2, checkpointing_steps=3, random_flip=True, lora_r=2)
+    config = write_config(tmp_path / "run.json", quick_params(tiny_sd, data, tmp_path / "full", **settings))
+    assert run_main(["--config", str(config)]) == 0
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    checkpoints = run_folder(tmp_path / "resumed")
+    for checkpoint in checkpoints.iterdir():
+        if checkpoint.name != "checkpoint-6":
+            shutil.rmtree(checkpoint)
+    config = write_config(tmp_path / "resume.json", quick_params(tiny_sd, data, tmp_path / "resumed",
+                                                                 resume_from_checkpoint="latest", **settings))
+    capsys.readouterr()
+    assert run_main(["--config", str(config)]) == 0
+    assert f"Resuming from {checkpoints / 'checkpoint-6'}: step 6 of 8, epoch 2" in capsys.readouterr().err
+    full, resumed = (load_file(tmp_path / o / "test_lora" / "pytorch_lora_weights.safetensors")
+                     for o in ("full", "resumed"))
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)

@@ -137,7 +137,8 @@ class PairedSamples(torch.utils.data.Dataset):
 
 def merged(batch: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
     """(the batch with its class half appended, how many rows are instance rows); a batch
-    without class samples comes back as it is, with None."""
+    without class samples comes back as it is, with None. With masked_loss the class images, which
+    have no masks, train on the whole image."""
     prior = batch.get("class")
     if prior is None:
         return batch, None
@@ -146,7 +147,7 @@ def merged(batch: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
     for key, value in batch.items():
         if key == "class":
             continue
-        other = prior[key]
+        other = prior[key] if key != "mask" else torch.ones_like(value[:1]).expand(len(prior["caption"]), *value.shape[1:])
         out[key] = torch.cat([value, other]) if isinstance(value, torch.Tensor) else [*value, *other]
     return out, rows
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.configuration_utils import FrozenDict
 from peft.utils import get_peft_model_state_dict
 
 from ..errors import InputError
@@ -70,6 +72,36 @@ def read_model_index(source: str) -> dict:
         return json.loads(index.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"model_name: {index} is not readable JSON ({exc}).") from None
+
+
+def denoiser_class(index: dict, attr: str) -> type:
+    import diffusers
+
+    library, class_name = index[attr]
+    model_class = getattr(diffusers, class_name, None)
+    if library != "diffusers" or model_class is None:
+        raise InputError(f"model_name: its {attr} is {library}.{class_name}, which this diffusers "
+                         f"({diffusers.__version__}) does not have.")
+    return model_class
+
+
+class DenoiserNotLoaded(AttributeError):
+    """Pipeline code reached for the denoiser's weights before staged loading read them."""
+
+
+class NotLoaded:
+    """The denoiser before its weights are read (staged loading): its config only, for the pipeline code
+    and family facts that read nothing else (SD3 without T5 sizes its zero T5 features from it)."""
+
+    def __init__(self, model_class: type, config: dict):
+        self.model_class = model_class
+        self.config = FrozenDict(config)
+
+    def __getattr__(self, name: str) -> Any:
+        raise DenoiserNotLoaded(f"the denoiser is not loaded yet (asked for its {name})")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise DenoiserNotLoaded("the denoiser is not loaded yet")
 
 
 def linear_layer_names(module: torch.nn.Module) -> tuple[str, ...]:
@@ -128,11 +160,16 @@ class ModelFamily(ABC):
 
     # --- loading ---------------------------------------------------------------------------
     @classmethod
-    def load(cls, source: str, weight_dtype: torch.dtype) -> "ModelFamily":
-        """Load the pipeline from a hub id or local folder: safetensors only, no remote code."""
+    def load(cls, source: str, weight_dtype: torch.dtype, without_denoiser: bool = False) -> "ModelFamily":
+        """Load the pipeline from a hub id or local folder: safetensors only, no remote code.
+        `without_denoiser` (staged loading): everything but the denoiser, which stands in as its config
+        alone until `load_denoiser` reads its weights, once the text encoders and VAE have done their work."""
         # Components saved empty (SD3 without T5, no safety checker) must be passed as None again.
-        empty = {name: None for name, value in read_model_index(source).items()
+        index = read_model_index(source)
+        empty = {name: None for name, value in index.items()
                  if not name.startswith("_") and isinstance(value, list) and value[0] is None}
+        if without_denoiser:
+            empty[cls.denoiser_attr] = None
         try:
             pipeline = cls.pipeline_class.from_pretrained(
                 source, torch_dtype=weight_dtype, use_safetensors=True, **{**empty, **cls.load_kwargs})
@@ -140,9 +177,42 @@ class ModelFamily(ABC):
             raise InputError(f"model_name: could not load {cls.label} pipeline '{source}' with safetensors "
                              f"weights ({type(exc).__name__}: {exc}).") from None
         pipeline.set_progress_bar_config(disable=True)
+        if without_denoiser:
+            model_class = denoiser_class(index, cls.denoiser_attr)
+            config = model_class.load_config(source, subfolder=cls.denoiser_attr)
+            pipeline.__dict__[cls.denoiser_attr] = NotLoaded(model_class, config)
         family = cls(pipeline, source)
         family.keep_vae_stable(weight_dtype)
         return family
+
+    def load_denoiser(self, **kwargs: Any) -> torch.nn.Module:
+        """Read the denoiser's weights into the pipeline, with the from_pretrained keywords (torch_dtype,
+        quantization_config) that load it straight into its storage (memory/storage.py)."""
+        stand_in = self.pipeline.__dict__.get(self.denoiser_attr)
+        model_class = stand_in.model_class if isinstance(stand_in, NotLoaded) else type(stand_in)
+        try:
+            denoiser = model_class.from_pretrained(self.source, subfolder=self.denoiser_attr, use_safetensors=True,
+                                                   **kwargs)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"model_name: could not load the {self.denoiser_attr} of '{self.source}' with "
+                             f"safetensors weights ({type(exc).__name__}: {exc}).") from None
+        self.pipeline.register_modules(**{self.denoiser_attr: denoiser})
+        return denoiser
+
+    @property
+    def denoiser_loaded(self) -> bool:
+        return not isinstance(self.pipeline.__dict__.get(self.denoiser_attr), NotLoaded)
+
+    @contextmanager
+    def denoiser_config_only(self) -> Iterator[None]:
+        """The loaded denoiser stands in as its config alone for a while (evaluate.RecordedPrompts runs
+        eval calls up to the denoiser)."""
+        current = self.pipeline.__dict__[self.denoiser_attr]
+        self.pipeline.__dict__[self.denoiser_attr] = NotLoaded(type(current), current.config)
+        try:
+            yield
+        finally:
+            self.pipeline.__dict__[self.denoiser_attr] = current
 
     def keep_vae_stable(self, weight_dtype: torch.dtype) -> None:
         # VAEs flagged force_upcast overflow in fp16 (SDXL's does); keep them in fp32 then.
@@ -306,8 +376,10 @@ class ModelFamily(ABC):
         for component, (state, metadata) in layers.items():
             prefix = self.lora_save_prefix if component == "denoiser" else component
             plain = any(".lora_A." in key for key in state)  # LoKr/LoHa keys have no diffusers names
-            keywords[f"{prefix}_lora_layers"] = (convert_state_dict_to_diffusers(state)
-                                                 if self.converts_lora_keys and plain else state)
+            state = convert_state_dict_to_diffusers(state) if self.converts_lora_keys and plain else state
+            if component != "denoiser":  # diffusers hands text encoders to transformers, which wants DoRA's ".weight"
+                state = {k + ".weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in state.items()}
+            keywords[f"{prefix}_lora_layers"] = state
             keywords[f"{prefix}_lora_adapter_metadata"] = metadata
         self.pipeline_class.save_lora_weights(str(directory), **keywords, safe_serialization=True)
 

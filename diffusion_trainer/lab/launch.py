@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def run_lab_task(config_file: Path | None, overrides: list[str]) -> int:
     lab = connect_lab()
     if lab is None:
         return EXIT_FAILED
-    config = dict(lab.get_config() or {})
+    config = job_parameters(lab)
     try:
         if config_file:
             config = {**read_config(config_file), **config}
@@ -59,6 +60,20 @@ def run_lab_task(config_file: Path | None, overrides: list[str]) -> int:
         reporter_for_this_process(LabReporter(lab, TASK)).failed(str(exc))
         return EXIT_BAD_INPUT
     return run_in_lab(config, lab, TASK)
+
+
+def job_parameters(lab: Any, wait_s: float = 20.0) -> dict[str, Any]:
+    """The job's parameters. The SDK rewrites the job's file in place (truncate, then write), and
+    the main process does so as it starts (lab.init), so another process can read it empty: those
+    read again until the parameters appear."""
+    from ..run.processes import is_main_process
+
+    deadline = time.monotonic() + (0.0 if is_main_process() else wait_s)
+    while True:
+        config = dict(lab.get_config() or {})
+        if config or time.monotonic() >= deadline:
+            return config
+        time.sleep(0.1)
 
 
 def drop_unresolved_secrets() -> None:

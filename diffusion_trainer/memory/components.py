@@ -13,6 +13,7 @@ import torch
 
 from ..errors import InputError
 from ..families.base import read_model_index
+from .offload import RESIDENT
 
 
 def component_config(source: str, component: str) -> dict:
@@ -56,8 +57,8 @@ class Weights:
     """A component's parameter counts (floating-point buffers counted with `other`): in linear layers
     (what 8/4-bit storage shrinks), in the layers fp8 casting stores in 8 bits (not a UNet's
     convolutions: the run skips them, as cast convolutions break gradient checkpointing), in the
-    repeated blocks (what offloading streams; the last one is on the device when backward begins,
-    where a checkpointed step peaks), and the linear (and fp8-cast) weights whose bf16 copy
+    repeated blocks (what offloading streams; the last two are on the device when backward begins,
+    where a checkpointed step peaks: memory/offload.py keeps two), and the linear (and fp8-cast) weights whose bf16 copy
     backward keeps under gradient checkpointing: those outside every checkpointed unit, plus the
     largest unit's, recomputed one unit at a time."""
 
@@ -67,7 +68,7 @@ class Weights:
     castable: int
     blocks_total: int
     largest_block: int
-    last_block: int
+    last_blocks: int
     checkpointed_linear: int
     checkpointed_castable: int
     linears: tuple[tuple[str, int, int], ...]  # (name, in, out)
@@ -99,7 +100,7 @@ class Weights:
             return outside + max(per_unit)
 
         return cls(linear, sum(p.numel() for p in module.parameters()) - linear + buffers,
-                   sum(m.out_features for _, m in linears), castable, sum(sizes), max(sizes), sizes[-1],
+                   sum(m.out_features for _, m in linears), castable, sum(sizes), max(sizes), sum(sizes[-RESIDENT:]),
                    copies(lambda name: True), copies(lambda name: name in cast_layers),
                    tuple((name, m.in_features, m.out_features) for name, m in linears))
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import InputError
 from .components import Component, Weights, pipeline_components
+from .offload import RESIDENT
 
 GB = 1e9
 # Least lossy first (issue 19): storage of the frozen base, then offloading its blocks.
@@ -50,7 +51,7 @@ class Stage:
     name: str
     on_device: dict[str, float]  # what, GB
     peak_gb: float
-    host_gb: float = HOST_OVERHEAD_GB  # host RAM: the one component loading or held there, and the overhead
+    host_gb: float = HOST_OVERHEAD_GB  # host RAM: what loads or is held there, and the overhead
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Plan:
     settings: Settings
     stages: list[Stage]
     notes: list[str] = field(default_factory=list)
+    int8_text_encoders: tuple[str, ...] = ()  # stored in int8 by the run to encode (encode_text_stage)
 
     @property
     def peak_gb(self) -> float:
@@ -80,7 +82,7 @@ class Plan:
             parts = ", ".join(f"{what} {gb:.2f}" for what, gb in stage.on_device.items())
             out.append(f"  {stage.name:<13} peak {stage.peak_gb:6.2f} GB: {parts} (host RAM {stage.host_gb:.1f} GB)")
         out.append(f"  settings: {self.settings.describe()}")
-        out.append(f"  host RAM: peak {self.host_ram_gb:.1f} GB (one component at a time, "
+        out.append(f"  host RAM: peak {self.host_ram_gb:.1f} GB (what loads at once, "
                    f"{HOST_OVERHEAD_GB:.0f} GB for the process)")
         out += [f"  {note}" for note in self.notes]
         if self.budget_gb is not None:
@@ -91,7 +93,7 @@ class Plan:
     def as_json(self) -> dict[str, Any]:
         return {"model": self.model, "peak_gb": round(self.peak_gb, 3), "budget_gb": self.budget_gb,
                 "fits": self.fits, "settings": asdict(self.settings), "notes": self.notes,
-                "host_ram_gb": round(self.host_ram_gb, 3),
+                "int8_text_encoders": list(self.int8_text_encoders), "host_ram_gb": round(self.host_ram_gb, 3),
                 "stages": [{"name": s.name, "peak_gb": round(s.peak_gb, 3), "host_ram_gb": round(s.host_gb, 3),
                             "on_device": {k: round(v, 3) for k, v in s.on_device.items()}} for s in self.stages]}
 
@@ -109,12 +111,19 @@ class Run:
     cache_text_embeddings: bool = True
     cache_latents: bool = True
     eval_images: bool = False
+    train_text_encoder: bool = False  # the CLIP encoders train: they stay for the train step
+    class_images: bool = False  # prior preservation draws class images: the whole base model at once
 
     @classmethod
-    def of(cls, params: Any) -> "Run":
+    def of(cls, params: Any, class_images: bool | None = None) -> "Run":
+        """`class_images`: whether class images will be drawn (None: whenever prior preservation has a
+        class folder, as the plan command cannot know how many it lacks)."""
+        if class_images is None:
+            class_images = bool(params.class_data_dir.strip()) and params.prior_preservation
+        captions_vary = params.shuffle_caption or params.caption_tag_dropout_rate > 0  # encoded as drawn
         return cls(params.resolution, params.train_batch_size, params.lora_r, params.lora_layers, params.mixed_precision,
-                   params.max_sequence_length, params.cache_text_embeddings, params.cache_latents,
-                   bool(params.eval_prompt.strip()))
+                   params.max_sequence_length, params.cache_text_embeddings and not captions_vary,
+                   params.cache_latents, bool(params.eval_prompt.strip()), params.train_text_encoder, class_images)
 
 
 def storage_bytes(weights: Weights, precision: str) -> float:
@@ -163,15 +172,16 @@ class Planner:
     def plan(self, settings: Settings, budget_gb: float | None) -> Plan:
         run, compute = self.run, self.compute(settings)
         scale = BYTES[compute] / 2
-        stages = [self.encode_text_stage(compute, budget_gb), self.encode_images_stage(compute)]
+        text_stage, int8_text = self.encode_text_stage(compute, budget_gb)
+        stages = [text_stage, self.encode_images_stage(compute)]
         weights = self.denoiser.weights
         base = storage_bytes(weights, settings.base_precision)
         on = {}
         if settings.offload == "blocks" and settings.gradient_checkpointing:
             streamed = weights.blocks_total * storage_bytes(weights, settings.base_precision) / weights.total
-            last = weights.last_block * storage_bytes(weights, settings.base_precision) / weights.total
-            resident = min(base, base - streamed + last)  # the rest, and the block backward starts with
-            on[f"{self.denoiser.name} {settings.base_precision} (1 block at a time)"] = resident / GB
+            last = weights.last_blocks * storage_bytes(weights, settings.base_precision) / weights.total
+            resident = min(base, base - streamed + last)  # the rest, and the two blocks backward starts with
+            on[f"{self.denoiser.name} {settings.base_precision} ({RESIDENT} blocks at a time)"] = resident / GB
         elif settings.offload == "blocks":  # backward needs every block's weights, which autograd keeps
             name = f"{self.denoiser.name} {settings.base_precision} (offload saves nothing without checkpointing)"
             on[name] = base / GB
@@ -193,33 +203,79 @@ class Planner:
         on["activations" + (" (checkpointed)" if settings.gradient_checkpointing else "")] = activations / GB
         if not run.cache_latents:
             on[f"vae {compute}"] = storage_bytes(self.vae.weights, compute) / GB
-        if not run.cache_text_embeddings:
-            for encoder in self.encoders:
-                on[f"{encoder.name} {compute}"] = storage_bytes(encoder.weights, compute) / GB
+        for encoder in self.staying_encoders():
+            kept = "int8" if encoder.name in int8_text else compute
+            on[f"{encoder.name} {kept}"] = storage_bytes(encoder.weights, kept) / GB
         host = self.denoiser_host_bytes(settings, base) / GB + HOST_OVERHEAD_GB
         stages.append(Stage("train step", on, sum(on.values()), host))
         if run.eval_images:
             stages.append(self.eval_stage(settings, on, compute, budget_gb))
             stages[-1].host_gb = host
+        if run.class_images:
+            stages.insert(1, self.class_images_stage(settings, on, compute))
+            stages[1].host_gb = host
         notes = []
         if not run.cache_latents or not run.cache_text_embeddings:
             notes.append("without caches the encoders stay on the GPU during training")
+        elif self.staying_encoders():
+            notes.append(f"train_text_encoder: {', '.join(e.name for e in self.staying_encoders())} stay on the GPU "
+                         "during training (trained, they encode every step)")
+        if run.class_images:
+            notes.append("prior preservation draws the class images class_data_dir lacks with the whole base "
+                         "model: the denoiser loads before the text encoders are freed")
         if not (self.family.activation_fixed or self.family.activation_per_block):
             notes.append(f"{self.family.label}: activations are not modelled yet (no simulation fitted): "
                          "the train step counts weights, LoRA and optimizer only, so its real peak is higher")
-        return Plan(self.model, budget_gb, settings, stages, notes)
+        if int8_text:
+            notes.append(f"{', '.join(int8_text)} stored in int8 (torchao) to encode: {compute} would not fit "
+                         "beside the rest")
+        return Plan(self.model, budget_gb, settings, stages, notes, int8_text)
 
-    def encode_text_stage(self, compute: str, budget_gb: float | None) -> Stage:
-        on = {}
-        for encoder in self.encoders:  # one at a time; a large T5 in 8 bits where bf16 does not fit
-            precision = compute
-            if budget_gb is not None and storage_bytes(encoder.weights, compute) / GB > 0.9 * budget_gb:
-                precision = "int8"
-            on[f"{encoder.name} {precision}"] = storage_bytes(encoder.weights, precision) / GB
+    def staying_encoders(self) -> list[Component]:
+        """The text encoders on the GPU during training: all without a text cache, else the trained ones."""
+        if not self.run.cache_text_embeddings:
+            return self.encoders
+        if self.run.train_text_encoder:
+            trained = set(self.family.trainable_text_attrs)
+            return [e for e in self.encoders if e.name in trained]
+        return []
+
+    def class_images_stage(self, settings: Settings, train: dict[str, float], compute: str) -> Stage:
+        """Drawing class images: the base model whole (no LoRA), denoising and decoding one batch."""
+        on = {k: v for k, v in train.items() if not k.startswith(("activations", "LoRA", "upcast"))}
+        for encoder in self.encoders:
+            on[f"{encoder.name} {compute}"] = storage_bytes(encoder.weights, compute) / GB
+        on[f"vae {compute}"] = storage_bytes(self.vae.weights, compute) / GB
+        eval_like = self.eval_stage(settings, train, compute, None).on_device
+        on["denoising"] = eval_like["denoising"]
+        on["decode"] = eval_like["decode"]
+        return Stage("class images", on, sum(on.values()))
+
+    def encode_text_stage(self, compute: str, budget_gb: float | None) -> tuple[Stage, tuple[str, ...]]:
+        """Every text encoder and the VAE are on the GPU together (the run loads them at once, encodes
+        the captions, eval prompts and held-out images, then frees the encoders); the largest encoders
+        are stored in 8 bits (torchao, as the run then stores them) while that does not fit. Returns
+        the stage and the encoders in int8."""
+        precision = {e.name: compute for e in self.encoders}
+        vae = storage_bytes(self.vae.weights, compute)
         working = 0.1 * GB * self.run.batch_size
+
+        def total() -> float:
+            return sum(storage_bytes(e.weights, precision[e.name]) for e in self.encoders) + vae + working
+
+        trained = set(self.family.trainable_text_attrs) if self.run.train_text_encoder else set()
+        for encoder in sorted(self.encoders, key=lambda e: -e.weights.total):
+            if budget_gb is None or total() / GB <= 0.9 * budget_gb:
+                break
+            if encoder.name not in trained:  # a trained encoder keeps its dtype
+                precision[encoder.name] = "int8"
+        on = {f"{e.name} {precision[e.name]}": storage_bytes(e.weights, precision[e.name]) / GB for e in self.encoders}
+        on[f"vae {compute}"] = vae / GB
         on["working memory"] = working / GB
-        largest = max(v for k, v in on.items() if k != "working memory")  # loaded one at a time, in that form
-        return Stage("encode text", on, max(on.values()) + working / GB, largest + HOST_OVERHEAD_GB)
+        # host RAM: the encoders and the VAE load together, in the compute dtype (int8 ones are quantized after)
+        host = (sum(storage_bytes(e.weights, compute) for e in self.encoders) + vae) / GB + HOST_OVERHEAD_GB
+        stage = Stage("encode text", on, total() / GB, host)
+        return stage, tuple(n for n, p in precision.items() if p == "int8")
 
     def encode_images_stage(self, compute: str) -> Stage:
         pixels = self.run.resolution ** 2 * self.run.batch_size
@@ -270,29 +326,27 @@ class Planner:
         found = []
         for off in offloads:
             for storage in storages:
-                for gc in ([checkpointing] if checkpointing or base_precision != "auto" and offload != "auto"
-                           else [False, True]):
+                fixed = checkpointing or base_precision != "auto" and offload != "auto"
+                gcs = [checkpointing] if fixed else [False, True]
+                for gc in gcs if off == "none" else [True]:  # offload needs checkpointing (memory/offload.py)
                     if storage in ("fp8", "int8") and not gc and base_precision == "auto":
                         continue  # without checkpointing they keep an upcast copy of every weight
-                    if off == "blocks" and not gc and offload == "auto":
-                        continue
                     found.append(Settings(storage, gc, off))
         return found
 
 
 def make_plan(family_cls: Any, source: str, run: Run, *, base_precision: str, offload: str,
-              gradient_checkpointing: bool, budget_gb: float | None, applied: tuple[str, ...] | None = None) -> Plan:
+              gradient_checkpointing: bool, budget_gb: float | None) -> Plan:
     """The plan for these settings; with auto ones, the first that fits (or the last tried).
     Raises DoesNotFit naming what to change when explicit settings do not fit."""
     planner = Planner(family_cls, source, run)
     if budget_gb is None:  # no GPU: today's behaviour, mixed_precision decides the storage
-        storage = base_precision if base_precision != "auto" else applied_storage(run.mixed_precision)
+        storage = base_precision if base_precision != "auto" else default_storage(run.mixed_precision)
         plan = planner.plan(Settings(storage, gradient_checkpointing, "none" if offload == "auto" else offload), None)
-        plan.notes.append("no GPU here: no GPU budget; the run keeps mixed_precision's storage")
+        plan.notes.append("no GPU here: no GPU budget; base_precision auto keeps mixed_precision's storage"
+                          if base_precision == "auto" else "no GPU here: no GPU budget to check against")
         return plan
     options = planner.candidates(base_precision, offload, gradient_checkpointing)
-    if applied is not None:  # only the storages the trainer can apply, without offload
-        options = [s for s in options if s.base_precision in applied and s.offload == "none"]
     tried = [planner.plan(s, budget_gb) for s in options]
     for plan in tried:
         if plan.fits:
@@ -339,18 +393,17 @@ def gpu_budget_gb(gpu_memory_gb: float) -> float | None:
     return torch.cuda.mem_get_info()[0] / GB
 
 
-def applied_storage(mixed_precision: str) -> str:
-    """The only storage this version's training code gives the frozen base: mixed_precision's dtype
-    (fp8/int8/nf4 storage and offload are planned, not applied yet)."""
+def default_storage(mixed_precision: str) -> str:
+    """`auto` without a GPU budget: mixed_precision's dtype, as the rest of the pipeline loads."""
     return {"no": "fp32"}.get(mixed_precision, mixed_precision)
 
 
-def plan_for(params: Any, applied: tuple[str, ...] | None = None) -> Plan:
-    """The plan of a run's parameters (InputError when explicit settings do not fit); `applied`: the
-    only storages `auto` may choose (None: every one the plan knows)."""
+def plan_for(params: Any, class_images: bool | None = None) -> Plan:
+    """The plan of a run's parameters (InputError when explicit settings do not fit); `class_images`:
+    whether the run draws class images (None: whenever prior preservation has a class folder)."""
     from ..families import family_for
 
-    return make_plan(family_for(params.model_name), params.model_name, Run.of(params),
+    return make_plan(family_for(params.model_name), params.model_name, Run.of(params, class_images),
                      base_precision=params.base_precision, offload=params.offload,
-                     gradient_checkpointing=params.gradient_checkpointing, budget_gb=gpu_budget_gb(params.gpu_memory_gb),
-                     applied=applied)
+                     gradient_checkpointing=params.gradient_checkpointing or params.offload == "blocks",
+                     budget_gb=gpu_budget_gb(params.gpu_memory_gb))

@@ -20,7 +20,6 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
@@ -173,8 +172,8 @@ def simulate_step(family_cls: type, class_name: str, denoiser_config: dict, *, l
                   storage: str | None = None, offload: str = "none") -> SimulatedStep:
     """Peak bytes of one step. `text` gives each conditioning tensor's shape without the batch;
     `storage` (fp8, int8, nf4) the frozen base's form, applied to a `base_dtype` model
-    (memory/storage_sim.py); `offload` counts its blocks as diffusers' group offload holds them:
-    `stream` as enabled with streams, `sync` without streams and with checkpointing's early stop off."""
+    (memory/storage_sim.py); `offload` counts its blocks as an offload holds them on the device:
+    `swap` this trainer's block swap (memory/offload.py), `diffusers` diffusers' group offload with streams."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .storage_sim import BlockOffload, apply_storage
@@ -198,9 +197,7 @@ def simulate_step(family_cls: type, class_name: str, denoiser_config: dict, *, l
         if checkpointing:
             denoiser.enable_gradient_checkpointing()
         if offload != "none":
-            BlockOffload(tracker, denoiser, stream=offload == "stream")
-        if offload == "sync":  # recompute whole blocks, so that each block's post-forward hook runs in backward
-            stack.enter_context(torch.utils.checkpoint.set_checkpoint_early_stop(False))
+            BlockOffload(tracker, denoiser, offload)
         optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)  # as CUDA's fused AdamW: no temporaries
         side = resolution // 8
         latents = torch.randn(batch_size, latent_channels, side, side, dtype=torch.float32)
@@ -246,7 +243,7 @@ def simulate_run(source: str, *, resolution: int, batch_size: int, rank: int, lo
                  offload: str = "none") -> SimulatedStep:
     """One training step, bf16 compute, of the pipeline whose configs lie in `source` (a folder),
     its frozen base stored as `base_precision` (bf16, fp8, int8, nf4), its blocks offloaded
-    (`offload`: none, sync, stream) or not."""
+    (`offload`: none, swap, diffusers) or not."""
     from ..families import family_for
     from .components import pipeline_components
 

@@ -11,18 +11,17 @@
   weights, as diffusers' `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")` stores
   it without double quantization) and the forward through `bitsandbytes.matmul_4bit`, the autograd
   function that keeps only the packed weight for backward and dequantizes it there.
-- offload: what diffusers' `enable_group_offload(offload_type="block_level", num_blocks_per_group=1)`
-  keeps on the accelerator, by accounting (its streams need an accelerator), following its hooks:
-  the parameters outside the block lists stay; a block's pre-forward hook loads it if it is in host
-  memory and, with `use_stream=True`, prefetches the next block; its post-forward hook sends it back
-  (autograd keeps a block's weights until that block's backward is done). With gradient
-  checkpointing each block's forward runs again in backward, with its hooks, but PyTorch's
-  non-reentrant checkpoint stops the recomputation as soon as it has what backward needs (early
-  stop, on by default), so the post-forward hook never runs there: each block loaded for its
-  recomputation stays, and by the end of backward the device holds every block again. With early
-  stop off (`torch.utils.checkpoint.set_checkpoint_early_stop(False)`) and no streams, one block is
-  on the device at a time; with streams, each recomputation also prefetches the block after it,
-  which already ran and stays. The LoRA and its optimizer states stay on the accelerator.
+- offload: by accounting (copies to an accelerator cannot run on a CPU): the blocks' frozen
+  weights are not counted, except while a block is on the device. `swap` follows this trainer's
+  block swap (memory/offload.py): a block's pre-forward hook brings it over, and the oldest of the
+  blocks on the device leaves when a third arrives; the LoRA and its optimizer states stay.
+  `diffusers` follows diffusers' `enable_group_offload(offload_type="block_level",
+  num_blocks_per_group=1, use_stream=True)`: a block's pre-forward hook loads it if it is in host
+  memory and prefetches the next block, its post-forward hook sends it back (autograd keeps a
+  block's weights until that block's backward is done). Under gradient checkpointing each block's
+  forward runs again in backward with its hooks, but PyTorch's non-reentrant checkpoint stops that
+  recomputation early, before the post-forward hook: each block loaded in backward stays, and by
+  the end of backward the device holds nearly every block (why offload.py does not use it).
 """
 
 from __future__ import annotations
@@ -104,39 +103,47 @@ def blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class BlockOffload:
-    """Counts each block's frozen weights on the device only while group offload's hooks hold them:
-    `tracker` (memory/simulate.LiveBytes) stops counting them, and the hooks add and drop them."""
+    """Counts each block's frozen weights on the device only while the offload holds them there:
+    `tracker` (memory/simulate.LiveBytes) stops counting them, and hooks add and drop them."""
 
-    def __init__(self, tracker: Any, denoiser: torch.nn.Module, stream: bool):
-        self.tracker, self.stream = tracker, stream
+    def __init__(self, tracker: Any, denoiser: torch.nn.Module, mode: str):
+        from .offload import RESIDENT
+
+        self.tracker, self.mode, self.resident_max = tracker, mode, RESIDENT
         self.blocks = blocks(denoiser)
         self.sizes = [tracker.offload([t for p in [*b.parameters(), *b.buffers()] if not p.requires_grad
                                        for t in inner_tensors(p)]) for b in self.blocks]
-        self.on: set[int] = set()
-        self.held: int | None = None  # the block whose backward autograd runs now
+        self.on: list[int] = []  # blocks on the device, oldest first
+        self.held: int | None = None  # diffusers: the recomputed block whose backward autograd runs now
         for index, block in enumerate(self.blocks):
             block.register_forward_pre_hook(lambda _m, _a, i=index: self.pre_forward(i))
             block.register_forward_hook(lambda _m, _a, _o, i=index: self.post_forward(i))
 
     def load(self, index: int) -> None:
         if index < len(self.blocks) and index not in self.on:
-            self.on.add(index)
+            self.on.append(index)
             self.tracker.add(self.sizes[index])
 
     def unload(self, index: int) -> None:
         if index in self.on:
-            self.on.discard(index)
+            self.on.remove(index)
             self.tracker.add(-self.sizes[index])
 
     def pre_forward(self, index: int) -> None:
+        if self.mode == "swap":
+            self.load(index)
+            while len(self.on) > self.resident_max:
+                self.unload(self.on[0])
+            return
         if self.held is not None:  # the previous recomputed block's backward is over
             self.unload(self.held)
             self.held = None
         self.load(index)
-        if self.stream:
-            self.load(index + 1)
+        self.load(index + 1)  # the stream's prefetch
 
     def post_forward(self, index: int) -> None:
+        if self.mode == "swap":
+            return
         if torch._C._current_graph_task_id() != -1:  # recomputed in backward: autograd still needs it
             self.held = index
         else:

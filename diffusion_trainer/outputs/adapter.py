@@ -18,7 +18,7 @@ from typing import Any, Callable
 from peft.utils import get_peft_model_state_dict
 
 from .. import atomic
-from ..lora import SINGLE_FILE_TYPES, lora_metadata
+from ..lora import SINGLE_FILE_TYPES, loaders, lora_metadata
 from . import export
 from .layout import INFO_NAME, WEIGHTS_NAME, single_file_name
 
@@ -39,6 +39,7 @@ def adaptor_info(*, architecture: str, base_model: str, rank: int, alpha: int,
         "base_model": base_model,
         "lora_config": {"r": rank, "lora_alpha": alpha, "target_modules": sorted(target_modules),
                         "lora_type": lora_type, "text_encoders": text_encoder_targets or {}},
+        "loaders": loaders(lora_type),
         "trigger_word": trigger_word,
         "prediction_type": prediction_type,
         "steps_trained": steps_trained,
@@ -62,6 +63,7 @@ def write_model_card(directory: Path, name: str, info: dict[str, Any], pipeline_
     loss = f"{info['final_loss']:.4f}" if info["final_loss"] is not None else "n/a"
     kind = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}[lora.get("lora_type", "lora")]
     text = "".join(f"; {attr} too" for attr in lora.get("text_encoders", {}))
+    readers = "\n".join(f"- {loader}: {answer}" for loader, answer in loaders(lora.get("lora_type", "lora")).items())
     text = f"""# {name}
 
 A LoRA adapter for `{info['base_model']}` ({info['model_architecture']}), made with Diffusion Trainer.
@@ -79,8 +81,10 @@ pipe.load_lora_weights("{name}", weight_name="{WEIGHTS_NAME}")
 image = pipe("{prompt}").images[0]
 ```
 
-For ComfyUI, AUTOMATIC1111/Forge and civitai use `{single_file_name(name)}`: the same LoRA as one file, at
-the trained strength, in the keys those tools read.
+For ComfyUI, AUTOMATIC1111/Forge and civitai use `{single_file_name(name)}`: the same {kind} as one file, at
+the trained strength, in the keys those tools read. Which loader reads it:
+
+{readers}
 
 Every training parameter is in `{INFO_NAME}`.
 """
@@ -104,7 +108,11 @@ def save_adapter(target: Path, family: Any, name: str, info: dict[str, Any], ema
         write_info(directory, info)
         write_model_card(directory, name, info, family.pipeline_class.__name__)
         if info["lora_config"].get("lora_type", "lora") in SINGLE_FILE_TYPES:
-            export.write_single_file(directory, name, type(family), info, dict(family.denoiser.config), captions)
+            # the base weights in memory: a DoRA file's dora_scale depends on them
+            bases = {family.lora_save_prefix: family.denoiser,
+                     **{attr: a.module for attr, a in (adapters or {}).items() if attr != "denoiser"}}
+            export.write_single_file(directory, name, type(family), info, dict(family.denoiser.config), captions,
+                                     base_modules=bases)
 
     return atomic.write_folder(target, write)
 

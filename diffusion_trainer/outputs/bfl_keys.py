@@ -10,7 +10,8 @@ The names are diffusers' single-file converter read backwards. BFL fuses q, k an
 double-stream block into one `qkv` layer: their three LoRAs become one of three times the rank
 (the downs stacked, the ups block-diagonal), which changes the fused weight exactly as the three
 did. BFL's final modulation holds (shift, scale) where diffusers' norm_out holds (scale, shift),
-so that LoRA's up halves are swapped. The LoRA scale is folded into the ups (no `.alpha`).
+so that LoRA's up halves are swapped. The LoRA scale is folded into the ups (no `.alpha`). A DoRA
+`dora_scale` goes per output row, so a fused layer's is its parts' stacked, and swapped as its ups are.
 """
 
 from __future__ import annotations
@@ -53,19 +54,35 @@ def bfl_name(module: str) -> tuple[str, int | None]:
     raise ValueError(f"no BFL module for FLUX.2 layer '{module}'")
 
 
-def to_bfl_lora(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """diffusers module -> (down, up with the scale folded in) to the BFL-named file."""
+def swapped(rows: torch.Tensor) -> torch.Tensor:
+    scale, shift = rows.chunk(2, dim=0)
+    return torch.cat([shift, scale])
+
+
+def to_bfl_lora(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                dora_scales: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """diffusers module -> (down, up with the scale folded in) to the BFL-named file; a DoRA
+    adapter's dora_scale per module beside them."""
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    fused_scales: dict[str, dict[int, torch.Tensor]] = {}
     for module, (down, up) in pairs.items():
         name, part = bfl_name(module)
         if part is not None:
             fused.setdefault(name, {})[part] = (down, up)
+            if dora_scales is not None:
+                fused_scales.setdefault(name, {})[part] = dora_scales[module]
             continue
         if module in SWAPPED_HALVES:
-            scale, shift = up.chunk(2, dim=0)
-            up = torch.cat([shift, scale])
+            up = swapped(up)
         out[f"{PREFIX}{name}.lora_A.weight"], out[f"{PREFIX}{name}.lora_B.weight"] = down, up
+        if dora_scales is not None:
+            rows = dora_scales[module]
+            out[f"{PREFIX}{name}.dora_scale"] = swapped(rows) if module in SWAPPED_HALVES else rows
+    for name, scales in fused_scales.items():
+        if len(scales) != 3:  # the parts left out would need their own base rows' norms
+            raise ValueError(f"DoRA on part of FLUX.2's fused {name} (q, k and v go together) has no single-file form")
+        out[f"{PREFIX}{name}.dora_scale"] = torch.cat([scales[p] for p in range(3)])
     for name, parts in fused.items():
         rows = next(iter(parts.values()))[1].shape[0]  # q, k and v are equally wide
         downs = [parts[p][0] for p in sorted(parts)]

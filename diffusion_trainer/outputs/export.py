@@ -13,6 +13,9 @@ tools ignore, and names SD/SDXL modules in a way they do not map. Beside it goes
 - "bfl" (FLUX.2): `diffusion_model.<BFL module>.lora_A/lora_B.weight`, scale folded in, as
   ComfyUI names FLUX.2's modules (bfl_keys).
 
+LoKr and LoHa keep their LyCORIS keys; DoRA adds `<name>.dora_scale` to its LoRA, computed from the
+base weights (see dora.py), so a DoRA file is written only where the base model is at hand.
+
 The header carries kohya's ss_* training fields and Stability AI's ModelSpec fields. The same
 code serves `python main.py export <adapter_dir>` for folders written by earlier versions.
 """
@@ -33,6 +36,7 @@ import torch
 
 from .. import atomic
 from ..errors import InputError
+from .dora import base_weight, comfy_dora_scale
 from .layout import INFO_NAME, WEIGHTS_NAME, single_file_name
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -102,6 +106,7 @@ FORMS = {"kohya": to_kohya, "folded": to_folded, "bfl": to_bfl}
 LYCORIS_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
                  "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LORA_PARTS = ("lora_A.weight", "lora_B.weight")
+MAGNITUDE = "lora_magnitude_vector"  # peft's DoRA magnitude
 
 
 def split_components(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
@@ -109,18 +114,27 @@ def split_components(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str,
     out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for key, tensor in state_dict.items():
         component, rest = key.split(".", 1)
-        part = next((p for p in LORA_PARTS + LYCORIS_PARTS if rest.endswith("." + p)), None)
+        part = next((p for p in LORA_PARTS + LYCORIS_PARTS + (MAGNITUDE,) if rest.endswith("." + p)), None)
+        if rest.endswith(f".{MAGNITUDE}.weight"):  # a text encoder's, named as transformers loads it
+            rest, part = rest.removesuffix(".weight"), MAGNITUDE
         if part is None:
-            raise InputError(f"unexpected key '{key}' in the diffusers adapter: not a LoRA, LoKr or LoHa weight.")
+            raise InputError(f"unexpected key '{key}' in the diffusers adapter: not a LoRA, DoRA, LoKr or LoHa weight.")
         out.setdefault(component, {}).setdefault(rest[:-len(part) - 1], {})[part] = tensor
     return out
 
 
-def module_weights(name: str, parts: dict[str, torch.Tensor], config: dict[str, Any], kohya: bool) -> dict[str, torch.Tensor]:
+def module_weights(name: str, parts: dict[str, torch.Tensor], config: dict[str, Any], kohya: bool,
+                   base: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One module's adapter under `name`, at the trained strength: kohya's lora_down/lora_up + alpha
-    (kohya=True) or lora_A/lora_B with the scale folded into lora_B; LoKr with the scale folded into
-    lokr_w1 (ComfyUI then applies 1.0); LoHa with its alpha (ComfyUI applies alpha / rank)."""
+    (kohya=True) or lora_A/lora_B with the scale folded into lora_B; DoRA as that LoRA plus the
+    dora_scale for the `base` weight; LoKr with the scale folded into lokr_w1 (ComfyUI then applies
+    1.0); LoHa with its alpha (ComfyUI applies alpha / rank)."""
     alpha, use_rslora = float(config.get("lora_alpha", config.get("alpha"))), bool(config.get("use_rslora"))
+    if MAGNITUDE in parts:
+        down, up = parts["lora_A.weight"], parts["lora_B.weight"]
+        delta = lora_scale(alpha, down.shape[0], use_rslora) * (up.flatten(1).double() @ down.flatten(1).double())
+        return {**module_weights(name, {p: parts[p] for p in LORA_PARTS}, config, kohya),
+                f"{name}.dora_scale": comfy_dora_scale(base, delta, parts[MAGNITUDE])}
     if "lora_A.weight" in parts:
         down, up = parts["lora_A.weight"], parts["lora_B.weight"]
         scale = lora_scale(alpha, down.shape[0], use_rslora)
@@ -138,21 +152,50 @@ def module_weights(name: str, parts: dict[str, torch.Tensor], config: dict[str, 
     return {f"{name}.lokr_w1": w1 * lora_scale(alpha, rank), **rest}
 
 
-def to_single_file(state_dict: dict[str, torch.Tensor], config: dict[str, Any], family_cls: Any) -> dict[str, torch.Tensor]:
-    """Any adapter folder's weights (denoiser and text encoders, LoRA, LoKr or LoHa) in the single
-    file's names: the denoiser as the family's form names it, each text encoder with its kohya prefix."""
+def to_single_file(state_dict: dict[str, torch.Tensor], config: dict[str, Any], family_cls: Any,
+                   base_modules: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
+    """Any adapter folder's weights (denoiser and text encoders, LoRA, DoRA, LoKr or LoHa) in the
+    single file's names: the denoiser as the family's form names it, each text encoder with its kohya
+    prefix. A DoRA adapter needs `base_modules`: per component ("unet", "text_encoder"...) the model
+    its base weights are read from."""
     prefix = family_cls.lora_save_prefix + "."
     kohya = family_cls.single_file_form == "kohya"
+    dora = any(f".{MAGNITUDE}" in k for k in state_dict)
+    if dora and base_modules is None:
+        raise InputError("a DoRA adapter's single file needs the base model's weights (its dora_scale depends on "
+                         "them), and they were not loaded.")
+
+    def base(component: str, module: str) -> torch.Tensor | None:
+        return base_weight(base_modules[component], module) if dora else None
+
     denoiser = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if not any(".lokr_" in k or ".hada_" in k for k in denoiser):
+    if not any(".lokr_" in k or ".hada_" in k or f".{MAGNITUDE}" in k for k in denoiser):
         # diffusers' own converters name every UNet module as ComfyUI maps it
-        tensors = FORMS[family_cls.single_file_form](denoiser, config)
+        return {**FORMS[family_cls.single_file_form](denoiser, config),
+                **text_encoder_weights(state_dict, config, family_cls, base)}
+    modules = split_components(denoiser).get(prefix[:-1], {})
+    if dora and family_cls.single_file_form == "bfl":
+        from .bfl_keys import to_bfl_lora
+
+        folded = {m: module_weights("m", parts, config, False, base(prefix[:-1], m)) for m, parts in modules.items()}
+        tensors = to_bfl_lora({m: (w["m.lora_A.weight"], w["m.lora_B.weight"]) for m, w in folded.items()},
+                              {m: w["m.dora_scale"] for m, w in folded.items()})
     else:
         tensors = {}
-        for module, parts in split_components(denoiser).get(prefix[:-1], {}).items():
+        for module, parts in modules.items():
             name = f"lora_unet_{module.replace('.', '_')}" if kohya else f"transformer.{module}"
-            tensors.update(module_weights(name, parts, config, kohya))
-    components = split_components({k: v for k, v in state_dict.items() if not k.startswith(prefix)})
+            tensors.update(module_weights(name, parts, config, kohya, base(prefix[:-1], module)))
+    tensors.update(text_encoder_weights(state_dict, config, family_cls, base))
+    return {key: tensor.contiguous() for key, tensor in tensors.items()}
+
+
+def text_encoder_weights(state_dict: dict[str, torch.Tensor], config: dict[str, Any], family_cls: Any,
+                         base: Any) -> dict[str, torch.Tensor]:
+    """The text encoders' adapters under their kohya prefixes (base(component, module): the base
+    weight a DoRA module needs)."""
+    tensors = {}
+    own = family_cls.lora_save_prefix + "."
+    components = split_components({k: v for k, v in state_dict.items() if not k.startswith(own)})
     for component, modules in components.items():
         prefix = family_cls.single_file_text_prefixes.get(component)
         if prefix is None:
@@ -160,8 +203,9 @@ def to_single_file(state_dict: dict[str, torch.Tensor], config: dict[str, Any], 
                              "single-file name for.")
         for module, parts in modules.items():
             # transformers 5 names CLIP's layers without the checkpoints' "text_model." (ComfyUI keeps it)
-            module = module if module.startswith("text_model.") else f"text_model.{module}"
-            tensors.update(module_weights(f"{prefix}_{module.replace('.', '_')}", parts, config, kohya=True))
+            name = module if module.startswith("text_model.") else f"text_model.{module}"
+            tensors.update(module_weights(f"{prefix}_{name.replace('.', '_')}", parts, config, kohya=True,
+                                          base=base(component, module)))
     return {key: tensor.contiguous() for key, tensor in tensors.items()}
 
 
@@ -184,7 +228,7 @@ def single_file_metadata(family_cls: Any, info: dict[str, Any], name: str, confi
     params = info.get("parameters") or {}
     kind = (info.get("lora_config") or {}).get("lora_type", "lora")
     meta = {
-        "ss_network_module": "lycoris.kohya" if kind in ("lokr", "loha") else "networks.lora",
+        "ss_network_module": "lycoris.kohya" if kind in ("lokr", "loha", "dora") else "networks.lora",
         "ss_network_dim": str(config["r"]),
         "ss_network_alpha": f"{float(config['lora_alpha']):g}",
         "ss_output_name": name,
@@ -194,8 +238,9 @@ def single_file_metadata(family_cls: Any, info: dict[str, Any], name: str, confi
         "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **family_cls.base_model_metadata(denoiser_config, info.get("prediction_type")),
     }
-    if kind in ("lokr", "loha"):  # LyCORIS's record of the algorithm, as its kohya trainers write it
-        meta["ss_network_args"] = json.dumps({"algo": kind})
+    if kind in ("lokr", "loha", "dora"):  # LyCORIS's record of the algorithm, as its kohya trainers write it
+        meta["ss_network_args"] = json.dumps({"algo": kind} if kind != "dora" else
+                                             {"algo": "lora", "dora_wd": True, "wd_on_output": True})
     if params.get("resolution"):
         size = int(params["resolution"])
         meta["ss_resolution"] = f"({size}, {size})"
@@ -226,21 +271,32 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def write_single_file(directory: Path, name: str, family_cls: Any, info: dict[str, Any],
                       denoiser_config: dict[str, Any], captions: list[str] | None,
-                      output: Path | None = None) -> Path:
-    """Convert the folder's diffusers file into the single file; returns its path."""
+                      output: Path | None = None, base_modules: dict[str, torch.nn.Module] | None = None) -> Path:
+    """Convert the folder's diffusers file into the single file; returns its path. `base_modules`:
+    see to_single_file (DoRA only)."""
     state_dict, header = read_safetensors(Path(directory) / WEIGHTS_NAME)
     config = peft_config(header, info)
-    if family_cls.converts_lora_keys and any(not k.startswith(family_cls.lora_save_prefix + ".") for k in state_dict):
-        from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft
-
-        # the text encoders' LoRA keys in diffusers' names back to PEFT's (module path + lora_A/lora_B)
-        text = {k: v for k, v in state_dict.items() if not k.startswith(family_cls.lora_save_prefix + ".")}
-        plain = any(".lora" in k and "lora_A" not in k and "lora_B" not in k for k in text)
-        state_dict = {**{k: v for k, v in state_dict.items() if k not in text},
-                      **(convert_all_state_dict_to_peft(text) if plain else text)}
-    tensors = to_single_file(state_dict, config, family_cls)
+    if family_cls.converts_lora_keys:
+        state_dict = peft_names(state_dict, family_cls.lora_save_prefix + ".")
+    tensors = to_single_file(state_dict, config, family_cls, base_modules)
     metadata = single_file_metadata(family_cls, info, name, config, denoiser_config, captions)
     return save_atomically(tensors, output or Path(directory) / single_file_name(name), metadata)
+
+
+def peft_names(state_dict: dict[str, torch.Tensor], own: str) -> dict[str, torch.Tensor]:
+    """diffusers' LoRA names (lora.down/up, lora_linear_layer...) back to PEFT's (module path +
+    lora_A/lora_B) for the text encoders, and for a DoRA denoiser (a plain LoRA denoiser keeps them:
+    diffusers' kohya converter reads them). Each part on its own: the converter guesses one naming."""
+    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft
+
+    dora = any(f".{MAGNITUDE}" in k for k in state_dict)
+    parts = ({k: v for k, v in state_dict.items() if k.startswith(own)},
+             {k: v for k, v in state_dict.items() if not k.startswith(own)})
+    out = {}
+    for converts, part in zip((dora, True), parts):
+        plain = any(".lora" in k and "lora_A" not in k and "lora_B" not in k and f".{MAGNITUDE}" not in k for k in part)
+        out.update(convert_all_state_dict_to_peft(part) if converts and plain else part)
+    return out
 
 
 # --- `python main.py export` -----------------------------------------------------------------
@@ -343,15 +399,40 @@ def export_adapter(directory: Path, form: str = "kohya", output: Path | None = N
     if captions is None:
         notes.append(f"the training dataset '{params.get('dataset_name')}' is not a folder here, so "
                      "ss_tag_frequency and ss_num_train_images are left out.")
+    bases = dora_base_modules(directory, info, family_cls)
+    if bases is not None:
+        notes.append(f"DoRA: the dora_scale was computed from the base model '{info.get('base_model')}'.")
     try:
         path = written(label, target, lambda: write_single_file(
-            directory, name, family_cls, info, denoiser_config_for(info, family_cls, directory), captions, target))
+            directory, name, family_cls, info, denoiser_config_for(info, family_cls, directory), captions, target,
+            bases))
     except InputError:
         raise
     except Exception as exc:  # weights that are not this family's LoRA
         raise InputError(f"adapter_dir: {directory / WEIGHTS_NAME} could not be converted for "
                          f"{family_cls.label} ({type(exc).__name__}: {exc}).") from None
     return path, notes
+
+
+def dora_base_modules(directory: Path, info: dict[str, Any], family_cls: Any) -> dict[str, torch.nn.Module] | None:
+    """For a DoRA folder, the base model's denoiser and text encoders (its dora_scale depends on their
+    weights), loaded in the run's weight dtype; None for the other types."""
+    state_dict, _ = read_safetensors(directory / WEIGHTS_NAME)
+    if not any(f".{MAGNITUDE}" in k for k in state_dict):
+        return None
+    base = str(info.get("base_model") or "")
+    precision = str((info.get("parameters") or {}).get("mixed_precision"))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    try:
+        if not base:
+            raise InputError(f"{INFO_NAME} names no base_model")
+        family = family_cls.load(base, dtype)
+    except InputError as exc:
+        raise InputError(f"adapter_dir: a DoRA adapter's single file needs its base model's weights, which could "
+                         f"not be loaded ({exc}).") from None
+    return {family_cls.lora_save_prefix: family.denoiser,
+            **{attr: getattr(family.pipeline, attr) for attr in family_cls.trainable_text_attrs
+               if getattr(family.pipeline, attr, None) is not None}}
 
 
 def check_readable(path: Path) -> None:

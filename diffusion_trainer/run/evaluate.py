@@ -60,6 +60,71 @@ def inference_mode(family: Any) -> Iterator[None]:
             m.train(training)
 
 
+def encode_key(args: tuple, kwargs: dict[str, Any]) -> str:
+    """An encode_prompt call by what it encodes (prompts, negative prompts, guidance…), not its device."""
+    return repr([a for a in args if not isinstance(a, (torch.Tensor, torch.device))]
+                + sorted((k, repr(v)) for k, v in kwargs.items()
+                         if k != "device" and not isinstance(v, torch.Tensor)))
+
+
+def on_device(value: Any, device: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_device(v, device) for v in value)
+    return value
+
+
+class RecordedPrompts:
+    """The eval prompts as the pipeline's own encode_prompt encodes them in an eval call, recorded while
+    the text encoders are loaded (staged loading frees them before the denoiser loads) and handed back to
+    the same calls at each eval."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, Any] = {}
+
+    @torch.no_grad()
+    def record(self, family: Any, calls: list[dict[str, Any]], accelerator: Any) -> None:
+        """Run each eval call up to the denoiser (which is not loaded yet: a config-only stand-in, see
+        families/base.py), keeping what encode_prompt returned."""
+        from ..families.base import DenoiserNotLoaded
+
+        pipeline = family.pipeline
+        real = pipeline.encode_prompt
+
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            result = real(*args, **kwargs)
+            self.results[encode_key(args, kwargs)] = on_device(result, "cpu")
+            return result
+
+        pipeline.__dict__["encode_prompt"] = recording
+        try:
+            for call in calls:
+                stand_in = family.denoiser_config_only() if family.denoiser_loaded else nullcontext()
+                with stand_in, accelerator.autocast():
+                    try:
+                        pipeline(**call)
+                    except DenoiserNotLoaded:
+                        pass  # encode_prompt was called before the denoiser would have been
+        finally:
+            del pipeline.__dict__["encode_prompt"]
+
+    @contextmanager
+    def replaying(self, pipeline: Any, device: Any) -> Iterator[None]:
+        def replay(*args: Any, **kwargs: Any) -> Any:
+            key = encode_key(args, kwargs)
+            if key not in self.results:
+                raise RuntimeError(f"an eval call encoded a prompt not recorded before the text encoders were "
+                                   f"freed: {key}")
+            return on_device(self.results[key], device)
+
+        pipeline.__dict__["encode_prompt"] = replay
+        try:
+            yield
+        finally:
+            del pipeline.__dict__["encode_prompt"]
+
+
 class Evaluator:
     """Evaluates before step 1, every `every_epochs` epochs, every `every_steps` steps and at the end:
     `<tag>.png` is the grid of prompts (rows) x seeds (columns), the image itself for one prompt at one
@@ -68,8 +133,10 @@ class Evaluator:
 
     def __init__(self, family: Any, settings: EvalSettings, out_dir: Path | None, accelerator: Any,
                  ema: Any = None, stop_asked: Any = lambda: False, validation: Any = None,
-                 metrics_path: Path | None = None, reporter: Any = None, validates: bool = False):
+                 metrics_path: Path | None = None, reporter: Any = None, validates: bool = False,
+                 recorded: RecordedPrompts | None = None):
         self.family = family
+        self.recorded = recorded  # the eval prompts, encoded before the text encoders were freed
         self.stop_asked = stop_asked
         self.settings = settings
         self.out_dir = out_dir
@@ -174,18 +241,11 @@ class Evaluator:
         device = self.accelerator.device
         # the VAE and text encoders wait on the CPU between evals (see setup.prepare_data)
         parked = offload_models(*self.family.frozen_modules, device=device, offload=device.type != "cpu")
-        with weights, parked, self.accelerator.autocast(), inference_mode(self.family):
-            pipeline = self.family.eval_pipeline()
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            result = pipeline(
-                prompt=prompt,
-                num_inference_steps=self.settings.inference_steps,
-                height=self.settings.resolution,
-                width=self.settings.resolution,
-                generator=generator,
-                callback_on_step_end=self._check_stop,
-                **self.family.eval_call_kwargs(self.settings.guidance_scale),
-            )
+        pipeline = self.family.eval_pipeline()
+        encoded = self.recorded.replaying(pipeline, device) if self.recorded is not None else nullcontext()
+        with weights, parked, encoded, self.accelerator.autocast(), inference_mode(self.family):
+            result = pipeline(**eval_call(self.family, self.settings, prompt, seed),
+                              callback_on_step_end=self._check_stop)
         return None if self.stop_asked() else result.images[0]
 
     def _log(self, tag: str, grid: Image.Image, step: int) -> None:
@@ -208,3 +268,17 @@ def earlier_validation(metrics_path: Path | None) -> list[tuple[int, dict[str, f
         return [(int(entry["step"]), {k: float(v) for k, v in entry.items() if k != "step"}) for entry in recorded]
     except (AttributeError, OSError, KeyError, TypeError, ValueError):
         return []
+
+
+def eval_call(family: Any, settings: EvalSettings, prompt: str, seed: int) -> dict[str, Any]:
+    """The eval pipeline call's keywords for one image (RecordedPrompts records its prompts)."""
+    return dict(prompt=prompt, num_inference_steps=settings.inference_steps, height=settings.resolution,
+                width=settings.resolution, generator=torch.Generator(device="cpu").manual_seed(seed),
+                **family.eval_call_kwargs(settings.guidance_scale))
+
+
+def record_eval_prompts(family: Any, settings: EvalSettings, accelerator: Any) -> RecordedPrompts:
+    """Encode the eval prompts now, while the text encoders are loaded, so no eval needs them again."""
+    recorded = RecordedPrompts()
+    recorded.record(family, [eval_call(family, settings, p, settings.seed) for p in settings.prompts], accelerator)
+    return recorded

@@ -76,9 +76,9 @@ def batch_loss(t: Training, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.
     mask = t.inputs.loss_mask(batch, latents)  # masked_loss: None, or B x 1 x h x w on the latent grid
     if instances is None:
         return weighted_loss(prediction, noisy.target, noisy.loss_weights, t.loss_type, t.huber_c, mask), None
-    weights = noisy.loss_weights  # (masked_loss is refused with prior preservation)
+    weights = noisy.loss_weights
     parts = torch.stack([weighted_loss(prediction[rows], noisy.target[rows], None if weights is None else weights[rows],
-                                       t.loss_type, t.huber_c)
+                                       t.loss_type, t.huber_c, None if mask is None else mask[rows])
                          for rows in (slice(None, instances), slice(instances, None))])
     return parts[0] + t.prior_loss_weight * parts[1], parts
 

@@ -1,8 +1,8 @@
 """The optimizer for the LoRA weights (`optimizer`), checked before any weights are loaded.
 
 adamw      torch's AdamW (fused on CUDA): adam_beta1/2, adam_weight_decay, adam_epsilon.
-adamw8bit  bitsandbytes' 8-bit AdamW, same settings, about a quarter of AdamW's state memory.
-           CUDA only, and bitsandbytes is not a requirement (it must match the CUDA build).
+adamw8bit  bitsandbytes' 8-bit AdamW, same settings, about a quarter of AdamW's state memory
+           (bitsandbytes is in requirements.txt; it has a CPU backend too).
 prodigy    Prodigy (Mishchenko & Defazio 2023, the prodigyopt package): estimates the step size
            itself, so learning_rate is a multiplier that should stay 1.0. Bias correction and
            warmup safeguard on, as diffusers' LoRA scripts recommend.
@@ -23,9 +23,6 @@ from ..errors import InputError
 def check_optimizer(params: Any, reporter: Any) -> None:
     """Refuse an optimizer this machine cannot run, before heavy work; warn about odd settings."""
     if params.optimizer == "adamw8bit":
-        if not torch.cuda.is_available():
-            raise InputError("optimizer: adamw8bit (bitsandbytes) needs a CUDA GPU; on this machine choose "
-                             "adamw, prodigy or adafactor.")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise InputError("optimizer: adamw8bit needs the bitsandbytes package, which is not installed "
                              "(pip install bitsandbytes); or choose adamw, prodigy or adafactor.")

@@ -23,6 +23,7 @@ from ..data.images import Augmentation
 from ..data.prior import PairedSamples, class_pools
 from ..data.samples import TrainingSamples, build_samples
 from ..errors import InputError
+from ..memory import offload, storage
 from ..outputs.layout import RunPaths
 from ..params import TrainingParams
 from ..reporting import ignore_stop_signals
@@ -53,6 +54,7 @@ def decide_runtime(params: TrainingParams, reporter: Any) -> Runtime:
         reporter.warn("enable_xformers_memory_efficient_attention needs a CUDA GPU; using PyTorch's "
                       "SDPA attention instead.")
         xformers = False
+    storage.check_storage(params.base_precision)
     return Runtime(precision, xformers)
 
 
@@ -148,15 +150,53 @@ def check_room(paths: RunPaths, trainable: list[torch.nn.Parameter], params: Tra
                       f"{adapter_bytes / mb:.1f} MB and each checkpoint about {checkpoint_bytes / mb:.1f} MB.")
 
 
-def load_family(family_cls: Any, params: TrainingParams, runtime: Runtime, accelerator: Any, reporter: Any):
+def load_family(family_cls: Any, params: TrainingParams, runtime: Runtime, accelerator: Any, reporter: Any,
+                int8_text: tuple[str, ...] = ()):
+    """Staged loading, first stage: the text encoders and the VAE, on the accelerator; the denoiser
+    loads once they have done their work (load_denoiser), straight into its storage. `int8_text`: the
+    text encoders the memory plan stores in int8 to fit."""
     weight_dtype = WEIGHT_DTYPES[runtime.mixed_precision]
-    reporter.info(f"Loading {family_cls.label} from {params.model_name} "
-                  f"(base weights {str(weight_dtype).removeprefix('torch.')}) on {accelerator.device}.")
-    family = family_cls.load(params.model_name, weight_dtype)
-    family.pipeline.to(accelerator.device)
+    int8 = f"; {', '.join(int8_text)} in int8 (torchao)" if int8_text else ""
+    reporter.info(f"Loading {family_cls.label} from {params.model_name} (base weights "
+                  f"{str(weight_dtype).removeprefix('torch.')}{int8}) on {accelerator.device}: the text encoders and "
+                  "VAE first, the denoiser once what they encode is encoded.")
+    family = family_cls.load(params.model_name, weight_dtype, without_denoiser=True)
     for module in family.frozen_modules:
         module.requires_grad_(False)
+    for attr in int8_text:
+        storage.quantize_int8(getattr(family.pipeline, attr))
+    for module in family.frozen_modules:
+        module.to(accelerator.device)
     return family
+
+
+def load_denoiser(family: Any, base_precision: str, offload_mode: str, runtime: Runtime, accelerator: Any,
+                  reporter: Any) -> torch.nn.Module:
+    """The denoiser, read straight into its storage (memory/storage.py), frozen, on the accelerator
+    (with offload=blocks its blocks' weights stay in host memory: stream_blocks, once the LoRA is on)."""
+    cuda = accelerator.device.type == "cuda"
+    compute = WEIGHT_DTYPES[runtime.mixed_precision]
+    base = storage.resolve_storage(base_precision, compute, compute)
+    denoiser = family.load_denoiser(**base.load_kwargs(cuda))
+    storage.apply_base_storage(denoiser, base, cuda)
+    denoiser.requires_grad_(False)
+    if offload_mode != "blocks" and not (base.precision == "nf4" and cuda):  # bitsandbytes places 4-bit itself
+        denoiser.to(accelerator.device)
+    text = [a for a in family.text_encoder_attrs if getattr(family.pipeline, a, None) is not None]
+    reporter.info(f"Denoiser loaded: {base.describe()}, {storage.stored_bytes(denoiser) / 2**20:.1f} MB of weights"
+                  f"{'' if offload_mode == 'blocks' else f' on {accelerator.device}'}; text encoders still loaded: "
+                  f"{', '.join(text) or 'none'}.")
+    return denoiser
+
+
+def stream_blocks(denoiser: torch.nn.Module, accelerator: Any, reporter: Any) -> Any:
+    """offload=blocks, once the LoRA is attached: the blocks' frozen weights wait in host memory."""
+    swap = offload.stream_blocks(denoiser, accelerator.device)
+    where = ("a CPU run: host and device memory are the same, nothing is saved" if accelerator.device.type == "cpu"
+             else f"copied to {accelerator.device} as each block runs, {offload.RESIDENT} at a time")
+    reporter.info(f"offload=blocks: {len(swap.blocks)} blocks' frozen weights ({swap.host_bytes / 2**20:.1f} MB) "
+                  f"stay in host memory, {where}; the LoRA and its optimizer stay on {accelerator.device}.")
+    return swap
 
 
 def speed_up_denoiser(denoiser: torch.nn.Module, params: TrainingParams, runtime: Runtime, reporter: Any) -> None:
@@ -175,8 +215,9 @@ def prepare_data(family: Any, records: Any, images_fingerprint: str, params: Tra
                  accelerator: Any, reporter: Any, masks: list[str | None] | None = None,
                  masks_fingerprint: str = "", class_data: Any = None) -> tuple[Any, ModelInputs]:
     """The training dataset and how batches become model inputs: cached latents and text
-    embeddings when asked for, after which the VAE and text encoders leave the accelerator
-    (or are freed when no eval image will need them). `masks`: each image's mask source with
+    embeddings when asked for, after which the text encoders are freed (kept off the accelerator
+    only when a trained one must encode the eval prompts) and the VAE leaves the accelerator (or is
+    freed when no eval image will need it). `masks`: each image's mask source with
     masked_loss (the data check's), cached with the latents. `class_data` (the data check's CheckedData
     of the class images): each instance sample is paired with a class sample (data/prior.py)."""
     samples = training_samples(records, params, masks)
@@ -207,10 +248,17 @@ def prepare_data(family: Any, records: Any, images_fingerprint: str, params: Tra
                           "unshuffled; captions whose tags shuffle_caption or caption_tag_dropout_rate changed "
                           "are encoded as drawn, so the text encoders stay on the accelerator.")
         else:
-            parked = family.park(frozen, keep_for_eval)
+            # eval prompts were encoded beforehand (evaluate.RecordedPrompts) unless a trained encoder needs them
+            keep = bool(trained) and keep_for_eval
+            parked = family.park(frozen, keep)
             held = f" of {', '.join(frozen)}" if trained else ""
+            fate = (f"moved off the accelerator; they stay, since each eval encodes the eval prompts with the "
+                    f"trained {', '.join(trained)}" if keep else "freed")
             reporter.info(f"Text cache{held}: {len(text_cache)} distinct captions ({text_cache.size_mb:.1f} MB); "
-                          f"{', '.join(parked)} {'moved off the accelerator' if keep_for_eval else 'freed'}.")
+                          f"{', '.join(parked)} {fate}.")
+    else:
+        reporter.info("cache_text_embeddings is off: the text encoders stay on the accelerator beside the denoiser "
+                      "and encode every batch.")
     if params.cache_latents:
         store = build_latent_cache(family, samples, model_name=params.model_name, variants=params.latent_cache_variants,
                                    memory_budget_mb=params.cache_memory_budget_mb,

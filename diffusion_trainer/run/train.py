@@ -11,6 +11,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,14 @@ from ..data.sources import load_records
 from ..errors import InputError, raise_if_stopped
 from ..families import FAMILIES, family_for
 from ..lora import TEXT_ENCODER_LAYERS, Adapter, AdapterSpec, LoraEMA
+from ..memory import storage
 from ..outputs import adapter, guards
 from ..outputs.layout import INFO_NAME, RunPaths
 from ..outputs.metrics import run_metrics, write_metrics
 from ..params import TrainingParams
 from . import checkpoint, loop, optimizers, processes, setup, steps, trace
 from .class_images import DrawSettings, generate_class_images
-from .evaluate import METRICS_NAME, EvalSettings, Evaluator, parse_prompts
+from .evaluate import METRICS_NAME, EvalSettings, Evaluator, parse_prompts, record_eval_prompts
 from .validation import Validation, split_rows
 
 
@@ -64,34 +66,32 @@ def run_training(params: TrainingParams, paths: RunPaths, reporter: Any) -> RunR
         lock.release()
 
 
-def planned_settings(params: TrainingParams, reporter: Any) -> TrainingParams:
-    """Print the memory plan first; with a GPU budget, train with the settings it chose. Explicit
-    settings that cannot fit stop the run here (DoesNotFit, an InputError: exit 2), before anything loads."""
-    from ..memory.plan import DoesNotFit, applied_storage, plan_for
+def planned_settings(params: TrainingParams, reporter: Any) -> tuple[TrainingParams, tuple[str, ...]]:
+    """Print the memory plan first; with a GPU budget, train with the settings it chose (and the text
+    encoders it stores in int8). Explicit settings that cannot fit stop the run here (DoesNotFit, an
+    InputError: exit 2), before anything loads."""
+    from ..memory.plan import DoesNotFit, plan_for
 
-    # The plan may choose only the storage the training code applies (and gradient checkpointing).
-    applied = applied_storage(params.mixed_precision)
-    if params.base_precision not in ("auto", applied) or params.offload == "blocks":
-        setting = (f"base_precision={params.base_precision}" if params.base_precision not in ("auto", applied)
-                   else "offload=blocks")
-        raise InputError(f"{setting}: not applied by this version yet (the frozen base is stored in "
-                         f"mixed_precision's dtype, {applied}); set base_precision to auto or {applied} and "
-                         "offload to auto or none. `python main.py plan` shows what each would need.")
+    if params.offload == "blocks" and not params.gradient_checkpointing:
+        reporter.info("offload=blocks turns gradient_checkpointing on: without it autograd keeps every block's "
+                      "weights on the accelerator for the backward pass.")
+        params = params.model_copy(update={"gradient_checkpointing": True})
     try:
-        plan = plan_for(params, applied=(applied,))
-    except DoesNotFit as exc:
-        raise DoesNotFit(f"{exc} (this version applies only mixed_precision's storage and gradient "
-                         "checkpointing: fp8, int8, nf4 and offload are planned, not applied yet)") from None
+        plan = plan_for(params)
+    except DoesNotFit:
+        raise
     except Exception as exc:  # a config the meta-device count cannot read or build: the run goes on as before
         reporter.info(f"Memory plan: not made ({type(exc).__name__}: {exc}).")
-        return params
+        return params, ()
     for line in plan.lines():
         reporter.info(line)
     if plan.budget_gb is None:
-        return params
+        return params, ()
+    if plan.int8_text_encoders:
+        storage.check_storage("int8", what=f"the memory plan's int8 {', '.join(plan.int8_text_encoders)}")
     chosen = plan.settings
     return params.model_copy(update={"base_precision": chosen.base_precision, "offload": chosen.offload,
-                                     "gradient_checkpointing": chosen.gradient_checkpointing})
+                                     "gradient_checkpointing": chosen.gradient_checkpointing}), plan.int8_text_encoders
 
 
 def local_dataset_folder(dataset_name: str) -> Path | None:
@@ -109,7 +109,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     if params.resolution % family_cls.resolution_multiple:
         raise InputError(f"resolution: {family_cls.label} needs a multiple of "
                          f"{family_cls.resolution_multiple} (got {params.resolution}).")
-    params = planned_settings(params, reporter)
+    params, int8_text = planned_settings(params, reporter)
     load_problems: list[str] = []
     load_notes: list[str] = []
     records = load_records(params.dataset_name, params.image_column, params.caption_column, load_problems,
@@ -156,38 +156,59 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
         if resume_from is not None and not resume_from.exists():
             resume_from = reporter.checkpoint_to_resume() or resume_from
     set_seed(params.seed)
-    family = setup.load_family(family_cls, params, runtime, accelerator, reporter)
+    # staged loading: text encoders and VAE first; they encode what they can and leave, then the denoiser
+    family = setup.load_family(family_cls, params, runtime, accelerator, reporter, int8_text)
     raise_if_stopped(reporter.stop_asked_here, "while the model loaded")
+    prompts = parse_prompts(params.eval_prompt)
+    settings = EvalSettings(prompts, params.seed, params.eval_steps, params.eval_num_inference_steps,
+                            params.eval_guidance_scale, params.resolution, params.eval_num_images,
+                            params.eval_every_n_steps, params.eval_also_without_ema)
+    load_denoiser = partial(setup.load_denoiser, family, params.base_precision, params.offload, runtime,
+                            accelerator, reporter)
     if class_plan and class_plan.missing:  # the base model as it is: no LoRA, its own scheduler
+        reporter.info("Prior preservation draws class images with the whole base model: the denoiser loads now, "
+                      "and the text encoders stay until the class images are drawn and the captions encoded.")
+        load_denoiser()
         if accelerator.is_local_main_process:
-            settings = DrawSettings(params.class_prompt, params.seed, params.eval_num_inference_steps,
-                                    params.eval_guidance_scale, params.resolution)
-            generate_class_images(family, class_plan.missing, settings, accelerator.device, reporter,
+            draw = DrawSettings(params.class_prompt, params.seed, params.eval_num_inference_steps,
+                                params.eval_guidance_scale, params.resolution)
+            generate_class_images(family, class_plan.missing, draw, accelerator.device, reporter,
                                   reporter.stop_asked_here)
         accelerator.wait_for_everyone()
         class_checked = read_class_data(params, class_plan, paths, reporter)
         data_fingerprint = combined_fingerprint(checked, class_checked)
     prediction_type = setup.choose_prediction_type(params, family, reporter)
-    family.configure_objective(params, prediction_type)
+    family.configure_objective(params, prediction_type)  # reads the denoiser's config only
     for note in family.inapplicable_notes(params):
         reporter.info(note)
+    # trained text encoders encode the eval prompts at each eval; frozen ones do it once, now
+    trains_text = params.train_text_encoder and any(getattr(family.pipeline, a, None) is not None
+                                                    for a in family.trainable_text_attrs)
+    recorded = (record_eval_prompts(family, settings, accelerator)
+                if prompts and accelerator.is_main_process and not trains_text else None)
     validation_set = None
     if held_out is not None and accelerator.is_main_process:  # encoded now: the encoders are parked below
         validation_set = Validation(family, setup.validation_samples(held_out, params), accelerator,
                                     params.loss_type, params.huber_c)
-    denoiser = family.denoiser
-    adapters = attach_adapters(family, params)
+    spec = AdapterSpec(params.lora_type, params.lora_r, params.lora_alpha, params.lora_dropout, params.lora_init)
+    text_adapters = attach_text_adapters(family, spec, params)  # before the text cache: what is trained is not cached
     for note in adapter_notes(params):
         reporter.info(note)
-    text_adapters = {attr: a for attr, a in adapters.items() if attr != "denoiser"}
-    text_trainable = [p for a in text_adapters.values() for p in a.trainable]
-    trainable = adapters["denoiser"].trainable + text_trainable
-    setup.speed_up_denoiser(denoiser, params, runtime, reporter)
 
-    # --- data: encode once where we can, then park the encoders --------------------------
+    # --- data: encode once where we can, then free the encoders --------------------------
     samples, inputs = setup.prepare_data(family, records, images_fingerprint, params, paths.cache_dir, accelerator,
                                          reporter, masks, checked.masks_fingerprint, class_data=class_checked)
     dataloader = setup.make_dataloader(samples, params, accelerator)
+
+    # --- the denoiser, straight into its storage, then its adapter ----------------------------
+    denoiser = family.denoiser if family.denoiser_loaded else load_denoiser()
+    raise_if_stopped(reporter.stop_asked_here, "while the model loaded")
+    adapters = {"denoiser": Adapter(denoiser, spec, family.lora_targets(params.lora_layers)), **text_adapters}
+    text_trainable = [p for a in text_adapters.values() for p in a.trainable]
+    trainable = adapters["denoiser"].trainable + text_trainable
+    setup.speed_up_denoiser(denoiser, params, runtime, reporter)
+    if params.offload == "blocks":
+        setup.stream_blocks(denoiser, accelerator, reporter)
 
     # --- optimizer: steps are global optimizer steps, whatever the number of processes ------------
     planned = steps.plan_steps(len(dataloader), params.gradient_accumulation_steps, params.num_train_epochs,
@@ -199,7 +220,9 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     max_grad_norm, clipping_note = processes.loop_clipping(accelerator, params.max_grad_norm)
     if clipping_note:
         reporter.warn(clipping_note)
-    prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
+    placement = [params.offload != "blocks", True, True, True]  # offloaded blocks stay where the swap keeps them
+    prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler,
+                                                                        device_placement=placement)
     prepared_plan = steps.plan_steps(len(dataloader), accelerator.gradient_accumulation_steps,
                                    params.num_train_epochs, params.max_train_steps)
     if prepared_plan != planned:  # e.g. a DeepSpeed config's own gradient accumulation (diffusers warns alike)
@@ -228,13 +251,9 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     if os.environ.get("WANDB_MODE"):
         wandb_kwargs["mode"] = os.environ["WANDB_MODE"].lower()  # not whatever an earlier import fixed
     accelerator.init_trackers("diffusion_trainer", config=setup.tracker_config(params), init_kwargs={"wandb": wandb_kwargs})
-    prompts = parse_prompts(params.eval_prompt)
-    settings = EvalSettings(prompts, params.seed, params.eval_steps, params.eval_num_inference_steps,
-                            params.eval_guidance_scale, params.resolution, params.eval_num_images,
-                            params.eval_every_n_steps, params.eval_also_without_ema)
     evaluator = Evaluator(family, settings, paths.eval_images_dir if prompts else None, accelerator, ema,
                           reporter.stop_asked_here, validation_set, paths.logs_dir / METRICS_NAME, reporter,
-                          validates=held_out is not None)
+                          validates=held_out is not None, recorded=recorded)
     if evaluator.enabled and accelerator.is_main_process:
         paths.eval_images_dir.mkdir(parents=True, exist_ok=True)
     reporter.record_outputs(eval_images_dir=evaluator.out_dir, tensorboard_dir=paths.logs_dir)
@@ -391,32 +410,27 @@ def choose_checkpoint(params: TrainingParams, checkpoints_dir: Path, reporter: A
     return None, []
 
 
-def attach_adapters(family: Any, params: TrainingParams) -> dict[str, Adapter]:
-    """The adapter on the denoiser and, with train_text_encoder, on each CLIP text encoder, by
-    component ("denoiser", "text_encoder", "text_encoder_2")."""
-    spec = AdapterSpec(params.lora_type, params.lora_r, params.lora_alpha, params.lora_dropout, params.lora_init)
-    adapters = {"denoiser": Adapter(family.denoiser, spec, family.lora_targets(params.lora_layers))}
+def attach_text_adapters(family: Any, spec: AdapterSpec, params: TrainingParams) -> dict[str, Adapter]:
+    """With train_text_encoder, an adapter on each CLIP text encoder, by component ("text_encoder",
+    "text_encoder_2"); the denoiser's comes once it is loaded (staged loading)."""
+    adapters = {}
     if params.train_text_encoder:
         for attr in family.trainable_text_attrs:
             module = getattr(family.pipeline, attr, None)
             if module is not None:
                 adapters[attr] = Adapter(module, spec, TEXT_ENCODER_LAYERS[params.text_encoder_lora_layers])
-        family.trained_text = tuple(attr for attr in adapters if attr != "denoiser")
+        family.trained_text = tuple(adapters)
     return adapters
 
 
 def adapter_notes(params: TrainingParams) -> list[str]:
     """What the chosen adapter type means for the files it is saved in."""
-    from ..lora import BASE_CHANGING_INITS, DIFFUSERS_LOADS, SINGLE_FILE_TYPES
+    from ..lora import BASE_CHANGING_INITS, loaders
 
     notes = []
-    if params.lora_type not in DIFFUSERS_LOADS:
-        notes.append(f"lora_type={params.lora_type}: diffusers' load_lora_weights cannot read it; the adapter folder "
-                     "holds its PEFT weights and config (peft loads them, see the README), and the single file "
-                     "loads in ComfyUI.")
-    if params.lora_type not in SINGLE_FILE_TYPES:
-        notes.append(f"lora_type={params.lora_type}: no ComfyUI/A1111 single file is written (their DoRA scale "
-                     "normalises the weight per input column, peft's per output row); load the diffusers folder.")
+    refused = {loader: why for loader, why in loaders(params.lora_type).items() if why.startswith("no")}
+    for loader, why in refused.items():
+        notes.append(f"lora_type={params.lora_type}: {loader}: {why}.")
     if params.lora_init in BASE_CHANGING_INITS:
         notes.append(f"lora_init={params.lora_init} moves part of the base weights into the adapter while training; "
                      f"the saved adapter is converted to a rank-{2 * params.lora_r} LoRA that loads on the original "

@@ -1,0 +1,188 @@
+"""The frozen base's storage (base_precision fp8/int8/nf4, offload=blocks) and staged loading, end to
+end through main.py on the tiny Flux pipeline: each mode trains the LoRA alone (its weights move, the
+stored base does not), the adapter loads on the unquantized base in diffusers and changes the image,
+a quantized run resumes exactly, int8 stores the denoiser in about half of bf16's bytes, and the text
+encoders are gone before the denoiser loads."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import shutil
+import weakref
+
+import pytest
+import torch
+from conftest import run_folder, train
+from diffusers import FluxPipeline
+from safetensors.torch import load_file
+
+from diffusion_trainer.families.flux import Flux
+from diffusion_trainer.memory import offload
+from diffusion_trainer.memory import plan as memory_plan
+from diffusion_trainer.memory import storage
+from diffusion_trainer.run import setup
+
+PROMPT = "a sks star"
+FAST = dict(resolution=64, train_batch_size=2, max_train_steps=2, learning_rate=1e-2, lora_r=4, lora_alpha=4,
+            center_crop=True)
+MODES = {"fp8": {"base_precision": "fp8"}, "int8": {"base_precision": "int8", "checkpointing_steps": 2},
+         "nf4": {"base_precision": "nf4"}, "offload": {"offload": "blocks"}}
+DESCRIBED = {"fp8": "fp8 (float8_e4m3fn)", "int8": "int8 (torchao, weight-only)", "nf4": "nf4 (bitsandbytes 4-bit)",
+             "offload": "fp32"}
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, list[torch.Tensor]]:
+    """Every frozen tensor as stored (a quantized one by the tensors it holds), copied."""
+    def parts(t: torch.Tensor) -> list[torch.Tensor]:
+        if hasattr(type(t), "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return [x for n in t.__tensor_flatten__()[0] for x in parts(getattr(t, n))]
+        return [t.detach().view(torch.uint8).clone() if t.dtype == torch.float8_e4m3fn else t.detach().clone()]
+    return {n.replace(".base_layer", ""): parts(p) for n, p in module.named_parameters() if not p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_family, one_star):
+    """Each mode trained once (2 steps), with what the run's loading did, recorded."""
+    model = tiny_family("flux")
+    done = {}
+    for name, mode in MODES.items():
+        seen: dict = {}
+        with pytest.MonkeyPatch.context() as mp:
+            load_family, load_denoiser, stream_blocks = setup.load_family, setup.load_denoiser, setup.stream_blocks
+
+            def recording_family(*args, **kwargs):
+                family = load_family(*args, **kwargs)
+                seen["encoders"] = [weakref.ref(m) for m in family.text_encoders]
+                return family
+
+            def recording_denoiser(*args, **kwargs):
+                gc.collect()
+                seen["encoders alive"] = [r() is not None for r in seen["encoders"]]
+                denoiser = load_denoiser(*args, **kwargs)
+                seen["denoiser"], seen["before"] = denoiser, snapshot(denoiser)
+                return denoiser
+
+            def recording_swap(*args, **kwargs):
+                seen["swap"] = stream_blocks(*args, **kwargs)
+                return seen["swap"]
+
+            mp.setattr(setup, "load_family", recording_family)
+            mp.setattr(setup, "load_denoiser", recording_denoiser)
+            mp.setattr(setup, "stream_blocks", recording_swap)
+            mp.setattr(offload, "RESIDENT", 1)  # two blocks in the tiny model: swap them
+            log = tmp_path_factory.mktemp(name) / "log.txt"
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code, out = train(log.parent / "run", model, one_star, **FAST, **mode)
+            seen["log"] = err.getvalue()
+        assert code == 0, seen["log"][-3000:]
+        done[name] = (out, seen)
+    return model, done
+
+
+@pytest.mark.parametrize("name", list(MODES))
+def test_each_storage_mode_trains_the_lora_alone_and_its_adapter_loads_on_the_full_base(runs, name):
+    model, done = runs
+    out, seen = done[name]
+    assert f"Denoiser loaded: {DESCRIBED[name]}" in seen["log"]
+    # staged: the text encoders were freed (gone from memory) before the denoiser loaded
+    assert seen["encoders alive"] == [False, False]
+    assert "text encoders still loaded: none" in seen["log"]
+    after = snapshot(seen["denoiser"])
+    assert after.keys() == seen["before"].keys()
+    assert all(torch.equal(a, b) for n in after for a, b in zip(after[n], seen["before"][n]))  # base untouched
+    lora = load_file(out / "test_lora" / "pytorch_lora_weights.safetensors")
+    assert all(t.dtype == torch.float32 for t in lora.values())
+    assert any(t.abs().max() > 0 for k, t in lora.items() if "lora_B" in k)  # trained (lora_B starts at 0)
+    if name == "offload":
+        swap = seen["swap"]
+        assert "offload=blocks: 2 blocks' frozen weights" in seen["log"]
+        assert swap.onloads >= 4 and len(swap.resident) == 1  # each block brought over again and again
+
+    pipe = FluxPipeline.from_pretrained(str(model))  # the fp32 base, not quantized
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return pipe(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    before = image()
+    pipe.load_lora_weights(str(out / "test_lora"), weight_name="pytorch_lora_weights.safetensors")
+    assert abs(image() - before).mean() > 1e-4
+
+
+def test_an_int8_run_resumes_exactly(runs, one_star, tmp_path):
+    model, done = runs
+    out, _ = done["int8"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out.parent, resumed)
+    shutil.rmtree(resumed / "output" / "test_lora")
+    checkpoint = run_folder(resumed / "output") / "checkpoint-2"
+    code, again = train(resumed, model, one_star, **{**FAST, "max_train_steps": 3}, **MODES["int8"],
+                        resume_from_checkpoint=str(checkpoint))
+    assert code == 0
+    # the same three steps without a break
+    code, straight = train(tmp_path / "straight", model, one_star, **{**FAST, "max_train_steps": 3}, **MODES["int8"])
+    assert code == 0
+    a = load_file(straight / "test_lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(again / "test_lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_int8_stores_the_denoiser_in_about_half_of_bf16s_bytes(tiny_family):
+    family = Flux.load(str(tiny_family("flux")), torch.float32, without_denoiser=True)
+    assert not family.denoiser_loaded
+    sizes = {}
+    for precision in ("bf16", "int8", "nf4"):
+        base = storage.resolve_storage(precision, torch.float32, torch.float32)
+        denoiser = family.load_denoiser(**base.load_kwargs(cuda=False))
+        storage.apply_base_storage(denoiser, base, cuda=False)
+        linear = [m for m in denoiser.modules() if type(m).__name__ in ("Linear", "Linear4bit")]
+        sizes[precision] = sum(storage.stored_bytes(m) for m in linear)
+    assert 0.4 < sizes["int8"] / sizes["bf16"] < 0.6  # one byte a weight (and a scale a row) for two
+    assert sizes["nf4"] / sizes["bf16"] < 0.35
+
+
+def test_the_plan_keeps_what_a_feature_needs_on_the_gpu(tiny_sd):
+    from diffusion_trainer.families.sd import StableDiffusion
+
+    def stages(**run):
+        plan = memory_plan.make_plan(StableDiffusion, str(tiny_sd), memory_plan.Run(64, 1, 4, "default", "no", **run),
+                                     base_precision="fp32", offload="none", gradient_checkpointing=False, budget_gb=8)
+        return {s.name: s.on_device for s in plan.stages}
+
+    assert not any("text_encoder" in k for k in stages()["train step"])  # cached, freed
+    assert any(k.startswith("text_encoder ") for k in stages(train_text_encoder=True)["train step"])
+    assert any(k.startswith("text_encoder ") for k in stages(cache_text_embeddings=False)["train step"])
+    drawing = stages(class_images=True)["class images"]
+    assert any(k.startswith("unet") for k in drawing) and any(k.startswith("text_encoder ") for k in drawing)
+
+
+def test_a_t5_that_does_not_fit_beside_the_rest_is_planned_and_loaded_in_int8(tiny_family, one_star):
+    """FLUX.1-dev at 8 GB: the plan stores T5 (9.8 GB in bf16) in int8 to encode, and the run's first stage
+    does so (torchao tensors), the text still encoding."""
+    from pathlib import Path
+
+    from diffusion_trainer.params import TrainingParams
+
+    real = Path(__file__).parent / "real_configs" / "flux1_dev"
+    plan = memory_plan.make_plan(Flux, str(real), memory_plan.Run(1024, 1, 16, "default", "bf16"),
+                                 base_precision="auto", offload="auto", gradient_checkpointing=False, budget_gb=8)
+    assert plan.int8_text_encoders == ("text_encoder_2",) and plan.stages[0].peak_gb <= 8
+    assert not memory_plan.make_plan(Flux, str(real), memory_plan.Run(1024, 1, 16, "default", "bf16"),
+                                     base_precision="auto", offload="auto", gradient_checkpointing=False,
+                                     budget_gb=24).int8_text_encoders
+
+    class Quiet:
+        def info(self, message):
+            pass
+
+    params = TrainingParams(adaptor_name="a", model_name=str(tiny_family("flux")), dataset_name=str(one_star))
+    family = setup.load_family(Flux, params, setup.Runtime("no", False), type("A", (), {"device": torch.device("cpu")}),
+                               Quiet(), int8_text=("text_encoder_2",))
+    t5_linear = [m.weight for m in family.pipeline.text_encoder_2.modules() if isinstance(m, torch.nn.Linear)]
+    assert t5_linear and all(type(w).__name__ != "Parameter" for w in t5_linear)  # torchao's int8 tensors
+    with torch.no_grad():
+        assert family.encode_prompts([PROMPT])["encoder_hidden_states"].isfinite().all()
