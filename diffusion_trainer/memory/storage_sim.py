@@ -1,5 +1,5 @@
 """The frozen base's storage forms and block offload, as the fake-tensor simulation applies them
-(memory/simulate.py), with the libraries a run uses:
+(memory/simulate.py), with the libraries and, where it can, the code a run uses (memory/storage.py):
 
 - fp8: diffusers' `enable_layerwise_casting(storage_dtype=float8_e4m3fn, compute_dtype=bfloat16)`,
   Conv2d skipped on UNets; runs unchanged under fake tensors.
@@ -42,15 +42,15 @@ def missing_library(precision: str) -> str | None:
 
 
 def apply_storage(denoiser: torch.nn.Module, precision: str) -> None:
-    """Store the frozen base as a run would, before the LoRA is attached (bf16 base expected)."""
-    if precision == "fp8":
-        unet = "UNet" in type(denoiser).__name__  # cast convolutions break checkpointing on UNets
-        denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16,
-                                          skip_modules_classes=(torch.nn.Conv2d,) if unet else None)
-    elif precision == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    """Store the frozen base as a run would, before the LoRA is attached (bf16 base expected): fp8 and
+    int8 through the run's own code (memory/storage.py), nf4 emulated (Nf4Linear)."""
+    from . import storage
 
-        quantize_(denoiser, Int8WeightOnlyConfig())
+    if precision == "fp8":
+        bf16 = torch.bfloat16
+        storage.apply_base_storage(denoiser, storage.resolve_storage("fp8", bf16, bf16), cuda=True)
+    elif precision == "int8":  # what TorchAoConfig applies to each linear layer while a run loads
+        storage.quantize_int8(denoiser)
     elif precision == "nf4":
         for parent in list(denoiser.modules()):
             for name, child in list(parent.named_children()):
