@@ -2,7 +2,7 @@
 the fake-tensor simulation of this trainer's own step (rank 16, batch 1, bf16 compute) for each
 storage of the frozen base (bf16, fp8, int8, nf4, with and without gradient checkpointing) and
 block offload, then issue 19's goal table: what `auto` chooses for 24, 16 and 8 GB (4 GB for SD 1.5),
-its predicted peak and the simulated peak of that choice. Takes 10-20 minutes on a 2-core CPU; no GPU needed.
+its predicted peak and the simulated peak of that choice. About 7 minutes on a 2-core CPU; no GPU needed.
 
     python bench/memory_simulation.py [--models flux1_dev,sdxl] [--modes bf16,int8+gc] [--no-simulation]
                                       [--cache simulated.json]
