@@ -184,10 +184,10 @@ class Planner:
 
     def encode_text_stage(self, compute: str, budget_gb: float | None) -> Stage:
         on = {}
-        for encoder in self.encoders:  # one at a time; a large T5 in 8 bits where bf16 does not fit
-            precision = compute
-            if budget_gb is not None and storage_bytes(encoder.weights, compute) / GB > 0.9 * budget_gb:
-                precision = "int8"
+        for encoder in self.encoders:  # one at a time; a large one (T5, Mistral 24 B) in 8 or 4 bits if need be
+            for precision in (compute, "int8", "nf4"):
+                if budget_gb is None or storage_bytes(encoder.weights, precision) / GB <= 0.9 * budget_gb:
+                    break
             on[f"{encoder.name} {precision}"] = storage_bytes(encoder.weights, precision) / GB
         working = 0.1 * GB * self.run.batch_size
         on["working memory"] = working / GB
