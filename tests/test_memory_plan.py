@@ -3,11 +3,11 @@ simulated with fake tensors (memory/simulate.py), and against issue 19's goals.
 
 The simulated cases run the family's `predict`, the trainer's loss, backward and an AdamW step at
 real width and resolution. To keep the suite fast only FLUX.1-dev runs at full depth; the other
-transformer cases have fewer blocks (4, SD3.5 Medium with 2 of them dual-attention; FLUX.2-dev and
-Qwen-Image 2 of each kind) and SDXL runs at 512 px, written as a config-only pipeline folder of that depth, and
+transformer cases have fewer blocks (4, SD3.5 Medium with 2 of them dual-attention; FLUX.2-dev 2 of
+each kind) and SDXL runs at 512 px, written as a config-only pipeline folder of that depth, and
 the plan predicts that same reduced model. `python bench/memory_simulation.py` prints every model at full
 depth (the README table); issue 22's families' full-depth figures are checked against what it printed
-(RECORDED), the only check of Chroma's, Z-Image's and FLUX.2 [klein]'s fit here.
+(RECORDED), the only check of Chroma's, Z-Image's, Qwen-Image's and FLUX.2 [klein]'s fit here.
 """
 
 from __future__ import annotations
@@ -44,10 +44,9 @@ CASES = [  # (model, depth overrides, resolution, gradient checkpointing)
     ("sd35_medium", {"num_layers": 4, "dual_attention_layers": [0, 1]}, 1024, False),
     ("sdxl", {}, 512, True),
     ("sd15", {}, 512, False),
-    # issue 22 (real widths, 512 caption tokens); Chroma, Z-Image and klein through RECORDED below only,
-    # to keep within the suite's time budget
+    # issue 22 (real widths, 512 caption tokens); the other new families through RECORDED below only, to
+    # keep within the suite's time budget
     ("flux2_dev", {"num_layers": 2, "num_single_layers": 2}, 1024, True),
-    ("qwen_image", {"num_layers": 2}, 1024, False),
 ]
 
 
