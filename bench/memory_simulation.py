@@ -21,7 +21,11 @@ from diffusion_trainer.memory.plan import Planner, Run, Settings, make_plan  # n
 from diffusion_trainer.memory.simulate import simulate_run  # noqa: E402
 
 MODELS = {"flux1_dev": ("FLUX.1-dev", 1024), "sd35_large": ("SD3.5 Large", 1024),
-          "sd35_medium": ("SD3.5 Medium", 1024), "sdxl": ("SDXL", 1024), "sd15": ("SD 1.5", 512)}
+          "sd35_medium": ("SD3.5 Medium", 1024), "sdxl": ("SDXL", 1024), "sd15": ("SD 1.5", 512),
+          # issue 22's families (512 caption tokens: the most a caption can have)
+          "flux2_dev": ("FLUX.2-dev", 1024), "flux2_klein_4b": ("FLUX.2-klein-base-4B", 1024),
+          "chroma1_hd": ("Chroma1-HD", 1024), "z_image_turbo": ("Z-Image-Turbo", 1024),
+          "qwen_image": ("Qwen-Image", 1024)}
 
 
 def train_peak(planner: Planner, settings: Settings) -> float:

@@ -87,11 +87,11 @@ def planned_settings(params: TrainingParams, reporter: Any) -> tuple[TrainingPar
         reporter.info(line)
     if plan.budget_gb is None:
         return params, ()
-    if plan.int8_text_encoders:
-        storage.check_storage("int8", what=f"the memory plan's int8 {', '.join(plan.int8_text_encoders)}")
+    for name, bits in plan.quantized_text_encoders.items():
+        storage.check_storage(bits, what=f"the memory plan's {bits} {name}")
     chosen = plan.settings
     return params.model_copy(update={"base_precision": chosen.base_precision, "offload": chosen.offload,
-                                     "gradient_checkpointing": chosen.gradient_checkpointing}), plan.int8_text_encoders
+                                     "gradient_checkpointing": chosen.gradient_checkpointing}), plan.quantized_text_encoders
 
 
 def local_dataset_folder(dataset_name: str) -> Path | None:
@@ -109,7 +109,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     if params.resolution % family_cls.resolution_multiple:
         raise InputError(f"resolution: {family_cls.label} needs a multiple of "
                          f"{family_cls.resolution_multiple} (got {params.resolution}).")
-    params, int8_text = planned_settings(params, reporter)
+    params, quantized_text = planned_settings(params, reporter)
     load_problems: list[str] = []
     load_notes: list[str] = []
     records = load_records(params.dataset_name, params.image_column, params.caption_column, load_problems,
@@ -157,7 +157,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
             resume_from = reporter.checkpoint_to_resume() or resume_from
     set_seed(params.seed)
     # staged loading: text encoders and VAE first; they encode what they can and leave, then the denoiser
-    family = setup.load_family(family_cls, params, runtime, accelerator, reporter, int8_text)
+    family = setup.load_family(family_cls, params, runtime, accelerator, reporter, quantized_text)
     raise_if_stopped(reporter.stop_asked_here, "while the model loaded")
     prompts = parse_prompts(params.eval_prompt)
     settings = EvalSettings(prompts, params.seed, params.eval_steps, params.eval_num_inference_steps,
