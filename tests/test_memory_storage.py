@@ -20,9 +20,8 @@ from safetensors.torch import load_file
 
 from diffusion_trainer.families.flux import Flux
 from diffusion_trainer.families.flux2 import Flux2
-from diffusion_trainer.memory import offload
+from diffusion_trainer.memory import offload, storage
 from diffusion_trainer.memory import plan as memory_plan
-from diffusion_trainer.memory import storage
 from diffusion_trainer.run import setup
 
 PROMPT = "a sks star"
