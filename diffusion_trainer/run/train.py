@@ -192,7 +192,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
                                     params.loss_type, params.huber_c)
     spec = AdapterSpec(params.lora_type, params.lora_r, params.lora_alpha, params.lora_dropout, params.lora_init)
     text_adapters = attach_text_adapters(family, spec, params)  # before the text cache: what is trained is not cached
-    for note in adapter_notes(params):
+    for note in adapter_notes(params, family_cls.single_file_form):
         reporter.info(note)
 
     # --- data: encode once where we can, then free the encoders --------------------------
@@ -423,12 +423,12 @@ def attach_text_adapters(family: Any, spec: AdapterSpec, params: TrainingParams)
     return adapters
 
 
-def adapter_notes(params: TrainingParams) -> list[str]:
+def adapter_notes(params: TrainingParams, single_file_form: str) -> list[str]:
     """What the chosen adapter type means for the files it is saved in."""
     from ..lora import BASE_CHANGING_INITS, loaders
 
     notes = []
-    refused = {loader: why for loader, why in loaders(params.lora_type).items() if why.startswith("no")}
+    refused = {loader: why for loader, why in loaders(params.lora_type, single_file_form).items() if why.startswith("no")}
     for loader, why in refused.items():
         notes.append(f"lora_type={params.lora_type}: {loader}: {why}.")
     if params.lora_init in BASE_CHANGING_INITS:
@@ -453,4 +453,4 @@ def adapter_info(family: Any, params: TrainingParams, outcome: loop.Outcome, pre
         target_modules=list(denoiser["target_modules"]), lora_type=params.lora_type, text_encoder_targets=text,
         trigger_word=params.trigger_word, parameters=params.model_dump(), steps_trained=outcome.steps,
         epochs_trained=outcome.epochs, final_loss=outcome.final_loss, prediction_type=prediction_type,
-        stopped_early=outcome.stopped)
+        stopped_early=outcome.stopped, single_file_form=family.single_file_form)
