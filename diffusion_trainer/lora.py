@@ -21,11 +21,27 @@ TEXT_ENCODER_LAYERS = {
 # Which loaders read each adapter type from the files this trainer writes (README: "Adapter types").
 DIFFUSERS_LOADS = frozenset({"lora", "dora"})  # load_lora_weights builds LoRA configs only
 SINGLE_FILE_TYPES = frozenset({"lora", "dora", "lokr", "loha"})  # ComfyUI reads each (DoRA: dora_scale)
+# FLUX.2's single file names BFL's modules, where q, k and v are one fused layer: a LoRA (or DoRA) on each
+# becomes one LoRA on the fused layer, but a Kronecker or Hadamard product on each has no such form.
+FUSED_QKV_FORMS = frozenset({"bfl"})
+NO_FUSED_FORM = frozenset({"lokr", "loha"})
+
+
+def single_file_written(kind: str, single_file_form: str) -> bool:
+    """Whether the single file (ComfyUI, A1111) is written for adapter type `kind` of a family whose
+    single file has `single_file_form`."""
+    return kind in SINGLE_FILE_TYPES and not (single_file_form in FUSED_QKV_FORMS and kind in NO_FUSED_FORM)
 BASE_CHANGING_INITS = frozenset({"pissa", "olora"})
 
 
-def loaders(kind: str) -> dict[str, str]:
+def loaders(kind: str, single_file_form: str = "kohya") -> dict[str, str]:
     """Which loader reads which file of an adapter type, for the log, the model card and the info file."""
+    if not single_file_written(kind, single_file_form):
+        unwritten = (f"no single file is written: {kind} cannot be expressed on FLUX.2's fused q/k/v layers, "
+                     "which ComfyUI's FLUX.2 model uses; load the folder with peft")
+        return {"diffusers load_lora_weights (the folder)": "no (it builds LoRA configs only): load the folder "
+                "with peft, as the README shows", "ComfyUI (the single file)": f"no: {unwritten}",
+                "AUTOMATIC1111 (the single file)": f"no: {unwritten}"}
     lycoris = "reads the same keys through its LyCORIS support (not tested here)"
     comfy = "yes, in versions whose weight_decompose takes a dora_scale on the output axis" if kind == "dora" else "yes"
     return {

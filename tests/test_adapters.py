@@ -23,6 +23,7 @@ from conftest import quick_params, run_main, train, write_config
 from PIL import Image
 from safetensors.torch import load_file
 
+from diffusion_trainer.errors import InputError
 from diffusion_trainer.families import family_for
 from diffusion_trainer.families.text import token_ids
 from diffusion_trainer.outputs.layout import WEIGHTS_NAME, single_file_name
@@ -317,3 +318,21 @@ def test_text_encoder_training_is_refused_under_deepspeed():
         processes.refuse_unsupported(zero2, train_text_encoder=True)
     processes.refuse_unsupported(zero2)
     processes.refuse_unsupported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), train_text_encoder=True)
+
+
+def test_a_flux2_lokr_writes_no_single_file_and_says_why(tiny_family, star_folder, tmp_path, capfd):
+    """FLUX.2's single file names BFL's fused q/k/v layers, on which a LoKr of each cannot be expressed:
+    the folder is written, the single file is not, and the log, the info file and export say so."""
+    import json
+
+    from diffusion_trainer.outputs.export import export_adapter
+
+    out = run(tmp_path, tiny_family("flux2_klein"), star_folder, lora_type="lokr", max_train_steps=1, eval_prompt="")
+    err = capfd.readouterr().err
+    adapter = out / "test_lora"
+    assert (adapter / WEIGHTS_NAME).is_file() and not (adapter / single_file_name("test_lora")).exists()
+    assert "lora_type=lokr: ComfyUI (the single file): no: no single file is written" in err
+    info = json.loads((adapter / "tlab_adaptor_info.json").read_text())
+    assert info["loaders"]["ComfyUI (the single file)"].startswith("no: no single file is written: lokr cannot")
+    with pytest.raises(InputError, match=r"adapter_dir: .* is a lokr adapter of FLUX.2 \[klein\]: .*fused q/k/v"):
+        export_adapter(adapter)

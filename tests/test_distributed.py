@@ -409,3 +409,40 @@ def test_a_failure_in_another_process_fails_the_lab_job_with_its_message(tmp_pat
     assert status == "FAILED", (result.stdout + result.stderr)[-3000:]
     assert data["completion_details"].startswith("Process 1 failed: ")
     assert "disk on fire in process 1" in data["completion_details"]
+
+
+def test_flux2_klein_on_two_processes_trains_an_uneven_dataset_in_the_announced_steps(tmp_path, tiny_family,
+                                                                                     star_folder):
+    """Issue 22's families under torchrun: FLUX.2 [klein] (Qwen3 prompt embeddings cached per process),
+    3 images on 2 processes at batch 1: 2 batches a process an epoch (the last topped up), 2 epochs."""
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    data = tmp_path / "three"
+    data.mkdir()
+    for name in ("0000", "0001", "0002"):
+        for ext in (".png", ".txt"):
+            shutil.copy(star_folder / f"{name}{ext}", data / f"{name}{ext}")
+    model = tiny_family("flux2_klein")
+    output = tmp_path / "output"
+    config = write_config(tmp_path / "run.json", quick_params(model, data, output, train_batch_size=1,
+                                                              num_train_epochs=2, learning_rate=5e-3))
+    result = torchrun(tmp_path, ROOT / "main.py", config, tmp_path / "trace")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert re.findall(r"Training 3 images for (\d+) optimizer steps", log) == ["4"]
+    assert re.findall(r"Done in .*?: (\d+) optimizer steps", log) == ["4"]
+    for halves in trained_per_epoch(tmp_path / "trace").values():
+        assert [len(h) for h in halves] == [2, 2] and set(halves[0] + halves[1]) == {0, 1, 2}
+    pipe = DiffusionPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    text = torch.randn(1, 8, pipe.transformer.config.joint_attention_dim, generator=torch.Generator().manual_seed(0))
+
+    def draw():  # one denoising step on fixed prompt features, no guidance: the transformer and the VAE only
+        return pipe(prompt_embeds=text, guidance_scale=1.0, num_inference_steps=1, height=64, width=64,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+    before = draw()
+    pipe.load_lora_weights(str(output / "test_lora"))
+    assert abs(draw() - before).mean() > 1e-4

@@ -19,9 +19,9 @@ from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
 from diffusion_trainer.families.flux import Flux
-from diffusion_trainer.memory import offload
+from diffusion_trainer.families.flux2 import Flux2
+from diffusion_trainer.memory import offload, storage
 from diffusion_trainer.memory import plan as memory_plan
-from diffusion_trainer.memory import storage
 from diffusion_trainer.run import setup
 
 PROMPT = "a sks star"
@@ -160,9 +160,10 @@ def test_the_plan_keeps_what_a_feature_needs_on_the_gpu(tiny_sd):
     assert any(k.startswith("unet") for k in drawing) and any(k.startswith("text_encoder ") for k in drawing)
 
 
-def test_a_t5_that_does_not_fit_beside_the_rest_is_planned_and_loaded_in_int8(tiny_family, one_star):
-    """FLUX.1-dev at 8 GB: the plan stores T5 (9.8 GB in bf16) in int8 to encode, and the run's first stage
-    does so (torchao tensors), the text still encoding."""
+def test_a_text_encoder_that_does_not_fit_beside_the_rest_is_planned_and_loaded_quantized(tiny_family, one_star):
+    """FLUX.1-dev at 8 GB: the plan stores T5 (9.5 GB in bf16) in int8 to encode; FLUX.2-dev at 24 GB its
+    Mistral (24 B) in nf4. The run's first stage does so (torchao / bitsandbytes tensors), the text still
+    encoding."""
     from pathlib import Path
 
     from diffusion_trainer.params import TrainingParams
@@ -170,19 +171,24 @@ def test_a_t5_that_does_not_fit_beside_the_rest_is_planned_and_loaded_in_int8(ti
     real = Path(__file__).parent / "real_configs" / "flux1_dev"
     plan = memory_plan.make_plan(Flux, str(real), memory_plan.Run(1024, 1, 16, "default", "bf16"),
                                  base_precision="auto", offload="auto", gradient_checkpointing=False, budget_gb=8)
-    assert plan.int8_text_encoders == ("text_encoder_2",) and plan.stages[0].peak_gb <= 8
+    assert plan.quantized_text_encoders == {"text_encoder_2": "int8"} and plan.stages[0].peak_gb <= 8
     assert not memory_plan.make_plan(Flux, str(real), memory_plan.Run(1024, 1, 16, "default", "bf16"),
                                      base_precision="auto", offload="auto", gradient_checkpointing=False,
-                                     budget_gb=24).int8_text_encoders
+                                     budget_gb=24).quantized_text_encoders
+    mistral = memory_plan.make_plan(Flux2, str(real.parent / "flux2_dev"), memory_plan.Run(1024, 1, 16, "default", "bf16"),
+                                    base_precision="auto", offload="auto", gradient_checkpointing=True, budget_gb=24)
+    assert mistral.quantized_text_encoders == {"text_encoder": "nf4"}  # 24 B parameters: 8 bits do not fit in 24 GB
 
     class Quiet:
         def info(self, message):
             pass
 
     params = TrainingParams(adaptor_name="a", model_name=str(tiny_family("flux")), dataset_name=str(one_star))
-    family = setup.load_family(Flux, params, setup.Runtime("no", False), type("A", (), {"device": torch.device("cpu")}),
-                               Quiet(), int8_text=("text_encoder_2",))
-    t5_linear = [m.weight for m in family.pipeline.text_encoder_2.modules() if isinstance(m, torch.nn.Linear)]
-    assert t5_linear and all(type(w).__name__ != "Parameter" for w in t5_linear)  # torchao's int8 tensors
-    with torch.no_grad():
-        assert family.encode_prompts([PROMPT])["encoder_hidden_states"].isfinite().all()
+    for bits, stored_as in (("int8", "AffineQuantizedTensor|Int8Tensor"), ("nf4", "Params4bit")):
+        family = setup.load_family(Flux, params, setup.Runtime("no", False),
+                                   type("A", (), {"device": torch.device("cpu")}), Quiet(), {"text_encoder_2": bits})
+        t5_linear = [m.weight for m in family.pipeline.text_encoder_2.modules() if isinstance(m, torch.nn.Linear)]
+        assert t5_linear and all(type(w).__name__ != "Parameter" for w in t5_linear), bits  # quantized tensors
+        assert bits == "int8" or all(type(w).__name__ in stored_as for w in t5_linear)
+        with torch.no_grad():
+            assert family.encode_prompts([PROMPT])["encoder_hidden_states"].isfinite().all()

@@ -290,6 +290,17 @@ class ModelFamily(ABC):
         return latent * config["block_out_channels"][0] * 2
 
     @classmethod
+    def latent_shape(cls, vae_config: dict[str, Any], resolution: int) -> tuple[int, int, int]:
+        """Channels, height and width of what the denoiser is trained on (model_input), per sample."""
+        return vae_config["latent_channels"], resolution // 8, resolution // 8
+
+    @classmethod
+    def conditioning_shapes(cls, config: dict[str, Any], text_tokens: int) -> dict[str, tuple[int, ...]] | None:
+        """Each conditioning tensor's shape without the batch (names ending in "mask" are masks), for the
+        memory simulation; None: the CLIP/T5 ones memory/simulate.py derives from the denoiser's config."""
+        return None
+
+    @classmethod
     def block_counts(cls, config: dict[str, Any]) -> dict[str, int]:
         return {key: len(n) if isinstance(n, (list, tuple)) else int(n)
                 for key, n in ((key, config.get(key, 0)) for key in cls.activation_per_block)}

@@ -28,6 +28,10 @@ class Chroma(FlowMatchingFamily):
     default_lora_layers = "attention+mlp"  # Flux's recipe: Chroma is a Flux-architecture model
     inapplicable_params = {**DDPM_ONLY, **LANGUAGE_MODEL_TEXT}
     trainable_text_attrs = ()
+    # x (tokens x width x 2 bytes), per double- and single-stream block (as Flux's, with the text mask);
+    # fitted to Chroma1-HD at 1-19 double / 1-38 single blocks, 1024 px (bench/memory_simulation.py)
+    activation_fixed, activation_fixed_checkpointed, activation_saved_per_block = 12.55, 15.68, 0.811
+    activation_per_block = {"num_layers": 26.71, "num_single_layers": 18.58}
 
     @classmethod
     def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:
@@ -40,6 +44,14 @@ class Chroma(FlowMatchingFamily):
         name for it, so a single file holding it would not load whole."""
         targets = super().lora_targets(layers)
         return tuple(name for name in targets if not name.startswith(APPROXIMATOR))
+
+    @classmethod
+    def prompt_tokens(cls, max_sequence_length: int) -> int:
+        return T5_TOKENS
+
+    @classmethod
+    def conditioning_shapes(cls, config: dict[str, Any], text_tokens: int) -> dict[str, tuple[int, ...]]:
+        return {"encoder_hidden_states": (text_tokens, config["joint_attention_dim"]), "text_mask": (text_tokens,)}
 
     @property
     def t5_tokens(self) -> int:

@@ -30,6 +30,7 @@ from .base import DDPM_ONLY, JOINT_ATTENTION, LANGUAGE_MODEL_TEXT, Conditioning,
 # and one out, so any attention LoRA on them trains their MLP too (diffusers' FLUX.2 recipe).
 SINGLE_STREAM = ("attn.to_qkv_mlp_proj", "attn.to_out")
 DOUBLE_STREAM_MLP = ("ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out")
+PROMPT_TOKENS = 512  # encode_prompt pads every prompt to its max_sequence_length, 512
 SAMPLING_STEPS = 50  # the pipelines' default num_inference_steps, whose shift training follows
 MIN_DIFFUSERS = "0.37"  # the first with Flux2KleinPipeline
 
@@ -53,8 +54,24 @@ class Flux2(FlowMatchingFamily):
     own_params = {"guidance_scale": "only guidance-distilled models (FLUX.1-dev, FLUX.2-dev) take a guidance "
                                     "input while training"}
     single_file_form = "bfl"  # ComfyUI's own (BFL) module names, see export.py
+    # x (tokens x width x 2 bytes) per double- and single-stream block; fitted to FLUX.2-dev's widths at 1-8
+    # double / 1-48 single blocks, 1024 px (bench/memory_simulation.py); klein's widths agree within 1 %.
+    activation_fixed, activation_fixed_checkpointed, activation_saved_per_block = 19.64, 21.45, 1.0
+    activation_per_block = {"num_layers": 25.12, "num_single_layers": 26.11}
     # Component names for the memory plan: transformer (FLUX.2-dev 32 B), text_encoder (Mistral 3
     # Small 24 B; klein: Qwen3 4 B / 8 B), vae (AutoencoderKLFlux2, its `bn` statistics kept here).
+
+    @classmethod
+    def prompt_tokens(cls, max_sequence_length: int) -> int:
+        return PROMPT_TOKENS
+
+    @classmethod
+    def latent_shape(cls, vae_config: dict[str, Any], resolution: int) -> tuple[int, int, int]:
+        return 4 * vae_config["latent_channels"], resolution // 16, resolution // 16  # 2x2-patchified
+
+    @classmethod
+    def conditioning_shapes(cls, config: dict[str, Any], text_tokens: int) -> dict[str, tuple[int, ...]]:
+        return {"encoder_hidden_states": (text_tokens, config["joint_attention_dim"])}
 
     def __init__(self, pipeline, source: str):
         super().__init__(pipeline, source)

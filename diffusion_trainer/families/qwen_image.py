@@ -29,11 +29,27 @@ class QwenImage(FlowMatchingFamily):
     lora_presets = {"attention": ("to_k", "to_q", "to_v", "to_out.0"), "attention+mlp": JOINT_ATTENTION + MLP}
     inapplicable_params = {**DDPM_ONLY, **LANGUAGE_MODEL_TEXT}
     trainable_text_attrs = ()
+    # x (tokens x width x 2 bytes) per block; fitted to Qwen-Image at 1-60 blocks, 1024 px, 512 caption tokens
+    # (bench/memory_simulation.py)
+    activation_fixed, activation_fixed_checkpointed, activation_saved_per_block = 12.19, 14.75, 1.0
+    activation_per_block = {"num_layers": 21.66}
 
     @classmethod
     def base_model_metadata(cls, denoiser_config: dict[str, Any], prediction_type: str | None) -> dict[str, str]:
         return {"ss_base_model_version": "qwen_image", "ss_v2": "False", "modelspec.architecture": "qwen-image/lora",
                 "modelspec.implementation": "https://github.com/QwenLM/Qwen-Image"}
+
+    @classmethod
+    def prompt_tokens(cls, max_sequence_length: int) -> int:
+        return PROMPT_TOKENS  # the longest a caption can be: predict trims to the batch's longest
+
+    @classmethod
+    def latent_shape(cls, vae_config: dict[str, Any], resolution: int) -> tuple[int, int, int]:
+        return vae_config["z_dim"], resolution // 8, resolution // 8
+
+    @classmethod
+    def conditioning_shapes(cls, config: dict[str, Any], text_tokens: int) -> dict[str, tuple[int, ...]]:
+        return {"encoder_hidden_states": (text_tokens, config["joint_attention_dim"])}  # no mask: all real
 
     # --- the 3D VAE: one frame per image, latents (x - mean) / std per channel ----------------
     @property
@@ -73,14 +89,16 @@ class QwenImage(FlowMatchingFamily):
                 batch: dict[str, Any]) -> torch.Tensor:
         latents = noisy.model_input
         b, c, h, w = latents.shape
-        mask = conditioning["encoder_hidden_states_mask"]
-        length = int(mask.sum(dim=1).max())
-        mask = mask[:, :length]
+        text, mask = conditioning["encoder_hidden_states"], conditioning.get("encoder_hidden_states_mask")
+        if mask is not None:  # without one every token is a caption's (the memory simulation's input)
+            length = int(mask.sum(dim=1).max())
+            text, mask = text[:, :length], mask[:, :length]
+            mask = None if mask.all() else mask  # as the pipeline passes a full mask
         packed = denoiser(
             hidden_states=QwenImagePipeline._pack_latents(latents, b, c, h, w),
             timestep=noisy.sigmas.to(latents.dtype),  # the pipeline's timestep / 1000
-            encoder_hidden_states=conditioning["encoder_hidden_states"][:, :length],
-            encoder_hidden_states_mask=None if mask.all() else mask,  # as the pipeline passes a full mask
+            encoder_hidden_states=text,
+            encoder_hidden_states_mask=mask,
             img_shapes=[[(1, h // 2, w // 2)]] * b,
             return_dict=False)[0]
         scale = self.pipeline.vae_scale_factor

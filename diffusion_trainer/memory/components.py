@@ -41,10 +41,11 @@ def meta_model(library: str, class_name: str, config: dict) -> torch.nn.Module:
     module = __import__(library, fromlist=[class_name])
     cls = getattr(module, class_name)
     with init_empty_weights():
-        if library == "transformers":
-            config_cls = getattr(module, "AutoConfig")
-            return cls._from_config(config_cls.for_model(**config))
-        return cls.from_config(config)
+        if library != "transformers":
+            return cls.from_config(config)
+        model = cls._from_config(getattr(module, "AutoConfig").for_model(**config))
+    model.tie_weights()  # as from_pretrained does (outside init_empty_weights, which would copy): counted once
+    return model
 
 
 # What diffusers' layerwise casting leaves in the compute dtype: its DEFAULT_SKIP_MODULES_PATTERN

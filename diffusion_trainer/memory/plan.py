@@ -54,6 +54,9 @@ class Stage:
     host_gb: float = HOST_OVERHEAD_GB  # host RAM: what loads or is held there, and the overhead
 
 
+TEXT_QUANTIZATION = {"int8": "int8 (torchao)", "nf4": "nf4 (bitsandbytes)"}  # as memory/storage.py applies them
+
+
 @dataclass
 class Plan:
     model: str
@@ -61,7 +64,7 @@ class Plan:
     settings: Settings
     stages: list[Stage]
     notes: list[str] = field(default_factory=list)
-    int8_text_encoders: tuple[str, ...] = ()  # stored in int8 by the run to encode (encode_text_stage)
+    quantized_text_encoders: dict[str, str] = field(default_factory=dict)  # {name: int8 | nf4}, applied by the run
 
     @property
     def peak_gb(self) -> float:
@@ -93,7 +96,7 @@ class Plan:
     def as_json(self) -> dict[str, Any]:
         return {"model": self.model, "peak_gb": round(self.peak_gb, 3), "budget_gb": self.budget_gb,
                 "fits": self.fits, "settings": asdict(self.settings), "notes": self.notes,
-                "int8_text_encoders": list(self.int8_text_encoders), "host_ram_gb": round(self.host_ram_gb, 3),
+                "quantized_text_encoders": dict(self.quantized_text_encoders), "host_ram_gb": round(self.host_ram_gb, 3),
                 "stages": [{"name": s.name, "peak_gb": round(s.peak_gb, 3), "host_ram_gb": round(s.host_gb, 3),
                             "on_device": {k: round(v, 3) for k, v in s.on_device.items()}} for s in self.stages]}
 
@@ -172,7 +175,7 @@ class Planner:
     def plan(self, settings: Settings, budget_gb: float | None) -> Plan:
         run, compute = self.run, self.compute(settings)
         scale = BYTES[compute] / 2
-        text_stage, int8_text = self.encode_text_stage(compute, budget_gb)
+        text_stage, quantized_text = self.encode_text_stage(compute, budget_gb)
         stages = [text_stage, self.encode_images_stage(compute)]
         weights = self.denoiser.weights
         base = storage_bytes(weights, settings.base_precision)
@@ -204,7 +207,7 @@ class Planner:
         if not run.cache_latents:
             on[f"vae {compute}"] = storage_bytes(self.vae.weights, compute) / GB
         for encoder in self.staying_encoders():
-            kept = "int8" if encoder.name in int8_text else compute
+            kept = quantized_text.get(encoder.name, compute)
             on[f"{encoder.name} {kept}"] = storage_bytes(encoder.weights, kept) / GB
         host = self.denoiser_host_bytes(settings, base) / GB + HOST_OVERHEAD_GB
         stages.append(Stage("train step", on, sum(on.values()), host))
@@ -226,10 +229,10 @@ class Planner:
         if not (self.family.activation_fixed or self.family.activation_per_block):
             notes.append(f"{self.family.label}: activations are not modelled yet (no simulation fitted): "
                          "the train step counts weights, LoRA and optimizer only, so its real peak is higher")
-        if int8_text:
-            notes.append(f"{', '.join(int8_text)} stored in int8 (torchao) to encode: {compute} would not fit "
-                         "beside the rest")
-        return Plan(self.model, budget_gb, settings, stages, notes, int8_text)
+        if quantized_text:
+            stored = ", ".join(f"{name} in {TEXT_QUANTIZATION[bits]}" for name, bits in quantized_text.items())
+            notes.append(f"{stored} to encode: {compute} would not fit beside the rest")
+        return Plan(self.model, budget_gb, settings, stages, notes, quantized_text)
 
     def staying_encoders(self) -> list[Component]:
         """The text encoders on the GPU during training: all without a text cache, else the trained ones."""
@@ -251,11 +254,11 @@ class Planner:
         on["decode"] = eval_like["decode"]
         return Stage("class images", on, sum(on.values()))
 
-    def encode_text_stage(self, compute: str, budget_gb: float | None) -> tuple[Stage, tuple[str, ...]]:
+    def encode_text_stage(self, compute: str, budget_gb: float | None) -> tuple[Stage, dict[str, str]]:
         """Every text encoder and the VAE are on the GPU together (the run loads them at once, encodes
-        the captions, eval prompts and held-out images, then frees the encoders); the largest encoders
-        are stored in 8 bits (torchao, as the run then stores them) while that does not fit. Returns
-        the stage and the encoders in int8."""
+        the captions, eval prompts and held-out images, then frees the encoders); the largest frozen
+        encoders are stored in 8 bits (torchao), then 4 (bitsandbytes nf4), as the run then stores them,
+        while that does not fit. Returns the stage and {encoder: "int8" | "nf4"}."""
         precision = {e.name: compute for e in self.encoders}
         vae = storage_bytes(self.vae.weights, compute)
         working = 0.1 * GB * self.run.batch_size
@@ -264,18 +267,19 @@ class Planner:
             return sum(storage_bytes(e.weights, precision[e.name]) for e in self.encoders) + vae + working
 
         trained = set(self.family.trainable_text_attrs) if self.run.train_text_encoder else set()
-        for encoder in sorted(self.encoders, key=lambda e: -e.weights.total):
-            if budget_gb is None or total() / GB <= 0.9 * budget_gb:
-                break
-            if encoder.name not in trained:  # a trained encoder keeps its dtype
-                precision[encoder.name] = "int8"
+        frozen = [e for e in sorted(self.encoders, key=lambda e: -e.weights.total) if e.name not in trained]
+        for bits in ("int8", "nf4"):  # 4 bits only for what 8 bits cannot fit (FLUX.2-dev's 24 B Mistral)
+            for encoder in frozen:
+                if budget_gb is None or total() / GB <= 0.9 * budget_gb:
+                    break
+                precision[encoder.name] = bits
         on = {f"{e.name} {precision[e.name]}": storage_bytes(e.weights, precision[e.name]) / GB for e in self.encoders}
         on[f"vae {compute}"] = vae / GB
         on["working memory"] = working / GB
-        # host RAM: the encoders and the VAE load together, in the compute dtype (int8 ones are quantized after)
+        # host RAM: the encoders and the VAE load together, in the compute dtype (quantized after loading)
         host = (sum(storage_bytes(e.weights, compute) for e in self.encoders) + vae) / GB + HOST_OVERHEAD_GB
         stage = Stage("encode text", on, total() / GB, host)
-        return stage, tuple(n for n, p in precision.items() if p == "int8")
+        return stage, {n: p for n, p in precision.items() if p in ("int8", "nf4")}
 
     def encode_images_stage(self, compute: str) -> Stage:
         pixels = self.run.resolution ** 2 * self.run.batch_size

@@ -12,6 +12,7 @@ context, allocator fragmentation, EMA's copy of the LoRA.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -158,10 +159,19 @@ def denoiser_class(library_class: str) -> type:
     return getattr(diffusers, library_class)
 
 
+class FakePipeline(SimpleNamespace):
+    """A bare namespace whose missing attributes are the pipeline class's own helpers (Chroma's
+    `_prepare_attention_mask`), called on it."""
+
+    def __getattr__(self, name: str) -> Any:
+        return functools.partial(getattr(self.__dict__["pipeline_class"], name), self)
+
+
 def fake_family(family_cls: type, denoiser: torch.nn.Module, vae_scale_factor: int, guidance: float | None) -> Any:
     """The family's own object around a bare denoiser: enough for `predict`."""
     family = family_cls.__new__(family_cls)
-    family.pipeline = SimpleNamespace(**{family_cls.denoiser_attr: denoiser}, vae_scale_factor=vae_scale_factor)
+    family.pipeline = FakePipeline(**{family_cls.denoiser_attr: denoiser}, vae_scale_factor=vae_scale_factor,
+                                   pipeline_class=family_cls.pipeline_class)
     family.guidance = guidance
     return family
 
@@ -169,8 +179,10 @@ def fake_family(family_cls: type, denoiser: torch.nn.Module, vae_scale_factor: i
 def simulate_step(family_cls: type, class_name: str, denoiser_config: dict, *, latent_channels: int,
                   resolution: int, batch_size: int, text: dict[str, tuple[int, ...]], rank: int, alpha: int,
                   lora_layers: str, base_dtype: torch.dtype, checkpointing: bool, autocast: bool,
-                  storage: str | None = None, offload: str = "none") -> SimulatedStep:
-    """Peak bytes of one step. `text` gives each conditioning tensor's shape without the batch;
+                  latent_shape: tuple[int, int, int] | None = None, storage: str | None = None,
+                  offload: str = "none") -> SimulatedStep:
+    """Peak bytes of one step. `text` gives each conditioning tensor's shape without the batch (a name
+    ending in "mask": an all-true mask); `latent_shape` the model input's (default: latent_channels at 1/8);
     `storage` (fp8, int8, nf4) the frozen base's form, applied to a `base_dtype` model
     (memory/storage_sim.py); `offload` counts its blocks as an offload holds them on the device:
     `swap` this trainer's block swap (memory/offload.py), `diffusers` diffusers' group offload with streams."""
@@ -192,7 +204,7 @@ def simulate_step(family_cls: type, class_name: str, denoiser_config: dict, *, l
             apply_storage(denoiser, storage)
         denoiser.train()
         family = fake_family(family_cls, denoiser, 8, 1.0 if denoiser_config.get("guidance_embeds") else None)
-        targets = family_cls.lora_presets.get(lora_layers if lora_layers != "default" else family_cls.default_lora_layers)
+        targets = family.lora_targets(lora_layers)  # the family's own resolution (FLUX.2 names full paths)
         trainable = attach_lora(denoiser, rank, alpha, targets)
         if checkpointing:
             denoiser.enable_gradient_checkpointing()
@@ -200,10 +212,11 @@ def simulate_step(family_cls: type, class_name: str, denoiser_config: dict, *, l
             BlockOffload(tracker, denoiser, offload)
         optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)  # as CUDA's fused AdamW: no temporaries
         side = resolution // 8
-        latents = torch.randn(batch_size, latent_channels, side, side, dtype=torch.float32)
+        latents = torch.randn(batch_size, *(latent_shape or (latent_channels, side, side)), dtype=torch.float32)
         noisy = NoisyBatch(model_input=latents.to(base_dtype), target=torch.randn_like(latents),
                            timesteps=torch.full((batch_size,), 500.0), sigmas=torch.full((batch_size,), 0.5))
-        conditioning = {name: torch.randn(batch_size, *shape, dtype=base_dtype) for name, shape in text.items()}
+        conditioning = {name: torch.ones(batch_size, *shape, dtype=torch.bool) if name.endswith("mask")
+                        else torch.randn(batch_size, *shape, dtype=base_dtype) for name, shape in text.items()}
         size = torch.full((batch_size, 2), float(resolution))
         batch = {"original_size": size, "crop_top_left": torch.zeros(batch_size, 2), "target_size": size}
         for parameter in trainable:  # a step already taken: AdamW's two moments exist, as in every later step
@@ -228,6 +241,9 @@ def simulate_step(family_cls: type, class_name: str, denoiser_config: dict, *, l
 def conditioning_shapes(family_cls: type, components: dict, prompt_tokens: int) -> dict[str, tuple[int, ...]]:
     """What the family's text encoders hand the denoiser, per sample (from the denoiser's config)."""
     config = components[family_cls.denoiser_attr].config
+    own = family_cls.conditioning_shapes(config, prompt_tokens)
+    if own is not None:
+        return own
     if family_cls.denoiser_attr == "unet":
         shapes = {"encoder_hidden_states": (prompt_tokens, config["cross_attention_dim"])}
         if config.get("addition_embed_type") == "text_time":
@@ -251,8 +267,10 @@ def simulate_run(source: str, *, resolution: int, batch_size: int, rank: int, lo
     components = pipeline_components(source, (family_cls.denoiser_attr, "vae"))
     denoiser = components[family_cls.denoiser_attr]
     tokens = family_cls.prompt_tokens(max_sequence_length)
+    vae_config = components["vae"].config
     return simulate_step(family_cls, denoiser.class_name, denoiser.config,
-                         latent_channels=components["vae"].config["latent_channels"], resolution=resolution,
+                         latent_channels=family_cls.latent_shape(vae_config, resolution)[0], resolution=resolution,
                          batch_size=batch_size, text=conditioning_shapes(family_cls, components, tokens), rank=rank,
                          alpha=rank, lora_layers=lora_layers, base_dtype=torch.bfloat16, checkpointing=checkpointing,
-                         autocast=True, storage=None if base_precision == "bf16" else base_precision, offload=offload)
+                         autocast=True, latent_shape=family_cls.latent_shape(vae_config, resolution),
+                         storage=None if base_precision == "bf16" else base_precision, offload=offload)

@@ -41,6 +41,7 @@ from ..errors import InputError
 PLAIN = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {dtype: name for name, dtype in PLAIN.items()}
 QUANTIZED = ("int8", "nf4")
+LIBRARIES = {"int8": "int8 (torchao)", "nf4": "nf4 (bitsandbytes)"}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from peft.utils import get_peft_model_state_dict
 
 from .. import atomic
-from ..lora import SINGLE_FILE_TYPES, loaders, lora_metadata
+from ..lora import loaders, lora_metadata, single_file_written
 from . import export
 from .layout import INFO_NAME, WEIGHTS_NAME, single_file_name
 
@@ -31,7 +31,8 @@ def adaptor_info(*, architecture: str, base_model: str, rank: int, alpha: int,
                  target_modules: list[str], trigger_word: str, parameters: dict[str, Any],
                  steps_trained: int, epochs_trained: int, final_loss: float | None,
                  prediction_type: str | None, stopped_early: bool, lora_type: str = "lora",
-                 text_encoder_targets: dict[str, list[str]] | None = None) -> dict[str, Any]:
+                 text_encoder_targets: dict[str, list[str]] | None = None,
+                 single_file_form: str = "kohya") -> dict[str, Any]:
     """`rank`/`alpha`: as saved (a PiSSA/OLoRA adapter is saved at twice the trained rank);
     `text_encoder_targets`: per trained text encoder, the layers its adapter is on."""
     return {
@@ -39,7 +40,7 @@ def adaptor_info(*, architecture: str, base_model: str, rank: int, alpha: int,
         "base_model": base_model,
         "lora_config": {"r": rank, "lora_alpha": alpha, "target_modules": sorted(target_modules),
                         "lora_type": lora_type, "text_encoders": text_encoder_targets or {}},
-        "loaders": loaders(lora_type),
+        "loaders": loaders(lora_type, single_file_form),
         "trigger_word": trigger_word,
         "prediction_type": prediction_type,
         "steps_trained": steps_trained,
@@ -63,7 +64,8 @@ def write_model_card(directory: Path, name: str, info: dict[str, Any], pipeline_
     loss = f"{info['final_loss']:.4f}" if info["final_loss"] is not None else "n/a"
     kind = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}[lora.get("lora_type", "lora")]
     text = "".join(f"; {attr} too" for attr in lora.get("text_encoders", {}))
-    readers = "\n".join(f"- {loader}: {answer}" for loader, answer in loaders(lora.get("lora_type", "lora")).items())
+    readers = "\n".join(f"- {loader}: {answer}" for loader, answer in
+                         (info.get("loaders") or loaders(lora.get("lora_type", "lora"))).items())
     text = f"""# {name}
 
 A LoRA adapter for `{info['base_model']}` ({info['model_architecture']}), made with Diffusion Trainer.
@@ -107,7 +109,7 @@ def save_adapter(target: Path, family: Any, name: str, info: dict[str, Any], ema
             family.save_adapter(directory, layers)
         write_info(directory, info)
         write_model_card(directory, name, info, family.pipeline_class.__name__)
-        if info["lora_config"].get("lora_type", "lora") in SINGLE_FILE_TYPES:
+        if single_file_written(info["lora_config"].get("lora_type", "lora"), family.single_file_form):
             # the base weights in memory: a DoRA file's dora_scale depends on them
             bases = {family.lora_save_prefix: family.denoiser,
                      **{attr: a.module for attr, a in (adapters or {}).items() if attr != "denoiser"}}

@@ -36,6 +36,7 @@ import torch
 
 from .. import atomic
 from ..errors import InputError
+from ..lora import loaders, single_file_written
 from .dora import base_weight, comfy_dora_scale
 from .layout import INFO_NAME, WEIGHTS_NAME, single_file_name
 
@@ -394,6 +395,10 @@ def export_adapter(directory: Path, form: str = "kohya", output: Path | None = N
                              directory / (WEIGHTS_NAME if form == "diffusers" else single_file_name(name)), label)
     if form == "diffusers":
         return written(label, target, lambda: rewrite_diffusers(directory, info, family_cls, target)), []
+    kind = (info.get("lora_config") or {}).get("lora_type", "lora")
+    if not single_file_written(kind, family_cls.single_file_form):
+        raise InputError(f"adapter_dir: {directory} is a {kind} adapter of {family_cls.label}: "
+                         f"{loaders(kind, family_cls.single_file_form)['ComfyUI (the single file)'].removeprefix('no: ')}.")
     notes = []
     captions = training_captions(params)
     if captions is None:

@@ -151,20 +151,25 @@ def check_room(paths: RunPaths, trainable: list[torch.nn.Parameter], params: Tra
 
 
 def load_family(family_cls: Any, params: TrainingParams, runtime: Runtime, accelerator: Any, reporter: Any,
-                int8_text: tuple[str, ...] = ()):
+                quantized_text: dict[str, str] | None = None):
     """Staged loading, first stage: the text encoders and the VAE, on the accelerator; the denoiser
-    loads once they have done their work (load_denoiser), straight into its storage. `int8_text`: the
-    text encoders the memory plan stores in int8 to fit."""
+    loads once they have done their work (load_denoiser), straight into its storage. `quantized_text`:
+    the text encoders the memory plan stores in int8 or nf4 to fit ({attribute: precision})."""
+    quantized_text = quantized_text or {}
     weight_dtype = WEIGHT_DTYPES[runtime.mixed_precision]
-    int8 = f"; {', '.join(int8_text)} in int8 (torchao)" if int8_text else ""
+    stored = "".join(f"; {attr} in {storage.LIBRARIES[bits]}" for attr, bits in quantized_text.items())
     reporter.info(f"Loading {family_cls.label} from {params.model_name} (base weights "
-                  f"{str(weight_dtype).removeprefix('torch.')}{int8}) on {accelerator.device}: the text encoders and "
+                  f"{str(weight_dtype).removeprefix('torch.')}{stored}) on {accelerator.device}: the text encoders and "
                   "VAE first, the denoiser once what they encode is encoded.")
     family = family_cls.load(params.model_name, weight_dtype, without_denoiser=True)
     for module in family.frozen_modules:
         module.requires_grad_(False)
-    for attr in int8_text:
-        storage.quantize_int8(getattr(family.pipeline, attr))
+    for attr, bits in quantized_text.items():
+        encoder = getattr(family.pipeline, attr)
+        if bits == "int8":
+            storage.quantize_int8(encoder)
+        else:  # bitsandbytes quantizes the weights as they move to the GPU
+            storage.quantize_linears_nf4(encoder, weight_dtype if weight_dtype != torch.float32 else torch.bfloat16)
     for module in family.frozen_modules:
         module.to(accelerator.device)
     return family

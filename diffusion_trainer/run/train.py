@@ -87,11 +87,11 @@ def planned_settings(params: TrainingParams, reporter: Any) -> tuple[TrainingPar
         reporter.info(line)
     if plan.budget_gb is None:
         return params, ()
-    if plan.int8_text_encoders:
-        storage.check_storage("int8", what=f"the memory plan's int8 {', '.join(plan.int8_text_encoders)}")
+    for name, bits in plan.quantized_text_encoders.items():
+        storage.check_storage(bits, what=f"the memory plan's {bits} {name}")
     chosen = plan.settings
     return params.model_copy(update={"base_precision": chosen.base_precision, "offload": chosen.offload,
-                                     "gradient_checkpointing": chosen.gradient_checkpointing}), plan.int8_text_encoders
+                                     "gradient_checkpointing": chosen.gradient_checkpointing}), plan.quantized_text_encoders
 
 
 def local_dataset_folder(dataset_name: str) -> Path | None:
@@ -109,7 +109,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
     if params.resolution % family_cls.resolution_multiple:
         raise InputError(f"resolution: {family_cls.label} needs a multiple of "
                          f"{family_cls.resolution_multiple} (got {params.resolution}).")
-    params, int8_text = planned_settings(params, reporter)
+    params, quantized_text = planned_settings(params, reporter)
     load_problems: list[str] = []
     load_notes: list[str] = []
     records = load_records(params.dataset_name, params.image_column, params.caption_column, load_problems,
@@ -157,7 +157,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
             resume_from = reporter.checkpoint_to_resume() or resume_from
     set_seed(params.seed)
     # staged loading: text encoders and VAE first; they encode what they can and leave, then the denoiser
-    family = setup.load_family(family_cls, params, runtime, accelerator, reporter, int8_text)
+    family = setup.load_family(family_cls, params, runtime, accelerator, reporter, quantized_text)
     raise_if_stopped(reporter.stop_asked_here, "while the model loaded")
     prompts = parse_prompts(params.eval_prompt)
     settings = EvalSettings(prompts, params.seed, params.eval_steps, params.eval_num_inference_steps,
@@ -192,7 +192,7 @@ def train_with_lock(lock: guards.OutputLock, params: TrainingParams, paths: RunP
                                     params.loss_type, params.huber_c)
     spec = AdapterSpec(params.lora_type, params.lora_r, params.lora_alpha, params.lora_dropout, params.lora_init)
     text_adapters = attach_text_adapters(family, spec, params)  # before the text cache: what is trained is not cached
-    for note in adapter_notes(params):
+    for note in adapter_notes(params, family_cls.single_file_form):
         reporter.info(note)
 
     # --- data: encode once where we can, then free the encoders --------------------------
@@ -423,12 +423,12 @@ def attach_text_adapters(family: Any, spec: AdapterSpec, params: TrainingParams)
     return adapters
 
 
-def adapter_notes(params: TrainingParams) -> list[str]:
+def adapter_notes(params: TrainingParams, single_file_form: str) -> list[str]:
     """What the chosen adapter type means for the files it is saved in."""
     from ..lora import BASE_CHANGING_INITS, loaders
 
     notes = []
-    refused = {loader: why for loader, why in loaders(params.lora_type).items() if why.startswith("no")}
+    refused = {loader: why for loader, why in loaders(params.lora_type, single_file_form).items() if why.startswith("no")}
     for loader, why in refused.items():
         notes.append(f"lora_type={params.lora_type}: {loader}: {why}.")
     if params.lora_init in BASE_CHANGING_INITS:
@@ -453,4 +453,4 @@ def adapter_info(family: Any, params: TrainingParams, outcome: loop.Outcome, pre
         target_modules=list(denoiser["target_modules"]), lora_type=params.lora_type, text_encoder_targets=text,
         trigger_word=params.trigger_word, parameters=params.model_dump(), steps_trained=outcome.steps,
         epochs_trained=outcome.epochs, final_loss=outcome.final_loss, prediction_type=prediction_type,
-        stopped_early=outcome.stopped)
+        stopped_early=outcome.stopped, single_file_form=family.single_file_form)
