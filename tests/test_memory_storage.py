@@ -192,3 +192,48 @@ def test_a_text_encoder_that_does_not_fit_beside_the_rest_is_planned_and_loaded_
         assert bits == "int8" or all(type(w).__name__ in stored_as for w in t5_linear)
         with torch.no_grad():
             assert family.encode_prompts([PROMPT])["encoder_hidden_states"].isfinite().all()
+
+
+@pytest.mark.parametrize("name", ["sd", "flux"])
+def test_offload_has_every_frozen_layer_on_the_device_when_it_runs_also_when_backward_recomputes(
+        name, tiny_sd, tiny_family, monkeypatch):
+    """A UNet checkpoints its resnets and attention, inside the blocks the swap moves: their recomputation
+    in backward runs no block's forward, so the swap must act on each layer (on a CPU nothing fails by
+    itself; the layers' places are tracked instead)."""
+    from types import SimpleNamespace
+
+    from diffusion_trainer.data.batch import ModelInputs
+    from diffusion_trainer.families import family_for
+    from diffusion_trainer.lora import AdapterSpec, attach
+    from diffusion_trainer.params import parse_params
+    from diffusion_trainer.run import loop
+
+    model = tiny_sd if name == "sd" else tiny_family("flux")
+    family = family_for(str(model)).load(str(model), torch.float32)
+    denoiser = family.denoiser
+    attach(denoiser, AdapterSpec("lora", 4, 4), family.lora_targets("attention"))
+    denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    on_device, late = set(), []
+    move = offload.BlockSwap.move
+
+    def tracked(self, leaf, to_device):
+        move(self, leaf, to_device)
+        (on_device.add if to_device else on_device.discard)(id(leaf))
+
+    monkeypatch.setattr(offload.BlockSwap, "move", tracked)
+    monkeypatch.setattr(offload, "RESIDENT", 1)
+    swap = offload.stream_blocks(denoiser, torch.device("cpu"))
+    for block in swap.blocks:  # registered after the swap's hooks, so these run after them
+        for leaf in swap.leaves[id(block)]:
+            leaf.register_forward_pre_hook(lambda m, args: None if id(m) in on_device else late.append(m))
+    params = parse_params({"adaptor_name": "a", "model_name": str(model), "dataset_name": "d", "resolution": 64})[0]
+    family.configure_objective(params, family.model_prediction_type())
+    batch = {"pixel_values": torch.rand(1, 3, 64, 64) * 2 - 1, "caption": ["a sks star"],
+             "original_size": torch.tensor([[64, 64]]), "crop_top_left": torch.tensor([[0, 0]]),
+             "target_size": torch.tensor([[64, 64]])}
+    t = SimpleNamespace(inputs=ModelInputs(family, 0.0, torch.device("cpu")), family=family, denoiser=denoiser,
+                        loss_type="l2", huber_c=0.1)
+    torch.manual_seed(0)
+    loop.batch_loss(t, batch)[0].backward()
+    assert swap.onloads > len(swap.blocks) and late == []

@@ -48,7 +48,8 @@ def plain(tensor: torch.Tensor) -> bool:
 
 
 class BlockSwap:
-    """The swap, installed by a forward pre-hook on each block. Plain frozen tensors keep one host copy
+    """The swap, installed by a forward pre-hook on each frozen leaf of each block (bringing its whole
+    block over). Plain frozen tensors keep one host copy
     (pinned on CUDA) that is copied over and dropped again; quantized ones (torchao, bitsandbytes)
     move with their module's own `to`."""
 
@@ -70,8 +71,9 @@ class BlockSwap:
                     host = tensor.data.to("cpu")
                     self.host[id(tensor)] = host.pin_memory() if pin else host
             self.move(module, to_device=False)
-        for block in self.blocks:
-            block.register_forward_pre_hook(self.before)
+        for block in self.blocks:  # on every leaf, not the block: a checkpointed unit inside a block (a
+            for leaf in self.leaves[id(block)]:  # UNet's resnet) runs again in backward without the block
+                leaf.register_forward_pre_hook(lambda _leaf, args, block=block: self.before(block, args))
 
     def move(self, leaf: torch.nn.Module, to_device: bool) -> None:
         if not all(plain(t) for _, _, t in own_tensors(leaf)):

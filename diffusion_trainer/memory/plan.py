@@ -323,8 +323,9 @@ class Planner:
                 storages.insert(1, "bf16")
         else:
             storages = [base_precision]
-        # a UNet checkpoints its resnets and attention blocks, not the blocks offload streams: backward
-        # would recompute them with weights in host memory, so auto offloads only transformers' blocks
+        # a UNet's few, large blocks hold units it checkpoints on their own (resnets, attention): the swap
+        # brings a whole block for each, which the simulation does not cover, so auto offloads only
+        # transformers' blocks (an explicit offload=blocks works on a UNet: memory/offload.py)
         unet = "UNet" in self.denoiser.class_name
         offloads = (["none"] if unet else ["none", "blocks"]) if offload == "auto" else [offload]
         found = []
