@@ -154,12 +154,13 @@ def test_a_quantized_base_is_planned_within_10_percent_of_its_simulated_step(tmp
 
 def test_the_plan_says_what_host_ram_the_run_needs(tmp_path, capsys):
     """Staged loading holds one component at a time in host RAM (issue 19: FLUX.1-dev at most its
-    largest component in its storage form plus a few GB); offloaded blocks live there, pinned."""
+    largest component in its storage form plus a few GB; fp8 too, cast tensor by tensor as it is read);
+    offloaded blocks live there, pinned."""
     config = write_config(tmp_path / "run.json", {"adaptor_name": "a", "model_name": str(REAL / "flux1_dev"),
                                                   "dataset_name": "./nowhere", "resolution": 1024, "lora_r": 16,
                                                   "mixed_precision": "bf16"})
     plans = {}
-    for storage, offload in (("int8", "none"), ("bf16", "blocks")):
+    for storage, offload in (("int8", "none"), ("fp8", "none"), ("bf16", "blocks")):
         assert run_main(["plan", "--config", str(config), "--json", "--set", f"base_precision={storage}",
                          "--set", f"offload={offload}", "--set", "gradient_checkpointing=true"]) == 0
         plans[storage] = json.loads(capsys.readouterr().out)
@@ -171,6 +172,9 @@ def test_the_plan_says_what_host_ram_the_run_needs(tmp_path, capsys):
     assert transformer_int8 < int8["host_ram_gb"] <= transformer_int8 + 4  # the transformer, not T5 and it together
     assert by_stage["encode text"] < by_stage["train step"] and by_stage["encode images"] < 4
     assert offloaded["host_ram_gb"] >= 23.8  # the whole bf16 transformer, pinned in host memory
+    fp8 = plans["fp8"]
+    transformer_fp8 = next(v for k, v in fp8["stages"][-1]["on_device"].items() if k.startswith("transformer"))
+    assert transformer_fp8 < 0.7 * 23.8 and fp8["host_ram_gb"] <= transformer_fp8 + 4  # cast as read, no bf16 copy
     assert run_main(["plan", "--config", str(config), "--set", "base_precision=int8", "--set", "offload=none"]) == 0
     assert f"host RAM: peak {int8['host_ram_gb']:.1f} GB" in capsys.readouterr().out
 

@@ -237,3 +237,87 @@ def test_offload_has_every_frozen_layer_on_the_device_when_it_runs_also_when_bac
     torch.manual_seed(0)
     loop.batch_loss(t, batch)[0].backward()
     assert swap.onloads > len(swap.blocks) and late == []
+
+
+def hooked(module: torch.nn.Module) -> set[str]:
+    """The names of the modules diffusers' layerwise casting upcasts as they run."""
+    return {name for name, m in module.named_modules()
+            if getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.get_hook("layerwise_casting")}
+
+
+def same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
+    """The names of parameters and buffers that differ in dtype or bits (every one of both models)."""
+    ta, tb = {**dict(a.named_parameters()), **dict(a.named_buffers())}, {**dict(b.named_parameters()), **dict(b.named_buffers())}
+    assert ta.keys() == tb.keys()
+    return [n for n in ta if ta[n].dtype != tb[n].dtype or ta[n].device != tb[n].device
+            or not torch.equal(ta[n].view(torch.uint8) if ta[n].dtype.itemsize == 1 else ta[n],
+                               tb[n].view(torch.uint8) if tb[n].dtype.itemsize == 1 else tb[n])]
+
+
+CAST_CASES = [(name, "fp8", "bf16") for name in ("sd", "sdxl", "sd3", "flux", "flux2", "chroma", "z_image", "qwen_image")]
+CAST_CASES += [("sd", "fp8", "no"), ("flux", "fp8", "no"), ("flux", "bf16", "no")]
+
+
+@pytest.mark.parametrize("name,precision,mixed", CAST_CASES)
+def test_a_cast_storage_reads_each_tensor_into_its_storage_dtype_giving_from_pretrained_then_casting(
+        name, precision, mixed, tiny_sd, tiny_family, tmp_path):
+    """memory/cast_loading.py, as the run calls it (setup.load_denoiser): the same tensors, bit for bit and
+    dtype for dtype, and the same layers upcast, as from_pretrained in the load dtype then layerwise casting
+    (which held the whole model in that dtype first); the flux case reads a denoiser saved in three shards."""
+    from diffusers import FluxTransformer2DModel
+
+    from diffusion_trainer.families import family_for
+
+    model = tiny_sd if name == "sd" else tiny_family(name)
+    if name == "flux":  # the same weights in shards, with their index, as large models are saved
+        model = tmp_path / "sharded"
+        shutil.copytree(tiny_family("flux"), model)
+        shutil.rmtree(model / "transformer")
+        FluxTransformer2DModel.from_pretrained(tiny_family("flux"), subfolder="transformer").save_pretrained(
+            model / "transformer", max_shard_size="40KB")
+        assert len(list((model / "transformer").glob("*.safetensors"))) >= 3
+    family_cls = family_for(str(model))
+    compute = setup.WEIGHT_DTYPES[mixed]
+    base = storage.resolve_storage(precision, compute, compute)
+    assert base.casts_layers
+    reference = family_cls.load(str(model), compute, without_denoiser=True).load_denoiser(**base.load_kwargs(False))
+    storage.apply_base_storage(reference, base, cuda=False)
+    family = family_cls.load(str(model), compute, without_denoiser=True)
+    said = []
+    reporter = type("Reporter", (), {"info": lambda self, message: said.append(message)})()
+    cpu = type("Accelerator", (), {"device": torch.device("cpu")})()
+    read = setup.load_denoiser(family, precision, "none", setup.Runtime(mixed, False), cpu, reporter)
+    assert not any("cannot be read tensor by tensor" in m for m in said), said
+    assert read is family.denoiser and family.denoiser_loaded
+    assert same_tensors(reference, read) == []
+    assert hooked(read) == hooked(reference) and hooked(read)
+    assert any(p.dtype == storage.PLAIN.get(precision, torch.float8_e4m3fn) for p in read.parameters())
+
+
+def test_a_denoiser_with_missing_weights_is_refused_naming_them_and_fp32_kept_modules_load_through_from_pretrained(
+        tiny_family, tmp_path, monkeypatch):
+    """Files lacking a weight the model has: refused before any weight is read, naming it. A model with
+    modules kept in fp32 cannot be cast as read: the run loads it through from_pretrained then casting,
+    and says what that holds in host RAM."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    from diffusion_trainer.errors import InputError
+
+    said = []
+    reporter = type("Reporter", (), {"info": lambda self, message: said.append(message)})()
+    cpu = type("Accelerator", (), {"device": torch.device("cpu")})()
+    model = tmp_path / "renamed"
+    shutil.copytree(tiny_family("flux"), model)
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    save_file({n.replace("norm_out", "norm_final"): t for n, t in tensors.items()}, weights)
+    family = Flux.load(str(model), torch.bfloat16, without_denoiser=True)
+    with pytest.raises(InputError, match=r"model_name: the transformer files .* lack 2 .*norm_out\.linear\.bias"):
+        setup.load_denoiser(family, "fp8", "none", setup.Runtime("bf16", False), cpu, reporter)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "_keep_in_fp32_modules", ["norm_out"])
+    family = Flux.load(str(tiny_family("flux")), torch.bfloat16, without_denoiser=True)
+    denoiser = setup.load_denoiser(family, "fp8", "none", setup.Runtime("bf16", False), cpu, reporter)
+    assert any("cannot be read tensor by tensor" in m and "bf16 copy" in m for m in said), said
+    assert hooked(denoiser) and not any(p.is_meta for p in denoiser.parameters())

@@ -188,14 +188,25 @@ class ModelFamily(ABC):
     def load_denoiser(self, **kwargs: Any) -> torch.nn.Module:
         """Read the denoiser's weights into the pipeline, with the from_pretrained keywords (torch_dtype,
         quantization_config) that load it straight into its storage (memory/storage.py)."""
-        stand_in = self.pipeline.__dict__.get(self.denoiser_attr)
-        model_class = stand_in.model_class if isinstance(stand_in, NotLoaded) else type(stand_in)
         try:
-            denoiser = model_class.from_pretrained(self.source, subfolder=self.denoiser_attr, use_safetensors=True,
-                                                   **kwargs)
+            denoiser = self.denoiser_class.from_pretrained(self.source, subfolder=self.denoiser_attr,
+                                                           use_safetensors=True, **kwargs)
         except (OSError, ValueError) as exc:
             raise InputError(f"model_name: could not load the {self.denoiser_attr} of '{self.source}' with "
                              f"safetensors weights ({type(exc).__name__}: {exc}).") from None
+        return self.use_denoiser(denoiser)
+
+    @property
+    def denoiser_class(self) -> type:
+        stand_in = self.pipeline.__dict__.get(self.denoiser_attr)
+        return stand_in.model_class if isinstance(stand_in, NotLoaded) else type(stand_in)
+
+    @property
+    def denoiser_config(self) -> Any:
+        return self.pipeline.__dict__[self.denoiser_attr].config
+
+    def use_denoiser(self, denoiser: torch.nn.Module) -> torch.nn.Module:
+        """Put a denoiser read elsewhere (memory/cast_loading.py) into the pipeline."""
         self.pipeline.register_modules(**{self.denoiser_attr: denoiser})
         return denoiser
 

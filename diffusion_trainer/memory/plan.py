@@ -209,7 +209,9 @@ class Planner:
         for encoder in self.staying_encoders():
             kept = quantized_text.get(encoder.name, compute)
             on[f"{encoder.name} {kept}"] = storage_bytes(encoder.weights, kept) / GB
-        host = self.denoiser_host_bytes(settings, base) / GB + HOST_OVERHEAD_GB
+        # host RAM: the denoiser as stored (each tensor quantized or cast as it is read: memory/cast_loading.py
+        # for fp8), all of it pinned when its blocks are offloaded
+        host = base / GB + HOST_OVERHEAD_GB
         stages.append(Stage("train step", on, sum(on.values()), host))
         if run.eval_images:
             stages.append(self.eval_stage(settings, on, compute, budget_gb))
@@ -287,15 +289,6 @@ class Planner:
               f"{self.run.batch_size} image(s) at {self.run.resolution} px": pixels * VAE_BYTES_PER_PIXEL * BYTES[compute] / 2 / GB}
         host = storage_bytes(self.vae.weights, compute) / GB + HOST_OVERHEAD_GB
         return Stage("encode images", on, sum(on.values()), host)
-
-    def denoiser_host_bytes(self, settings: Settings, stored: float) -> float:
-        """Host RAM the denoiser takes: while it loads, its load form (int8 and nf4 quantize layer by
-        layer while loading; fp8 casting loads bf16 first); with offload, all of it, pinned, as stored."""
-        if settings.offload == "blocks":
-            return stored
-        if settings.base_precision == "fp8":
-            return storage_bytes(self.denoiser.weights, "bf16")
-        return stored
 
     def eval_stage(self, settings: Settings, train: dict[str, float], compute: str, budget_gb: float | None) -> Stage:
         on = {k: v for k, v in train.items() if not k.startswith(("activations", "LoRA", "upcast"))}

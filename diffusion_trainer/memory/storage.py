@@ -138,15 +138,21 @@ def quantization_config_for(precision: str, compute_dtype: torch.dtype, cuda: bo
 def apply_base_storage(denoiser: torch.nn.Module, storage: BaseStorage, cuda: bool) -> None:
     """The part of the storage that loading cannot do, in place, before the LoRA is attached."""
     if storage.casts_layers:
-        unet = "UNet" in type(denoiser).__name__
-        denoiser.enable_layerwise_casting(storage_dtype=storage.cast_storage_dtype, compute_dtype=storage.compute_dtype,
-                                          skip_modules_classes=(torch.nn.Conv2d,) if unet else None)
+        enable_casting(denoiser, storage)
     elif storage.precision == "int8" and storage.compute_dtype != storage.load_dtype:
         for tensor in [*denoiser.parameters(), *denoiser.buffers()]:  # the layers torchao left unquantized
             if type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.is_floating_point():
                 tensor.data = tensor.data.to(storage.compute_dtype)
     elif storage.precision == "nf4" and not cuda:
         quantize_linears_nf4(denoiser, storage.compute_dtype)
+
+
+def enable_casting(denoiser: torch.nn.Module, storage: BaseStorage) -> None:
+    """diffusers' layerwise casting with our skip rule (a UNet's convolutions stay as loaded); on a
+    meta-device model too, before its weights are read (cast_loading.py)."""
+    unet = "UNet" in type(denoiser).__name__
+    denoiser.enable_layerwise_casting(storage_dtype=storage.cast_storage_dtype, compute_dtype=storage.compute_dtype,
+                                      skip_modules_classes=(torch.nn.Conv2d,) if unet else None)
 
 
 def quantize_linears_nf4(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:

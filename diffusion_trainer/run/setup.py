@@ -182,8 +182,10 @@ def load_denoiser(family: Any, base_precision: str, offload_mode: str, runtime: 
     cuda = accelerator.device.type == "cuda"
     compute = WEIGHT_DTYPES[runtime.mixed_precision]
     base = storage.resolve_storage(base_precision, compute, compute)
-    denoiser = family.load_denoiser(**base.load_kwargs(cuda))
-    storage.apply_base_storage(denoiser, base, cuda)
+    denoiser = read_cast_denoiser(family, base, reporter) if base.casts_layers else None
+    if denoiser is None:
+        denoiser = family.load_denoiser(**base.load_kwargs(cuda))
+        storage.apply_base_storage(denoiser, base, cuda)
     denoiser.requires_grad_(False)
     if offload_mode != "blocks" and not (base.precision == "nf4" and cuda):  # bitsandbytes places 4-bit itself
         denoiser.to(accelerator.device)
@@ -192,6 +194,22 @@ def load_denoiser(family: Any, base_precision: str, offload_mode: str, runtime: 
                   f"{'' if offload_mode == 'blocks' else f' on {accelerator.device}'}; text encoders still loaded: "
                   f"{', '.join(text) or 'none'}.")
     return denoiser
+
+
+def read_cast_denoiser(family: Any, base: storage.BaseStorage, reporter: Any) -> torch.nn.Module | None:
+    """A cast storage's denoiser read tensor by tensor into its storage dtype (memory/cast_loading.py),
+    or None (then from_pretrained reads it whole in its load dtype first, and the log says so)."""
+    from ..memory.cast_loading import read_cast
+
+    denoiser = read_cast(family.denoiser_class, family.denoiser_config, family.source, family.denoiser_attr,
+                         base.load_dtype, lambda model: storage.enable_casting(model, base))
+    if denoiser is None:
+        reporter.info(f"The {family.denoiser_attr}'s files cannot be read tensor by tensor (old attention names, "
+                      f"modules kept in fp32, or no safetensors found): it loads whole in "
+                      f"{storage.NAMES[base.load_dtype]} first, then is cast to {base.precision} (host RAM holds "
+                      f"its {storage.NAMES[base.load_dtype]} copy meanwhile).")
+        return None
+    return family.use_denoiser(denoiser)
 
 
 def stream_blocks(denoiser: torch.nn.Module, accelerator: Any, reporter: Any) -> Any:
