@@ -98,6 +98,8 @@ def plan_main(argv: list[str]) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--gpu-memory-gb", type=float, help="GPU memory to plan for (default: gpu_memory_gb, "
                         "else this GPU's free memory)")
+    parser.add_argument("--host-memory-gb", type=float, help="host RAM to plan for (default: not checked; a run "
+                        "checks this machine's)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (peak_gb, settings, stages)")
     args = parser.parse_args(argv)
     try:
@@ -108,7 +110,7 @@ def plan_main(argv: list[str]) -> int:
         params, _ = parse_params(raw, lambda key: True)
         from .memory.plan import plan_for
 
-        plan = plan_for(params)
+        plan = plan_for(params, host_budget_gb=args.host_memory_gb)
     except (ValueError, ParamsError, InputError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

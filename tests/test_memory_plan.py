@@ -207,3 +207,29 @@ def test_offloaded_blocks_are_planned_within_10_percent_of_the_simulated_swap(tm
                            checkpointing=True, offload="swap")
     assert swapped.peak_gb < kept.peak_gb - 1.0  # four of the six blocks' weights (1.7 GB) stay in host memory
     assert abs(predicted - swapped.peak_gb) <= 0.10 * swapped.peak_gb, (predicted, swapped.peak_gb)
+
+
+def test_auto_takes_settings_that_fit_the_hosts_ram_too_and_says_what_the_others_needed(tmp_path, capsys):
+    """FLUX.1-dev on an 8 GB GPU: bf16 with offload keeps the 23.8 GB transformer pinned in host RAM,
+    so with 24 GB of RAM auto stores it in fp8 (15.1 GB) and says why; when nothing fits the host's
+    RAM it keeps the GPU's choice and warns, naming the least the host would need."""
+    config = write_config(tmp_path / "run.json", {"adaptor_name": "a", "model_name": str(REAL / "flux1_dev"),
+                                                  "dataset_name": "./nowhere", "resolution": 1024, "lora_r": 16,
+                                                  "mixed_precision": "bf16"})
+    plans = {}
+    for host in ("64", "24", "8"):
+        assert run_main(["plan", "--config", str(config), "--gpu-memory-gb", "8", "--host-memory-gb", host,
+                         "--json"]) == 0
+        plans[host] = json.loads(capsys.readouterr().out)
+    assert plans["64"]["settings"]["base_precision"] == "bf16" and plans["64"]["settings"]["offload"] == "blocks"
+    roomy, tight, tiny = plans["64"], plans["24"], plans["8"]
+    assert roomy["host_ram_gb"] > 24 and roomy["fits_host"]
+    assert tight["settings"]["base_precision"] == "fp8" and tight["settings"]["offload"] == "blocks"
+    assert tight["fits_host"] and tight["host_ram_gb"] <= 24 and tight["peak_gb"] <= 8
+    assert any(f"bf16 + checkpointing + offload needs {roomy['host_ram_gb']:.1f} GB of host RAM" in n
+               for n in tight["notes"]), tight["notes"]
+    assert not tiny["fits_host"] and tiny["settings"] == roomy["settings"]
+    warning = next(n for n in tiny["notes"] if n.startswith("host RAM:"))
+    assert "this machine has 8.0 GB" in warning and "nf4" in warning, warning
+    assert run_main(["plan", "--config", str(config), "--gpu-memory-gb", "8", "--host-memory-gb", "24"]) == 0
+    assert "host RAM: peak" in (out := capsys.readouterr().out) and "of 24.0 GB" in out

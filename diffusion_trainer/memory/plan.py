@@ -8,6 +8,7 @@ trainer's own step (memory/simulate.py, bench/memory_simulation.py).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
@@ -65,6 +66,7 @@ class Plan:
     stages: list[Stage]
     notes: list[str] = field(default_factory=list)
     quantized_text_encoders: dict[str, str] = field(default_factory=dict)  # {name: int8 | nf4}, applied by the run
+    host_budget_gb: float | None = None  # this machine's RAM (or --host-memory-gb); None: not checked
 
     @property
     def peak_gb(self) -> float:
@@ -78,6 +80,10 @@ class Plan:
     def fits(self) -> bool:
         return self.budget_gb is None or self.peak_gb <= self.budget_gb
 
+    @property
+    def fits_host(self) -> bool:
+        return self.host_budget_gb is None or self.host_ram_gb <= self.host_budget_gb
+
     def lines(self) -> list[str]:
         budget = "no GPU budget" if self.budget_gb is None else f"{self.budget_gb:.1f} GB"
         out = [f"Memory plan for {self.model} ({budget}):"]
@@ -86,7 +92,8 @@ class Plan:
             out.append(f"  {stage.name:<13} peak {stage.peak_gb:6.2f} GB: {parts} (host RAM {stage.host_gb:.1f} GB)")
         out.append(f"  settings: {self.settings.describe()}")
         out.append(f"  host RAM: peak {self.host_ram_gb:.1f} GB (what loads at once, "
-                   f"{HOST_OVERHEAD_GB:.0f} GB for the process)")
+                   f"{HOST_OVERHEAD_GB:.0f} GB for the process)"
+                   + (f" of {self.host_budget_gb:.1f} GB" if self.host_budget_gb is not None else ""))
         out += [f"  {note}" for note in self.notes]
         if self.budget_gb is not None:
             out.append(f"fits: peak {self.peak_gb:.1f} GB of {self.budget_gb:.1f} GB" if self.fits else
@@ -96,6 +103,7 @@ class Plan:
     def as_json(self) -> dict[str, Any]:
         return {"model": self.model, "peak_gb": round(self.peak_gb, 3), "budget_gb": self.budget_gb,
                 "fits": self.fits, "settings": asdict(self.settings), "notes": self.notes,
+                "host_budget_gb": self.host_budget_gb, "fits_host": self.fits_host,
                 "quantized_text_encoders": dict(self.quantized_text_encoders), "host_ram_gb": round(self.host_ram_gb, 3),
                 "stages": [{"name": s.name, "peak_gb": round(s.peak_gb, 3), "host_ram_gb": round(s.host_gb, 3),
                             "on_device": {k: round(v, 3) for k, v in s.on_device.items()}} for s in self.stages]}
@@ -334,25 +342,43 @@ class Planner:
 
 
 def make_plan(family_cls: Any, source: str, run: Run, *, base_precision: str, offload: str,
-              gradient_checkpointing: bool, budget_gb: float | None) -> Plan:
-    """The plan for these settings; with auto ones, the first that fits (or the last tried).
-    Raises DoesNotFit naming what to change when explicit settings do not fit."""
+              gradient_checkpointing: bool, budget_gb: float | None, host_budget_gb: float | None = None) -> Plan:
+    """The plan for these settings; with auto ones, the first that fits the GPU and the host RAM (or, when
+    none fits the host RAM, the first that fits the GPU; or the last tried). Raises DoesNotFit naming what
+    to change when explicit settings do not fit the GPU; host RAM they exceed is a note (swap may serve)."""
     planner = Planner(family_cls, source, run)
     if budget_gb is None:  # no GPU: today's behaviour, mixed_precision decides the storage
         storage = base_precision if base_precision != "auto" else default_storage(run.mixed_precision)
         plan = planner.plan(Settings(storage, gradient_checkpointing, "none" if offload == "auto" else offload), None)
         plan.notes.append("no GPU here: no GPU budget; base_precision auto keeps mixed_precision's storage"
                           if base_precision == "auto" else "no GPU here: no GPU budget to check against")
-        return plan
+        return with_host_budget(plan, host_budget_gb, [])
     options = planner.candidates(base_precision, offload, gradient_checkpointing)
     tried = [planner.plan(s, budget_gb) for s in options]
     for plan in tried:
-        if plan.fits:
-            if len(options) > 1:
-                plan.notes.append(choice_note(plan, tried))
-            return plan
+        plan.host_budget_gb = host_budget_gb
+    fitting = [plan for plan in tried if plan.fits]
+    if fitting:
+        chosen = next((plan for plan in fitting if plan.fits_host), fitting[0])
+        if len(options) > 1:
+            chosen.notes.append(choice_note(chosen, tried))
+        return with_host_budget(chosen, host_budget_gb, fitting)
     explicit = tried[0] if len(options) == 1 else tried[-1]
     raise DoesNotFit(what_to_change(planner, explicit, budget_gb))
+
+
+def with_host_budget(plan: Plan, host_budget_gb: float | None, fitting: list[Plan]) -> Plan:
+    """The plan checked against this machine's RAM: a note when it needs more, naming settings that
+    fit both (among `fitting`, the GPU-fitting ones auto could take) or what the least needs."""
+    plan.host_budget_gb = host_budget_gb
+    if plan.fits_host:
+        return plan
+    others = [p for p in fitting if p.fits_host] or sorted(fitting, key=lambda p: p.host_ram_gb)[:1]
+    advice = "; ".join(f"{p.settings.describe()} needs {p.host_ram_gb:.1f} GB" for p in others[:2]
+                       if p.settings != plan.settings)
+    plan.notes.append(f"host RAM: {plan.host_ram_gb:.1f} GB needed, this machine has {host_budget_gb:.1f} GB: "
+                      "the system may swap or stop the run" + (f" ({advice})" if advice else ""))
+    return plan
 
 
 def choice_note(chosen: Plan, tried: list[Plan]) -> str:
@@ -360,7 +386,8 @@ def choice_note(chosen: Plan, tried: list[Plan]) -> str:
     if not before:
         return f"chosen: {chosen.settings.describe()} (the least lossy settings; they fit)"
     refused = ", ".join(f"{p.settings.base_precision}{' + checkpointing' if p.settings.gradient_checkpointing else ''}"
-                        f"{' + offload' if p.settings.offload == 'blocks' else ''} needs {p.peak_gb:.1f} GB"
+                        f"{' + offload' if p.settings.offload == 'blocks' else ''} needs "
+                        + (f"{p.host_ram_gb:.1f} GB of host RAM" if p.fits else f"{p.peak_gb:.1f} GB")
                         for p in before)
     return f"chosen: {chosen.settings.describe()}, the least lossy that fits ({refused})"
 
@@ -391,17 +418,29 @@ def gpu_budget_gb(gpu_memory_gb: float) -> float | None:
     return torch.cuda.mem_get_info()[0] / GB
 
 
+def host_ram_total_gb() -> float | None:
+    """This machine's RAM (MemTotal), None where /proc/meminfo cannot tell."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    return None
+
+
 def default_storage(mixed_precision: str) -> str:
     """`auto` without a GPU budget: mixed_precision's dtype, as the rest of the pipeline loads."""
     return {"no": "fp32"}.get(mixed_precision, mixed_precision)
 
 
-def plan_for(params: Any, class_images: bool | None = None) -> Plan:
+def plan_for(params: Any, class_images: bool | None = None, host_budget_gb: float | None = None) -> Plan:
     """The plan of a run's parameters (InputError when explicit settings do not fit); `class_images`:
-    whether the run draws class images (None: whenever prior preservation has a class folder)."""
+    whether the run draws class images (None: whenever prior preservation has a class folder);
+    `host_budget_gb`: the host RAM to check against (a run: this machine's)."""
     from ..families import family_for
 
     return make_plan(family_for(params.model_name), params.model_name, Run.of(params, class_images),
                      base_precision=params.base_precision, offload=params.offload,
                      gradient_checkpointing=params.gradient_checkpointing or params.offload == "blocks",
-                     budget_gb=gpu_budget_gb(params.gpu_memory_gb))
+                     budget_gb=gpu_budget_gb(params.gpu_memory_gb), host_budget_gb=host_budget_gb)

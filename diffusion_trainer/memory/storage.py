@@ -8,6 +8,7 @@ The API the run's setup and the memory plan share (all explicit values, no param
                                                               denoiser's from_pretrained
     apply_base_storage(denoiser, storage, cuda)               what from_pretrained cannot do: fp8
                                                               layerwise casting, nf4 on a CPU
+    enable_casting(denoiser, storage)                         the fp8 casting alone (on a meta model too)
     stored_bytes(module)                                      what a loaded module's weights really take
 
 Call order: load with `load_kwargs`, then `apply_base_storage`, then attach the LoRA (so the LoRA
@@ -16,7 +17,9 @@ weights stay fp32 and are never cast or quantized), then offload.stream_blocks i
 Libraries (each installs beside torch 2.14.1 without replacing it, and trains a PEFT LoRA on a CPU):
 - fp8: diffusers' own `enable_layerwise_casting` (weights stored in float8_e4m3fn, each layer upcast to
   the compute dtype as it runs; norms and embeddings stay as loaded). Conv2d layers are skipped on
-  UNets: cast convolutions break gradient checkpointing (saved bf16, recomputed fp8).
+  UNets: cast convolutions break gradient checkpointing (saved bf16, recomputed fp8). A run reads
+  such a model tensor by tensor, each cast as it is read (cast_loading.py), not through
+  from_pretrained and then apply_base_storage.
 - int8: torchao's int8 weight-only quantization through diffusers' `TorchAoConfig`, applied while
   loading (no full-precision copy of the model). torchao is maintained by the PyTorch team, is what
   diffusers documents first, and PEFT has a LoRA layer for its tensors; optimum-quanto would also

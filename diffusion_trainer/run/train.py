@@ -70,14 +70,14 @@ def planned_settings(params: TrainingParams, reporter: Any) -> tuple[TrainingPar
     """Print the memory plan first; with a GPU budget, train with the settings it chose (and the text
     encoders it stores in int8). Explicit settings that cannot fit stop the run here (DoesNotFit, an
     InputError: exit 2), before anything loads."""
-    from ..memory.plan import DoesNotFit, plan_for
+    from ..memory.plan import DoesNotFit, host_ram_total_gb, plan_for
 
     if params.offload == "blocks" and not params.gradient_checkpointing:
         reporter.info("offload=blocks turns gradient_checkpointing on: without it autograd keeps every block's "
                       "weights on the accelerator for the backward pass.")
         params = params.model_copy(update={"gradient_checkpointing": True})
     try:
-        plan = plan_for(params)
+        plan = plan_for(params, host_budget_gb=host_ram_total_gb())
     except DoesNotFit:
         raise
     except Exception as exc:  # a config the meta-device count cannot read or build: the run goes on as before
