@@ -5,11 +5,11 @@ are a third of the model each) in a pipeline whose text encoders and VAE are tin
 
 Each mode loads in a fresh process; a thread reads the process's anonymous resident memory
 (RssAnon: what the process itself holds, not the file pages the OS may drop) every 2 ms, and the
-figure is its peak above what the process held before the denoiser began loading. The last
-column scales it to FLUX.1-dev's 11.9 B parameters (the same per-parameter cost). About 2 minutes
-on a 2-core CPU; no GPU needed.
+figure is its peak above what the process held before the denoiser began loading, and that peak
+less the stored weights (which, run with --blocks 1,2, does not grow with the model: a tensor's or a
+layer's temporaries, not a copy of the model). About 2 minutes on a 2-core CPU; no GPU needed.
 
-    python bench/host_ram.py [--modes bf16,fp8,fp8-whole,int8,nf4] [--keep /tmp/wide_flux]
+    python bench/host_ram.py [--modes bf16,fp8,fp8-whole,int8,nf4] [--blocks 2,4] [--keep /tmp/wide_flux]
 
 `fp8-whole` is fp8 read the way it was before memory/cast_loading.py (and still is where the files
 cannot be read tensor by tensor): from_pretrained in bf16, then layerwise casting.
@@ -28,10 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GB = 1e9
-FULL_PARAMETERS = 11.90e9  # FLUX.1-dev's transformer (tests/real_configs/flux1_dev)
 
 
-def build(folder: Path) -> None:
+def build(folder: Path, double: int, single: int) -> None:
     import torch
     from diffusers import FluxTransformer2DModel
 
@@ -41,7 +40,7 @@ def build(folder: Path) -> None:
         return
     save_pipeline(tiny_flux_pipeline(), folder)
     config = json.loads((ROOT / "tests/real_configs/flux1_dev/transformer/config.json").read_text())
-    config.update(num_layers=2, num_single_layers=4)
+    config.update(num_layers=double, num_single_layers=single)
     torch.manual_seed(0)
     with torch.device("cpu"):
         wide = FluxTransformer2DModel.from_config(config).to(torch.bfloat16)
@@ -104,6 +103,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", default="bf16,fp8,fp8-whole,fp8@fp32,fp8-whole@fp32,bf16@fp32,"
                                                  "bf16-whole@fp32,int8,nf4")
+    parser.add_argument("--blocks", default="2,4", help="double,single blocks of the transformer (default 2,4)")
     parser.add_argument("--keep", help="build the model here (and reuse it) instead of a temporary folder")
     parser.add_argument("--measure", nargs=2, metavar=("FOLDER", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -112,10 +112,10 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(args.keep or temporary) / "wide_flux" if not args.keep else Path(args.keep)
-        build(folder)
-        print("| base_precision | weights stored | host RAM peak while loading (anonymous) | peak / stored | "
-              "FLUX.1-dev (11.9 B) | resident peak, file pages included |")
-        print("|---|---|---|---|---|---|")
+        build(folder, *map(int, args.blocks.split(",")))
+        print("| base_precision | weights stored | host RAM peak while loading (anonymous) | peak - stored | "
+              "resident peak, file pages included |")
+        print("|---|---|---|---|---|")
         for mode in args.modes.split(","):
             out = subprocess.run([sys.executable, __file__, "--measure", str(folder), mode], capture_output=True,
                                  text=True, cwd=ROOT)
@@ -123,10 +123,8 @@ def main() -> int:
                 print(f"| {mode} | failed: {out.stderr.strip().splitlines()[-1]} |")
                 continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
-            scale = FULL_PARAMETERS / row["parameters"]
             print(f"| {mode} | {row['stored_bytes'] / GB:.2f} GB | {row['peak_bytes'] / GB:.2f} GB | "
-                  f"{row['peak_bytes'] / row['stored_bytes']:.2f} | {row['peak_bytes'] * scale / GB:.1f} GB | "
-                  f"{row['resident_bytes'] / GB:.2f} GB |",
+                  f"{(row['peak_bytes'] - row['stored_bytes']) / GB:+.2f} GB | {row['resident_bytes'] / GB:.2f} GB |",
                   flush=True)
     return 0
 
