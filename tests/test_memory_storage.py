@@ -288,6 +288,7 @@ def test_a_cast_storage_reads_each_tensor_into_its_storage_dtype_giving_from_pre
     cpu = type("Accelerator", (), {"device": torch.device("cpu")})()
     read = setup.load_denoiser(family, precision, "none", setup.Runtime(mixed, False), cpu, reporter)
     assert not any("cannot be read tensor by tensor" in m for m in said), said
+    assert any(m.startswith("Denoiser loaded:") and "(each tensor cast as it was read)" in m for m in said), said
     assert read is family.denoiser and family.denoiser_loaded
     assert same_tensors(reference, read) == []
     assert hooked(read) == hooked(reference) and hooked(read)

@@ -70,11 +70,11 @@ def read_cast(model_class: type, config: Any, source: str, subfolder: str, load_
     in_dtype(saved_tensors(model), load_dtype)
     enable_casting(model)
     expected = model.state_dict()
-    names = {}
+    names: set[str] = set()
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as opened:
-            names.update({name: file for name in opened.keys()})
-    missing = sorted(set(expected) - set(names))
+            names.update(opened.keys())
+    missing = sorted(set(expected) - names)
     if missing and any(getattr(m, "_from_deprecated_attn_block", False) for m in model.modules()):
         return None  # an old checkpoint's attention names, which from_pretrained converts
     if missing:
@@ -90,7 +90,6 @@ def read_cast(model_class: type, config: Any, source: str, subfolder: str, load_
                 if tensor.is_floating_point():  # through load_dtype, as from_pretrained then casting rounds
                     tensor = tensor.to(load_dtype).to(expected[name].dtype)
                 set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=tensor.dtype)
-                del tensor
     model.register_to_config(_name_or_path=source)
     return model.eval()
 

@@ -183,6 +183,7 @@ def load_denoiser(family: Any, base_precision: str, offload_mode: str, runtime: 
     compute = WEIGHT_DTYPES[runtime.mixed_precision]
     base = storage.resolve_storage(base_precision, compute, compute)
     denoiser = read_cast_denoiser(family, base, reporter) if base.casts_layers else None
+    cast_as_read = denoiser is not None
     if denoiser is None:
         denoiser = family.load_denoiser(**base.load_kwargs(cuda))
         storage.apply_base_storage(denoiser, base, cuda)
@@ -190,7 +191,8 @@ def load_denoiser(family: Any, base_precision: str, offload_mode: str, runtime: 
     if offload_mode != "blocks" and not (base.precision == "nf4" and cuda):  # bitsandbytes places 4-bit itself
         denoiser.to(accelerator.device)
     text = [a for a in family.text_encoder_attrs if getattr(family.pipeline, a, None) is not None]
-    reporter.info(f"Denoiser loaded: {base.describe()}, {storage.stored_bytes(denoiser) / 2**20:.1f} MB of weights"
+    reporter.info(f"Denoiser loaded: {base.describe()}{' (each tensor cast as it was read)' if cast_as_read else ''}, "
+                  f"{storage.stored_bytes(denoiser) / 2**20:.1f} MB of weights"
                   f"{'' if offload_mode == 'blocks' else f' on {accelerator.device}'}; text encoders still loaded: "
                   f"{', '.join(text) or 'none'}.")
     return denoiser
