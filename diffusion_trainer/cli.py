@@ -110,6 +110,9 @@ def plan_main(argv: list[str]) -> int:
         params, _ = parse_params(raw, lambda key: True)
         from .memory.plan import plan_for
 
+        if args.host_memory_gb is not None and args.host_memory_gb <= 0:
+            raise InputError(f"--host-memory-gb: must be greater than 0 (got {args.host_memory_gb:g}); leave it out "
+                             "to not check host RAM.")
         plan = plan_for(params, host_budget_gb=args.host_memory_gb)
     except (ValueError, ParamsError, InputError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)

@@ -233,3 +233,5 @@ def test_auto_takes_settings_that_fit_the_hosts_ram_too_and_says_what_the_others
     assert "this machine has 8.0 GB" in warning and "nf4" in warning, warning
     assert run_main(["plan", "--config", str(config), "--gpu-memory-gb", "8", "--host-memory-gb", "24"]) == 0
     assert "host RAM: peak" in (out := capsys.readouterr().out) and "of 24.0 GB" in out
+    assert run_main(["plan", "--config", str(config), "--host-memory-gb", "0"]) == 2
+    assert "--host-memory-gb: must be greater than 0 (got 0)" in capsys.readouterr().err
