@@ -322,3 +322,36 @@ def test_a_denoiser_with_missing_weights_is_refused_naming_them_and_fp32_kept_mo
     denoiser = setup.load_denoiser(family, "fp8", "none", setup.Runtime("bf16", False), cpu, reporter)
     assert any("cannot be read tensor by tensor" in m and "bf16 copy" in m for m in said), said
     assert hooked(denoiser) and not any(p.is_meta for p in denoiser.parameters())
+
+
+def test_a_hub_ids_denoiser_is_cast_as_read_from_the_hub_cache(tiny_family, tmp_path, monkeypatch):
+    """A hub id (offline, from the hub's cache as a download leaves it): the sharded denoiser's files
+    are found through the hub like from_pretrained's, and each tensor is cast as it is read."""
+    import huggingface_hub.constants
+    from diffusers import FluxTransformer2DModel
+
+    repo = tmp_path / "hub" / "models--someone--tiny-flux"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_family("flux"), snapshot)
+    shutil.rmtree(snapshot / "transformer")
+    FluxTransformer2DModel.from_pretrained(tiny_family("flux"), subfolder="transformer").save_pretrained(
+        snapshot / "transformer", max_shard_size="40KB")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    from diffusion_trainer.memory.cast_loading import weight_files
+
+    files = weight_files("someone/tiny-flux", "transformer")
+    assert files and len(files) >= 3 and all(f.is_file() and snapshot.name in str(f) for f in files)
+    said = []
+    reporter = type("Reporter", (), {"info": lambda self, message: said.append(message)})()
+    cpu = type("Accelerator", (), {"device": torch.device("cpu")})()
+    family = Flux.load("someone/tiny-flux", torch.bfloat16, without_denoiser=True)
+    read = setup.load_denoiser(family, "fp8", "none", setup.Runtime("bf16", False), cpu, reporter)
+    assert any("(each tensor cast as it was read)" in m for m in said), said
+    base = storage.resolve_storage("fp8", torch.bfloat16, torch.bfloat16)
+    reference = Flux.load(str(tiny_family("flux")), torch.bfloat16, without_denoiser=True).load_denoiser(
+        **base.load_kwargs(False))
+    storage.apply_base_storage(reference, base, cuda=False)
+    assert same_tensors(reference, read) == []
