@@ -230,8 +230,30 @@ def test_auto_takes_settings_that_fit_the_hosts_ram_too_and_says_what_the_others
                for n in tight["notes"]), tight["notes"]
     assert not tiny["fits_host"] and tiny["settings"] == roomy["settings"]
     warning = next(n for n in tiny["notes"] if n.startswith("host RAM:"))
-    assert "this machine has 8.0 GB" in warning and "nf4" in warning, warning
+    assert "8.0 GB available" in warning and "nf4" in warning, warning
     assert run_main(["plan", "--config", str(config), "--gpu-memory-gb", "8", "--host-memory-gb", "24"]) == 0
     assert "host RAM: peak" in (out := capsys.readouterr().out) and "of 24.0 GB" in out
     assert run_main(["plan", "--config", str(config), "--host-memory-gb", "0"]) == 2
     assert "--host-memory-gb: must be greater than 0 (got 0)" in capsys.readouterr().err
+
+
+def test_a_run_plans_against_its_share_of_this_machines_ram(monkeypatch):
+    """Each process the launcher starts on a machine loads the model: a run's host budget is the
+    machine's RAM over LOCAL_WORLD_SIZE. FLUX.1-dev on an 8 GB GPU, 48 GB of RAM: one process takes
+    bf16 + offload (26.8 GB); two, 24 GB each, take fp8 + offload."""
+    from diffusion_trainer.memory import plan as memory_plan
+    from diffusion_trainer.params import TrainingParams
+    from diffusion_trainer.run import train
+
+    said = []
+    reporter = type("Reporter", (), {"info": lambda self, message: said.append(message)})()
+    params = TrainingParams(adaptor_name="a", model_name=str(REAL / "flux1_dev"), dataset_name="./nowhere",
+                            resolution=1024, lora_r=16, mixed_precision="bf16", gpu_memory_gb=8)
+    monkeypatch.setattr(memory_plan, "host_ram_total_gb", lambda: 48.0)
+    chosen = {}
+    for local in ("1", "2"):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        planned, _ = train.planned_settings(params, reporter)
+        chosen[local] = (planned.base_precision, planned.offload)
+    assert chosen == {"1": ("bf16", "blocks"), "2": ("fp8", "blocks")}
+    assert any("of 24.0 GB" in line for line in said if line.strip().startswith("host RAM: peak"))

@@ -376,7 +376,7 @@ def with_host_budget(plan: Plan, host_budget_gb: float | None, fitting: list[Pla
     others = [p for p in fitting if p.fits_host] or sorted(fitting, key=lambda p: p.host_ram_gb)[:1]
     advice = "; ".join(f"{p.settings.describe()} needs {p.host_ram_gb:.1f} GB" for p in others[:2]
                        if p.settings != plan.settings)
-    plan.notes.append(f"host RAM: {plan.host_ram_gb:.1f} GB needed, this machine has {host_budget_gb:.1f} GB: "
+    plan.notes.append(f"host RAM: {plan.host_ram_gb:.1f} GB needed, {host_budget_gb:.1f} GB available: "
                       "the system may swap or stop the run" + (f" ({advice})" if advice else ""))
     return plan
 

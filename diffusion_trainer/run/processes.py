@@ -46,6 +46,11 @@ def num_processes() -> int:
     return _first_int(WORLD_SIZE_VARIABLES, 1)
 
 
+def processes_on_this_machine() -> int:
+    """How many of the launcher's processes share this machine's RAM (LOCAL_WORLD_SIZE; 1 when not launched)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+
+
 def is_main_process() -> bool:
     return process_index() == 0
 

@@ -77,7 +77,8 @@ def planned_settings(params: TrainingParams, reporter: Any) -> tuple[TrainingPar
                       "weights on the accelerator for the backward pass.")
         params = params.model_copy(update={"gradient_checkpointing": True})
     try:
-        plan = plan_for(params, host_budget_gb=host_ram_total_gb())
+        host = host_ram_total_gb()  # shared by the launcher's processes on this machine, each loading the model
+        plan = plan_for(params, host_budget_gb=host / processes.processes_on_this_machine() if host else None)
     except DoesNotFit:
         raise
     except Exception as exc:  # a config the meta-device count cannot read or build: the run goes on as before
