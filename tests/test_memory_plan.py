@@ -233,6 +233,11 @@ def test_auto_takes_settings_that_fit_the_hosts_ram_too_and_says_what_the_others
     assert "8.0 GB available" in warning and "nf4" in warning, warning
     assert run_main(["plan", "--config", str(config), "--gpu-memory-gb", "8", "--host-memory-gb", "24"]) == 0
     assert "host RAM: peak" in (out := capsys.readouterr().out) and "of 24.0 GB" in out
+    assert run_main(["plan", "--config", str(config), "--gpu-memory-gb", "8", "--host-memory-gb", "24", "--json",
+                     "--set", "base_precision=bf16", "--set", "offload=blocks"]) == 0  # explicit: kept, with advice
+    explicit = json.loads(capsys.readouterr().out)
+    assert explicit["settings"] == roomy["settings"] and not explicit["fits_host"]
+    assert any(n.startswith("host RAM:") and "base_precision=fp8" in n for n in explicit["notes"]), explicit["notes"]
     assert run_main(["plan", "--config", str(config), "--host-memory-gb", "0"]) == 2
     assert "--host-memory-gb: must be greater than 0 (got 0)" in capsys.readouterr().err
 

@@ -362,6 +362,11 @@ def make_plan(family_cls: Any, source: str, run: Run, *, base_precision: str, of
         chosen = next((plan for plan in fitting if plan.fits_host), fitting[0])
         if len(options) > 1:
             chosen.notes.append(choice_note(chosen, tried))
+        elif not chosen.fits_host:  # explicit settings: name what auto could take instead
+            fitting = [planner.plan(s, budget_gb) for s in planner.candidates("auto", "auto", gradient_checkpointing)]
+            for plan in fitting:
+                plan.host_budget_gb = host_budget_gb
+            fitting = [plan for plan in fitting if plan.fits]
         return with_host_budget(chosen, host_budget_gb, fitting)
     explicit = tried[0] if len(options) == 1 else tried[-1]
     raise DoesNotFit(what_to_change(planner, explicit, budget_gb))
