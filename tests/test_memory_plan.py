@@ -262,3 +262,29 @@ def test_a_run_plans_against_its_share_of_this_machines_ram(monkeypatch):
         chosen[local] = (planned.base_precision, planned.offload)
     assert chosen == {"1": ("bf16", "blocks"), "2": ("fp8", "blocks")}
     assert any("of 24.0 GB" in line for line in said if line.strip().startswith("host RAM: peak"))
+
+
+def test_the_plan_computes_in_the_dtype_the_run_computes_in(capsys, tmp_path):
+    """mixed_precision=no trains every storage's layers in fp32 (no autocast: run/setup.py): the plan
+    counts fp32 activations and upcast copies, twice bf16's, and says what bf16 would need; fp16 and
+    bf16 compute in their own dtype."""
+    from diffusion_trainer.families.flux import Flux
+    from diffusion_trainer.memory import storage
+    from diffusion_trainer.run import setup
+
+    planner = Planner(Flux, str(REAL / "flux1_dev"), Run(1024, 1, 16, "default", "no"))
+    for mixed in ("no", "fp16", "bf16"):
+        for precision in ("fp32", "bf16", "fp8", "int8", "nf4"):
+            runs_in = storage.resolve_storage(precision, setup.WEIGHT_DTYPES[mixed], setup.WEIGHT_DTYPES[mixed])
+            assert planner.with_run(Run(1024, 1, 16, "default", mixed)).compute(Settings(precision, True, "none")) == \
+                storage.NAMES[runs_in.compute_dtype], (mixed, precision)
+    fp8 = Settings("fp8", True, "none")
+    full = planner.plan(fp8, 24).stages[-1].on_device
+    half = planner.with_run(Run(1024, 1, 16, "default", "bf16")).plan(fp8, 24).stages[-1].on_device
+    assert full["activations (checkpointed)"] == pytest.approx(2 * half["activations (checkpointed)"])
+    assert full["upcast weight copies"] == pytest.approx(2 * half["upcast weight copies"])
+    config = write_config(tmp_path / "run.json", {"adaptor_name": "a", "model_name": str(REAL / "flux1_dev"),
+                                                  "dataset_name": "./nowhere", "resolution": 1024, "lora_r": 16})
+    assert run_main(["plan", "--config", str(config), "--gpu-memory-gb", "24"]) == 0  # mixed_precision: no
+    out = capsys.readouterr().out
+    assert "base_precision=fp8" in out and "mixed_precision=bf16 would need 18.7 GB with these settings" in out

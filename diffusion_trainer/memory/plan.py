@@ -7,7 +7,8 @@ trainer's own step (memory/simulate.py, bench/memory_simulation.py).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -174,11 +175,16 @@ class Planner:
         self.lora = lora_parameters(self.denoiser, targets, run.lora_rank)
         self.model = f"{family_cls.label} ({source})"
 
+    def with_run(self, run: Run) -> "Planner":
+        """The same model read once, planned for other run parameters (the mixed_precision=bf16 note)."""
+        other = copy.copy(self)
+        other.run = run
+        return other
+
     def compute(self, settings: Settings) -> str:
-        """Activations' dtype: bf16 (or fp16) unless everything is fp32."""
-        if settings.base_precision == "fp32" and self.run.mixed_precision == "no":
-            return "fp32"
-        return "fp16" if self.run.mixed_precision == "fp16" else "bf16"
+        """The dtype layers compute in, as the run sets it up (run/setup.py): mixed_precision's; with `no`
+        fp32, every storage's layers upcast to it (no autocast)."""
+        return {"no": "fp32", "fp16": "fp16"}.get(self.run.mixed_precision, "bf16")
 
     def plan(self, settings: Settings, budget_gb: float | None) -> Plan:
         run, compute = self.run, self.compute(settings)
@@ -198,13 +204,13 @@ class Planner:
             on[name] = base / GB
         else:
             on[f"{self.denoiser.name} {settings.base_precision}"] = base / GB
-        if settings.base_precision in ("fp8", "int8"):  # weights upcast for compute, kept for backward
-            if settings.base_precision == "fp8":  # the cast layers; int8: every linear layer
-                copy = weights.checkpointed_castable if settings.gradient_checkpointing else weights.castable
+        cast = settings.base_precision == "fp8" or (settings.base_precision in ("bf16", "fp16") and compute == "fp32")
+        if cast or settings.base_precision == "int8":  # weights upcast for compute, kept for backward
+            if cast:  # the cast layers; int8: every linear layer
+                upcast = weights.checkpointed_castable if settings.gradient_checkpointing else weights.castable
             else:
-                copy = weights.checkpointed_linear if settings.gradient_checkpointing else weights.linear
-            copy *= 2
-            on["upcast weight copies"] = copy / GB
+                upcast = weights.checkpointed_linear if settings.gradient_checkpointing else weights.linear
+            on["upcast weight copies"] = upcast * BYTES[compute] / GB
         on["LoRA + AdamW"] = self.lora * LORA_BYTES / GB
         tokens = self.family.prompt_tokens(run.max_sequence_length)
         activations = self.family.activation_bytes(self.denoiser.config, run.resolution, tokens,
@@ -367,7 +373,12 @@ def make_plan(family_cls: Any, source: str, run: Run, *, base_precision: str, of
             for plan in fitting:
                 plan.host_budget_gb = host_budget_gb
             fitting = [plan for plan in fitting if plan.fits]
-        return with_host_budget(chosen, host_budget_gb, fitting)
+        with_host_budget(chosen, host_budget_gb, fitting)
+        if run.mixed_precision == "no" and chosen.settings.base_precision != "fp32":
+            half = planner.with_run(replace(run, mixed_precision="bf16")).plan(chosen.settings, budget_gb)
+            chosen.notes.append(f"mixed_precision=no: every layer computes in fp32 (activations twice bf16's); "
+                                f"mixed_precision=bf16 would need {half.peak_gb:.1f} GB with these settings")
+        return chosen
     explicit = tried[0] if len(options) == 1 else tried[-1]
     raise DoesNotFit(what_to_change(planner, explicit, budget_gb))
 
