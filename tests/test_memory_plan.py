@@ -288,3 +288,20 @@ def test_the_plan_computes_in_the_dtype_the_run_computes_in(capsys, tmp_path):
     assert run_main(["plan", "--config", str(config), "--gpu-memory-gb", "24"]) == 0  # mixed_precision: no
     out = capsys.readouterr().out
     assert "base_precision=fp8" in out and "mixed_precision=bf16 would need 18.7 GB with these settings" in out
+
+
+@pytest.mark.parametrize("model", ["flux1_dev", "sd35_large", "sdxl", "sd15"])
+def test_task_yamls_gpu_fits_the_default_run_of_each_model(model):
+    """task.yaml asks for an L4 (24 GB): the form's defaults (mixed_precision no, every other default)
+    at each model's own resolution fit it, as the plan auto-chooses."""
+    from diffusion_trainer.lab.manifest import TASK_ACCELERATORS
+    from diffusion_trainer.memory.plan import plan_for
+    from diffusion_trainer.params import TrainingParams
+
+    assert TASK_ACCELERATORS == "L4:1"
+    resolution = 512 if model == "sd15" else 1024
+    params = TrainingParams(adaptor_name="a", model_name=str(REAL / model), dataset_name="./nowhere",
+                            resolution=resolution, gpu_memory_gb=24)
+    assert params.mixed_precision == "no"
+    plan = plan_for(params)
+    assert plan.fits and plan.peak_gb <= 24
