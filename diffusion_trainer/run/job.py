@@ -140,9 +140,13 @@ def exit_now(status: int) -> None:
 def summary(result: Any) -> str:
     loss = f", last loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     head = "Stopped early" if result.status == "stopped" else "Done"
-    lines = [f"{head} in {result.seconds:.1f} s: {result.steps} optimizer steps, {result.epochs} epochs{loss}.",
+    lines = [f"{head} in {result.seconds:.1f} s: {plural(result.steps, 'optimizer step')}, {plural(result.epochs, 'epoch')}{loss}.",
              f"  adapter:     {result.paths.adapter_dir}"]
     if result.eval_images:
         lines.append(f"  eval images: {result.paths.eval_images_dir} ({len(result.eval_images)} PNG)")
     lines.append(f"  logs:        {result.paths.logs_dir}  (tensorboard --logdir {result.paths.logs_dir})")
     return "\n".join(lines)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
