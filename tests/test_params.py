@@ -121,7 +121,8 @@ def test_index_json_is_generated_from_the_schema():
     index = json.loads((ROOT / "index.json").read_text())
     for name, entry in index["parameters"].items():
         field = FIELDS[name]
-        assert entry.get("default", None) == (None if field.is_required() else field.default), name
+        assert entry["default"] == ("" if field.is_required() else field.default), name
+        assert entry.get("required", False) is field.is_required(), name
 
 
 def test_index_json_keeps_every_predecessor_parameter_with_its_type_and_enum():

@@ -41,10 +41,9 @@ def lab_parameters() -> tuple[dict[str, Any], dict[str, Any]]:
             entry["enum"] = list(get_args(annotation))
         else:
             entry["type"] = JSON_TYPES[annotation]
-        if field.is_required():
+        if field.is_required():  # the form insists on it; starts empty, as in task.yaml
             entry["required"] = True
-        else:
-            entry["default"] = field.default
+        entry["default"] = "" if field.is_required() else field.default
         for constraint in field.metadata:
             for kind, (key, attr) in LIMIT_KEYS.items():
                 if isinstance(constraint, kind):
