@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import InputError
 from .components import Component, Weights, pipeline_components
 from .offload import RESIDENT
+from .storage import PLAIN, resolve_storage
 
 GB = 1e9
 # Least lossy first (issue 19): storage of the frozen base, then offloading its blocks.
@@ -204,7 +205,7 @@ class Planner:
             on[name] = base / GB
         else:
             on[f"{self.denoiser.name} {settings.base_precision}"] = base / GB
-        cast = settings.base_precision == "fp8" or (settings.base_precision in ("bf16", "fp16") and compute == "fp32")
+        cast = resolve_storage(settings.base_precision, PLAIN[compute], PLAIN[compute]).casts_layers
         if cast or settings.base_precision == "int8":  # weights upcast for compute, kept for backward
             if cast:  # the cast layers; int8: every linear layer
                 upcast = weights.checkpointed_castable if settings.gradient_checkpointing else weights.castable
